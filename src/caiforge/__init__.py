@@ -1,0 +1,1 @@
+"""caiforge: a declarative build system for Constitutional-AI datasets and models."""

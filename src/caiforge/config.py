@@ -1,0 +1,294 @@
+"""Typed stage configs and the one loader every stage uses.
+
+Authoring happens in `conf/` (Hydra groups); `params.yaml` is its composition (written by `dvc exp run` or
+`caiforge params`) and is the file DVC fingerprints. A stage sees only the params it declares in `dvc.yaml`: the
+loader asks DVC for exactly those, applies `key=value` overrides given on the command line, and builds a frozen
+dataclass. Unknown keys and wrong types are errors that name the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parents[2]
+"""The project checkout this package lives in (src layout); conf/ and dvc.yaml sit there."""
+
+CONFIG_NAME = "config"
+
+
+class ConfigError(ValueError):
+    """A param is unknown, missing or of the wrong type; the message names the file and the key."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building typed configs
+
+
+def build(cls: type[T], data: Any, where: str, key: str = "") -> T:
+    """Build dataclass `cls` from plain data, checking every key and type.
+
+    `where` names the source (a file) and `key` the dotted path so far; both appear in every error.
+    Supported field types: bool, int, float, str, None, Literal, X | None, list/tuple of X, dict[str, X] and
+    nested dataclasses. Lists become tuples so that the result is deeply immutable.
+    """
+    return _convert(cls, data, where, key)
+
+
+def _fail(where: str, key: str, msg: str) -> typing.NoReturn:
+    raise ConfigError(f"{where}: {key or '<root>'}: {msg}")
+
+
+def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, Mapping):
+            _fail(where, key, f"expected a mapping for {tp.__name__}, got {type(value).__name__} {value!r}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp) if f.init}
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            _fail(where, _join(key, unknown[0]), f"unknown key (known keys: {', '.join(sorted(fields))})")
+        kwargs = {}
+        for name, field in fields.items():
+            sub = _join(key, name)
+            if name in value:
+                kwargs[name] = _convert(hints[name], value[name], where, sub)
+            elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                _fail(where, sub, "missing required key")
+        try:
+            return tp(**kwargs)
+        except (ValueError, TypeError) as exc:
+            _fail(where, key, str(exc))
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed or isinstance(value, bool) != any(isinstance(a, bool) for a in allowed):
+            _fail(where, key, f"must be one of {list(allowed)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            _fail(where, key, "must not be null")
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(arg, value, where, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        _fail(where, key, f"{value!r} matches none of {[getattr(a, '__name__', str(a)) for a in args]}")
+    if origin in (list, tuple, Sequence, typing.Sequence) or tp in (list, tuple):
+        if not isinstance(value, list | tuple):
+            _fail(where, key, f"expected a list, got {type(value).__name__} {value!r}")
+        args = typing.get_args(tp)
+        item = args[0] if args else Any
+        return tuple(_convert(item, v, where, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, Mapping):
+            _fail(where, key, f"expected a mapping, got {type(value).__name__} {value!r}")
+        args = typing.get_args(tp)
+        item = args[1] if args else Any
+        return types.MappingProxyType({str(k): _convert(item, v, where, _join(key, str(k))) for k, v in value.items()})
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            _fail(where, key, f"expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(where, key, f"expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp in (str, bool):
+        if type(value) is not tp:
+            _fail(where, key, f"expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    if tp is type(None):
+        if value is not None:
+            _fail(where, key, f"expected null, got {value!r}")
+        return None
+    raise TypeError(f"unsupported config field type {tp!r} at {key}")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain-data view of a built config (tuples -> lists, mappings -> dicts), for saving next to outputs."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, Mapping):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, list | tuple):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Composition (conf/ -> params.yaml)
+
+
+def compose(overrides: Sequence[str] = (), config_dir: Path | None = None) -> dict[str, Any]:
+    """Compose `conf/` exactly as DVC's Hydra integration does, resolved to plain data."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    config_dir = (config_dir or ROOT / "conf").resolve()
+    with initialize_config_dir(str(config_dir), version_base=None):
+        cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides))
+    OmegaConf.resolve(cfg)
+    return typing.cast(dict[str, Any], OmegaConf.to_container(cfg))
+
+
+def write_params(path: Path, overrides: Sequence[str] = (), config_dir: Path | None = None) -> None:
+    """Write the composition of `conf/` to `path` with DVC's own dumper, so it matches what `dvc exp run` writes."""
+    from dvc.utils.hydra import compose_and_dump
+
+    config_dir = (config_dir or ROOT / "conf").resolve()
+    tmp = path.with_name(f".{path.name}.tmp")
+    compose_and_dump(tmp, str(config_dir), None, CONFIG_NAME, str(config_dir), list(overrides))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading one stage's declared params
+
+
+def declared_params(stage: str, root: Path = ROOT) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The params `stage` declares in dvc.yaml: top-level key -> (file it comes from, value).
+
+    Reading through DVC makes an undeclared read impossible: a key the stage does not list never reaches it.
+    """
+    from dvc.repo import Repo
+
+    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    with Repo(str(root)) as repo:
+        stages = repo.stage.collect(stage)
+        if len(stages) != 1:
+            raise ConfigError(f"dvc.yaml: stage {stage!r} not found")
+        for dep in stages[0].params:
+            rel = os.path.relpath(dep.fs_path, repo.root_dir)
+            if not Path(dep.fs_path).is_file():
+                raise ConfigError(f"{rel}: params file declared by stage {stage!r} does not exist")
+            values = dep.read_params(flatten=False)
+            for wanted in dep.params:
+                if _lookup(values, wanted) is _MISSING:
+                    raise ConfigError(f"{rel}: {wanted}: missing key declared by stage {stage!r} in dvc.yaml")
+            for top, value in values.items():
+                if top in out:
+                    raise ConfigError(f"{rel}: {top}: also declared from {out[top][0]} for stage {stage!r}")
+                out[top] = (rel, value)
+    return out
+
+
+_MISSING = object()
+
+
+def _lookup(data: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(data, Mapping) or part not in data:
+            return _MISSING
+        data = data[part]
+    return data
+
+
+def apply_overrides(values: dict[str, tuple[str, Any]], overrides: Sequence[str]) -> dict[str, tuple[str, Any]]:
+    """Apply Hydra-style `a.b.c=value` overrides to declared params; a key the stage did not declare is an error."""
+    import copy
+
+    out = copy.deepcopy(values)
+    for item in overrides:
+        dotted, sep, raw = item.partition("=")
+        if not sep or not dotted:
+            raise ConfigError(f"command line: {item!r}: expected key=value")
+        top, *rest = dotted.split(".")
+        if top not in out:
+            raise ConfigError(f"command line: {dotted}: not a param this stage declares ({', '.join(sorted(out))})")
+        source, node = out[top]
+        if not rest:
+            out[top] = (source, yaml.safe_load(raw))
+            continue
+        for part in rest[:-1]:
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"command line: {dotted}: unknown key")
+            node = node[part]
+        if not isinstance(node, dict) or rest[-1] not in node:
+            raise ConfigError(f"command line: {dotted}: unknown key")
+        node[rest[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def from_declared(stage: str, cls: type[T], values: Mapping[str, tuple[str, Any]]) -> T:
+    """Build `cls` from the stage's section of params.yaml, plus its constitution parts when it declares any."""
+    if stage not in values:
+        raise ConfigError(f"dvc.yaml: stage {stage!r} does not declare its params section {stage!r}")
+    source, section = values[stage]
+    data = dict(section)
+    others = {k: v for k, v in values.items() if k != stage}
+    if others:
+        field_names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        if "constitution" not in field_names:
+            raise ConfigError(f"dvc.yaml: stage {stage!r} declares {sorted(others)} but its config does not use them")
+        from caiforge import constitution
+
+        files = {src for src, _ in others.values()}
+        if len(files) != 1:
+            raise ConfigError(f"dvc.yaml: stage {stage!r} declares constitution parts from several files: {files}")
+        (file,) = files
+        parts = {k: v for k, (_, v) in others.items()}
+        data["constitution"] = constitution.parse(parts, source=file, require=tuple(parts))
+        return _build_with(cls, data, source, stage)
+    return build(cls, data, source, stage)
+
+
+def _build_with(cls: type[T], data: dict[str, Any], source: str, prefix: str) -> T:
+    """Build `cls`, passing already-built values (like a parsed constitution) through unchanged."""
+    prebuilt = {k: v for k, v in data.items() if dataclasses.is_dataclass(v) and not isinstance(v, type)}
+    plain = {k: v for k, v in data.items() if k not in prebuilt}
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    unknown = sorted(set(plain) - set(fields))
+    if unknown:
+        _fail(source, _join(prefix, unknown[0]), f"unknown key (known keys: {', '.join(sorted(fields))})")
+    kwargs = dict(prebuilt)
+    for name, field in fields.items():
+        if name in prebuilt:
+            continue
+        if name in plain:
+            kwargs[name] = _convert(hints[name], plain[name], source, _join(prefix, name))
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            _fail(source, _join(prefix, name), "missing required key")
+    return cls(**kwargs)
+
+
+def load(stage: str, cls: type[T], argv: Sequence[str] | None = None, root: Path = ROOT) -> T:
+    """The stage entry point's loader: declared params + command-line overrides -> frozen `cls`."""
+    argv = sys.argv[1:] if argv is None else argv
+    values = apply_overrides(declared_params(stage, root), argv)
+    return from_declared(stage, cls, values)
+
+
+def stage_main(stage: str, cls: type[T], run: typing.Callable[[T], Any]) -> None:
+    """Shared `main()` of stage scripts: logging, config, run; a config or input error exits non-zero, cleanly."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = load(stage, cls)
+        run(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        sys.exit(f"{stage}: error: {exc}")

@@ -1,0 +1,100 @@
+"""Every Parquet artifact's schema, declared once.
+
+A `Schema` is an ordered column -> Polars dtype mapping plus the sort key every writer applies, so that row order is
+part of the contract (and of byte-reproducibility). Readers and writers both check against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+
+class SchemaError(ValueError):
+    """A table does not match its declared schema; the message names the file and the column."""
+
+
+@dataclass(frozen=True)
+class Schema:
+    """Column names and dtypes of one artifact, in order, and the columns its rows are sorted by."""
+
+    name: str
+    columns: tuple[tuple[str, pl.DataType], ...]
+    sort_by: tuple[str, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.columns]
+
+    def check(self, df: pl.DataFrame, where: str) -> pl.DataFrame:
+        """Return `df` with columns in schema order and rows sorted, or raise naming the offending column."""
+        missing = [name for name in self.names if name not in df.columns]
+        if missing:
+            raise SchemaError(f"{where}: {self.name} table is missing column(s) {missing}; has {df.columns}")
+        extra = [name for name in df.columns if name not in self.names]
+        if extra:
+            raise SchemaError(f"{where}: {self.name} table has unexpected column(s) {extra}")
+        for name, dtype in self.columns:
+            if df.schema[name] != dtype and not (df.height == 0 and df.schema[name] == pl.Null):
+                raise SchemaError(f"{where}: {self.name}.{name} has dtype {df.schema[name]}, expected {dtype}")
+        out = df.select([pl.col(name).cast(dtype) for name, dtype in self.columns])
+        return out.sort(list(self.sort_by), maintain_order=True)
+
+    def empty(self) -> pl.DataFrame:
+        return pl.DataFrame(schema=dict(self.columns))
+
+
+PROMPTS = Schema(
+    name="prompts",
+    columns=(
+        ("id", pl.String()),
+        ("text", pl.String()),
+        ("kind", pl.String()),
+        ("category", pl.String()),
+        ("source", pl.String()),
+        ("split", pl.String()),
+    ),
+    sort_by=("kind", "split", "id"),
+)
+"""data/curate/prompts.parquet: id = content hash of the normalized text; kind in {red_team, helpful};
+category in the constitution categories; split in {train, eval} (stable: decided by the id hash)."""
+
+CHAT = pl.List(pl.Struct({"role": pl.String(), "content": pl.String()}))
+"""A chat as stored in Parquet: a list of {role, content} turns (TRL's conversational format)."""
+
+REVISIONS = Schema(
+    name="revisions",
+    columns=(
+        ("prompt_id", pl.String()),
+        ("prompt", pl.String()),
+        ("round", pl.Int32()),
+        ("principle_id", pl.String()),
+        ("response", pl.String()),
+        ("critique", pl.String()),
+        ("revision", pl.String()),
+        ("flags", pl.List(pl.String())),
+        ("critique_tokens", pl.Int32()),
+        ("revision_tokens", pl.Int32()),
+        ("model_fingerprint", pl.String()),
+        ("seed", pl.Int64()),
+    ),
+    sort_by=("prompt_id", "round"),
+)
+"""data/critique_revise/revisions.parquet: one row per red-team prompt per round. `response` is the answer
+critiqued in that round (round 1: the policy's initial answer); `critique` is "" in revision-only mode; `flags`
+are the revision's degeneracy flags (caiforge.collapse)."""
+
+SFT = Schema(
+    name="sft",
+    columns=(
+        ("prompt_id", pl.String()),
+        ("kind", pl.String()),
+        ("prompt", CHAT),
+        ("completion", CHAT),
+        ("round", pl.Int32()),
+    ),
+    sort_by=("kind", "prompt_id"),
+)
+"""data/critique_revise/sft.parquet: TRL prompt-completion chats. kind = red_team (completion = the last usable
+revision, from `round`) or helpful (the policy's own answer, round 0)."""
