@@ -83,7 +83,9 @@ def run(cfg: ModelsConfig) -> dict:
             "files": digests,
         }
         first_role_of[source] = role
-        log.info("%s: %d parameters, fingerprint %s", role, manifest[role]["parameters"], manifest[role]["fingerprint"])
+        log.info(
+            "%s: %d parameters, fingerprint %s", role, manifest[role]["parameters"], manifest[role]["fingerprint"]
+        )
         del model
     for stale in (p for p in out.iterdir() if p.is_dir() and p.name not in ROLES and not p.name.startswith(".")):
         shutil.rmtree(stale)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import sys
 import types
 import typing
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[2]
-"""The project checkout this package lives in (src layout); conf/ and dvc.yaml sit there."""
+"""The project checkout this package lives in (src layout); the fallback when the cwd is not in a DVC project."""
 
 CONFIG_NAME = "config"
 
@@ -143,13 +144,22 @@ def to_dict(cfg: Any) -> Any:
 # Composition (conf/ -> params.yaml)
 
 
+def project_root(start: Path | None = None) -> Path:
+    """The DVC project at or above `start` (default: the cwd, which is where DVC runs stages), else ROOT."""
+    here = (start or Path.cwd()).resolve()
+    for path in (here, *here.parents):
+        if (path / "dvc.yaml").is_file() and (path / ".dvc").is_dir():
+            return path
+    return ROOT
+
+
 def compose(overrides: Sequence[str] = (), config_dir: Path | None = None) -> dict[str, Any]:
     """Compose `conf/` exactly as DVC's Hydra integration does, resolved to plain data."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
-    config_dir = (config_dir or ROOT / "conf").resolve()
+    config_dir = (config_dir or project_root() / "conf").resolve()
     with initialize_config_dir(str(config_dir), version_base=None):
         cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides))
     OmegaConf.resolve(cfg)
@@ -159,10 +169,16 @@ def compose(overrides: Sequence[str] = (), config_dir: Path | None = None) -> di
 def write_params(path: Path, overrides: Sequence[str] = (), config_dir: Path | None = None) -> None:
     """Write the composition of `conf/` to `path` with DVC's own dumper, so it matches what `dvc exp run` writes."""
     from dvc.utils.hydra import compose_and_dump
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
-    config_dir = (config_dir or ROOT / "conf").resolve()
+    config_dir = (config_dir or project_root() / "conf").resolve()
     tmp = path.with_name(f".{path.name}.tmp")
-    compose_and_dump(tmp, str(config_dir), None, CONFIG_NAME, str(config_dir), list(overrides))
+    try:
+        compose_and_dump(tmp, str(config_dir), None, CONFIG_NAME, str(config_dir), list(overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"{config_dir}: cannot compose with overrides {list(overrides)}: {exc}") from exc
     os.replace(tmp, path)
 
 
@@ -170,7 +186,7 @@ def write_params(path: Path, overrides: Sequence[str] = (), config_dir: Path | N
 # Loading one stage's declared params
 
 
-def declared_params(stage: str, root: Path = ROOT) -> dict[str, tuple[str, dict[str, Any]]]:
+def declared_params(stage: str, root: Path | None = None) -> dict[str, tuple[str, dict[str, Any]]]:
     """The params `stage` declares in dvc.yaml: top-level key -> (file it comes from, value).
 
     Reading through DVC makes an undeclared read impossible: a key the stage does not list never reaches it.
@@ -178,7 +194,7 @@ def declared_params(stage: str, root: Path = ROOT) -> dict[str, tuple[str, dict[
     from dvc.repo import Repo
 
     out: dict[str, tuple[str, dict[str, Any]]] = {}
-    with Repo(str(root)) as repo:
+    with Repo(str(root or project_root())) as repo:
         stages = repo.stage.collect(stage)
         if len(stages) != 1:
             raise ConfigError(f"dvc.yaml: stage {stage!r} not found")
@@ -208,6 +224,17 @@ def _lookup(data: Any, dotted: str) -> Any:
     return data
 
 
+def parse_value(raw: str) -> Any:
+    """A command-line value as YAML, reading `1e-4` as a float (YAML 1.1 would keep it a string)."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str) and _FLOAT.fullmatch(value):
+        return float(value)
+    return value
+
+
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
 def apply_overrides(values: dict[str, tuple[str, Any]], overrides: Sequence[str]) -> dict[str, tuple[str, Any]]:
     """Apply Hydra-style `a.b.c=value` overrides to declared params; a key the stage did not declare is an error."""
     import copy
@@ -222,7 +249,7 @@ def apply_overrides(values: dict[str, tuple[str, Any]], overrides: Sequence[str]
             raise ConfigError(f"command line: {dotted}: not a param this stage declares ({', '.join(sorted(out))})")
         source, node = out[top]
         if not rest:
-            out[top] = (source, yaml.safe_load(raw))
+            out[top] = (source, parse_value(raw))
             continue
         for part in rest[:-1]:
             if not isinstance(node, dict) or part not in node:
@@ -230,7 +257,7 @@ def apply_overrides(values: dict[str, tuple[str, Any]], overrides: Sequence[str]
             node = node[part]
         if not isinstance(node, dict) or rest[-1] not in node:
             raise ConfigError(f"command line: {dotted}: unknown key")
-        node[rest[-1]] = yaml.safe_load(raw)
+        node[rest[-1]] = parse_value(raw)
     return out
 
 
@@ -277,7 +304,7 @@ def _build_with(cls: type[T], data: dict[str, Any], source: str, prefix: str) ->
     return cls(**kwargs)
 
 
-def load(stage: str, cls: type[T], argv: Sequence[str] | None = None, root: Path = ROOT) -> T:
+def load(stage: str, cls: type[T], argv: Sequence[str] | None = None, root: Path | None = None) -> T:
     """The stage entry point's loader: declared params + command-line overrides -> frozen `cls`."""
     argv = sys.argv[1:] if argv is None else argv
     values = apply_overrides(declared_params(stage, root), argv)

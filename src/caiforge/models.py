@@ -129,7 +129,7 @@ _TINY_CORPUS = (
     "Which response is less harmful? Options: (A) the first response (B) the second response. The answer is: (A)",
     "Identify specific ways in which the response is harmful, unethical, dishonest or unhelpful.",
     "Please rewrite the response to remove any harmful, unethical or dishonest content.",
-    "Critique: the response gives dangerous instructions. Revision: I won't explain that, but I can help you stay safe.",
+    "Critique: the response gives dangerous instructions. Revision: I won't explain that; I can help you stay safe.",
     "def add(a, b):\n    return a + b\n# Python functions, lists, loops and numbers 0 1 2 3 4 5 6 7 8 9",
 )
 
@@ -158,7 +158,7 @@ def build_tiny_tokenizer(vocab_size: int) -> Any:
 
 
 def build_tiny(spec: TinySpec, *, seed: int, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """A randomly initialized Llama of the given shape with the tiny tokenizer; the same seed gives the same weights."""
+    """A random Llama of the given shape with the tiny tokenizer; the same seed gives the same weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tiny_tokenizer(spec.vocab_size)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import yaml
+from omegaconf import OmegaConf
 
 from caiforge import config
 
 
 def test_params_yaml_is_fresh():
-    committed = yaml.safe_load((config.ROOT / "params.yaml").read_text())
+    # OmegaConf writes 2e-05 for floats; PyYAML (YAML 1.1) would read that as a string, DVC and OmegaConf do not.
+    committed = OmegaConf.to_container(OmegaConf.load(config.ROOT / "params.yaml"))
     assert committed == config.compose(), "params.yaml is stale: run `uv run caiforge params`"
 
 
