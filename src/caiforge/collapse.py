@@ -1,0 +1,78 @@
+"""Detect degenerate generations: the small-model failure mode the CAI paper warns about.
+
+A text gets zero or more flags; a stage decides which flags drop a row and records the reasons, never silently.
+
+- `empty`: nothing (or next to nothing) was generated;
+- `repetition`: too large a share of its word n-grams repeat an earlier n-gram (loops like "I'm sorry. I'm sorry.");
+- `unchanged`: a revision that equals the response it was meant to revise (after whitespace/case normalization);
+- `runaway`: the model never emitted its end token and hit the token cap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+Flag = Literal["empty", "repetition", "unchanged", "runaway"]
+FLAGS: tuple[Flag, ...] = ("empty", "repetition", "unchanged", "runaway")
+
+
+@dataclass(frozen=True)
+class CollapseConfig:
+    """Thresholds for the degeneracy flags and which flags drop a row."""
+
+    ngram: int = 4
+    """Word n-gram size for the repetition check."""
+    max_repeated_fraction: float = 0.3
+    """Flag `repetition` when more than this share of n-grams repeat an earlier one."""
+    min_chars: int = 2
+    """Flag `empty` below this many non-space characters."""
+    drop_on: tuple[Flag, ...] = ("empty", "repetition", "unchanged")
+    """Flags that make a row unusable for training. `runaway` alone (a long but sane answer) is kept by default."""
+
+    def __post_init__(self) -> None:
+        if self.ngram < 1 or not 0 <= self.max_repeated_fraction <= 1:
+            raise ValueError(f"collapse.ngram must be >= 1 and max_repeated_fraction in [0, 1], got {self}")
+
+
+def _words(text: str) -> list[str]:
+    return text.lower().split()
+
+
+def repeated_ngram_fraction(text: str, n: int) -> float:
+    """Share of the word n-grams in `text` that already occurred earlier in it (0 for texts shorter than n)."""
+    words = _words(text)
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def distinct_n(texts: Iterable[str], n: int) -> float:
+    """Distinct word n-grams over all n-grams across `texts` (diversity; low values mean collapse)."""
+    grams = [tuple(w[i : i + n]) for w in map(_words, texts) for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def _same(a: str, b: str) -> bool:
+    return " ".join(_words(a)) == " ".join(_words(b))
+
+
+def flags(text: str, *, finished: bool, previous: str | None = None, cfg: CollapseConfig) -> list[Flag]:
+    """The degeneracy flags of one generated text (`previous`: the text a revision was meant to change)."""
+    out: list[Flag] = []
+    if len(text.strip()) < cfg.min_chars:
+        out.append("empty")
+    if repeated_ngram_fraction(text, cfg.ngram) > cfg.max_repeated_fraction:
+        out.append("repetition")
+    if previous is not None and _same(text, previous):
+        out.append("unchanged")
+    if not finished:
+        out.append("runaway")
+    return out
+
+
+def dropping(found: Sequence[str], cfg: CollapseConfig) -> list[str]:
+    """The subset of `found` flags that make the row unusable under `cfg.drop_on`."""
+    return [f for f in found if f in cfg.drop_on]

@@ -1,0 +1,184 @@
+"""critique_revise: the SL-CAI data loop (Bai et al. 2022, section 3).
+
+Reads  data/curate/prompts.parquet (train split), the policy model, and the constitution's `critique_revision` and
+       `critique_revision_examples` parts (only those: comparison-principle edits never rerun this stage).
+Does   for every red-team prompt: the policy answers; then `rounds` times, a principle drawn at random (seeded per
+       prompt, independently per round) -> the policy critiques its latest answer against it -> revises it in light
+       of the critique (or, with `revision_only`, revises directly). Few-shot dialogues from the constitution go in
+       front. Degenerate outputs are flagged (caiforge.collapse); a collapsed revision is not built upon.
+Writes data/critique_revise/revisions.parquet (every round), sft.parquet (prompt -> last usable revision, mixed with
+       helpful prompts answered by the policy at `helpful_ratio`) and metrics.json (drops by reason, tokens, speed).
+Run    uv run dvc repro critique_revise
+       uv run python stages/critique_revise.py critique_revise.rounds=1 critique_revise.max_prompts=8
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from caiforge import collapse, config, constitution, generation, io, models, prompts, schemas
+
+log = logging.getLogger("caiforge.stages.critique_revise")
+
+
+@dataclass(frozen=True)
+class CritiqueReviseConfig:
+    prompts: str
+    """prompts.parquet from curate."""
+    policy: str
+    """The policy model directory (data/models/policy)."""
+    out_dir: str
+    """Where revisions.parquet, sft.parquet and metrics.json go."""
+    seed: int
+    """Seeds principle draws, sampling and the helpful subset."""
+    rounds: int
+    """Critique/revision rounds per prompt (the paper: 4)."""
+    revision_only: bool
+    """Skip the critique and ask for the revision directly (the paper: as good for large models)."""
+    few_shot: int
+    """How many of the constitution's few-shot dialogues go in front of each request."""
+    max_prompts: int | None
+    """Cap on red-team train prompts (a seeded subset); null = all."""
+    helpful_ratio: float
+    """Helpful examples in sft.parquet per red-team example (answered by the policy, not revised)."""
+    system_prompt: str | None
+    """Optional system turn in front of every chat."""
+    generation: generation.GenerationConfig
+    """Decoding settings for answers, critiques and revisions."""
+    collapse: collapse.CollapseConfig
+    """Degeneracy thresholds and which flags drop a row."""
+    constitution: constitution.Constitution
+    """Only the critique/revision part, as declared in dvc.yaml."""
+
+
+def subset(df: pl.DataFrame, n: int | None, rng: random.Random) -> pl.DataFrame:
+    ids = df["id"].to_list()
+    keep = set(ids if n is None or n >= len(ids) else rng.sample(sorted(ids), n))
+    return df.filter(pl.col("id").is_in(keep)).sort("id")
+
+
+def run(cfg: CritiqueReviseConfig) -> dict:
+    table = io.read_parquet(cfg.prompts, schemas.PROMPTS).filter(pl.col("split") == "train")
+    red = subset(table.filter(pl.col("kind") == "red_team"), cfg.max_prompts, random.Random(cfg.seed))
+    if red.is_empty():
+        raise ValueError(f"{cfg.prompts}: no red-team prompts in the train split (check the curate stage's sources)")
+    principles = cfg.constitution.critique_revision
+    examples = cfg.constitution.critique_revision_examples[: cfg.few_shot]
+    fingerprint = models.fingerprint(models.file_digests(models.resolve(cfg.policy)))
+    gen = generation.make_generator(cfg.policy, cfg.generation)
+    ids, texts = red["id"].to_list(), red["text"].to_list()
+
+    first = gen.chat([prompts.answer(t, cfg.system_prompt) for t in texts], seed=cfg.seed, desc="answer")
+    current = [c.text for c in first]
+    # One RNG per prompt: adding prompts never changes another prompt's principles.
+    drawn = [constitution.draw(principles, random.Random(f"{cfg.seed}/{pid}"), cfg.rounds) for pid in ids]
+    rows, usable_round = [], [0] * len(ids)
+    for rnd in range(1, cfg.rounds + 1):
+        picked = [d[rnd - 1] for d in drawn]
+        crits = [None] * len(ids)
+        if not cfg.revision_only:
+            convs = [
+                prompts.critique(t, a, p, examples, cfg.system_prompt)
+                for t, a, p in zip(texts, current, picked, strict=True)
+            ]
+            crits = gen.chat(convs, seed=cfg.seed + 100 * rnd, desc=f"critique {rnd}/{cfg.rounds}")
+        convs = [
+            prompts.revision(t, a, p, c.text if c else None, examples, cfg.system_prompt)
+            for t, a, p, c in zip(texts, current, picked, crits, strict=True)
+        ]
+        revs = gen.chat(convs, seed=cfg.seed + 100 * rnd + 1, desc=f"revise {rnd}/{cfg.rounds}")
+        for i, (rev, crit, principle) in enumerate(zip(revs, crits, picked, strict=True)):
+            found = collapse.flags(rev.text, finished=rev.finished, previous=current[i], cfg=cfg.collapse)
+            rows.append(
+                {
+                    "prompt_id": ids[i],
+                    "prompt": texts[i],
+                    "round": rnd,
+                    "principle_id": principle.id,
+                    "response": current[i],
+                    "critique": crit.text if crit else "",
+                    "revision": rev.text,
+                    "flags": found,
+                    "critique_tokens": crit.completion_tokens if crit else 0,
+                    "revision_tokens": rev.completion_tokens,
+                    "model_fingerprint": fingerprint,
+                    "seed": cfg.seed,
+                }
+            )
+            if not collapse.dropping(found, cfg.collapse):
+                current[i], usable_round[i] = rev.text, rnd  # a collapsed revision is not built upon
+    revisions = pl.DataFrame(rows, schema=dict(schemas.REVISIONS.columns))
+
+    dropped: Counter[str] = Counter()
+    sft_rows = []
+    for i, pid in enumerate(ids):
+        if usable_round[i] == 0:
+            final = [r["flags"] for r in rows if r["prompt_id"] == pid][-1]
+            dropped[",".join(collapse.dropping(final, cfg.collapse)) or "no_usable_revision"] += 1
+            continue
+        sft_rows.append(_sft_row(pid, "red_team", texts[i], current[i], usable_round[i], cfg.system_prompt))
+    helpful = table.filter(pl.col("kind") == "helpful")
+    n_helpful = min(round(cfg.helpful_ratio * len(sft_rows)), helpful.height)
+    helpful = subset(helpful, n_helpful, random.Random(cfg.seed + 1))
+    answers = gen.chat(
+        [prompts.answer(t, cfg.system_prompt) for t in helpful["text"]], seed=cfg.seed + 1, desc="helpful"
+    )
+    for pid, text, ans in zip(helpful["id"], helpful["text"], answers, strict=True):
+        bad = collapse.dropping(collapse.flags(ans.text, finished=ans.finished, cfg=cfg.collapse), cfg.collapse)
+        if bad:
+            dropped["helpful:" + ",".join(bad)] += 1
+            continue
+        sft_rows.append(_sft_row(pid, "helpful", text, ans.text, 0, cfg.system_prompt))
+    sft = pl.DataFrame(sft_rows, schema=dict(schemas.SFT.columns))
+    if sft.filter(pl.col("kind") == "red_team").is_empty():
+        raise ValueError(f"every revision collapsed ({dict(dropped)}); nothing to train on: see revisions.parquet")
+
+    out = Path(cfg.out_dir)
+    io.write_parquet(revisions, out / "revisions.parquet", schemas.REVISIONS)
+    io.write_parquet(sft, out / "sft.parquet", schemas.SFT)
+    flag_counts = Counter(f for r in rows for f in r["flags"])
+    metrics = {
+        "prompts": len(ids),
+        "rounds": cfg.rounds,
+        "revision_rows": revisions.height,
+        "sft_rows": {
+            "red_team": sum(r["kind"] == "red_team" for r in sft_rows),
+            "helpful": len(sft_rows) - sum(r["kind"] == "red_team" for r in sft_rows),
+        },
+        "dropped_by_reason": dict(sorted(dropped.items())),
+        "flags": {f: flag_counts.get(f, 0) for f in collapse.FLAGS},
+        "collapse_rate": round(sum(bool(collapse.dropping(r["flags"], cfg.collapse)) for r in rows) / len(rows), 4),
+        "mean_chars": {
+            "initial": round(sum(len(a.text) for a in first) / len(first), 1),
+            "critique": round(revisions["critique"].str.len_chars().mean() or 0.0, 1),
+            "revision": round(revisions["revision"].str.len_chars().mean() or 0.0, 1),
+        },
+        "generation": gen.stats.as_dict(),
+    }
+    io.write_json(metrics, out / "metrics.json")
+    log.info("critique_revise: %s", metrics)
+    return metrics
+
+
+def _sft_row(pid: str, kind: str, prompt: str, completion: str, rnd: int, system: str | None) -> dict:
+    return {
+        "prompt_id": pid,
+        "kind": kind,
+        "prompt": prompts.answer(prompt, system),
+        "completion": [{"role": "assistant", "content": completion}],
+        "round": rnd,
+    }
+
+
+def main() -> None:
+    config.stage_main("critique_revise", CritiqueReviseConfig, run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""sft: SL-CAI fine-tuning of the policy on its own revised answers (+ helpful answers).
+
+Reads  data/critique_revise/sft.parquet (prompt -> completion chats) and the policy model.
+Does   TRL SFTTrainer with the loss on the assistant completion only (prompt-completion format), a full fine-tune
+       or LoRA (merged into the saved weights), bf16 on GPU, fp32 on CPU, seeded. A stable `heldout_fraction` of the
+       red-team rows (by prompt id hash) is kept out of training to measure held-out loss on revisions.
+Writes data/sft/model/ (safetensors + tokenizer + the resolved stage config), data/sft/dvclive/ (loss curves,
+       DVC plots) and data/sft/metrics.json (final train loss, held-out loss before and after).
+Run    uv run dvc repro sft
+       uv run python stages/sft.py sft.epochs=1 sft.lora.enabled=true
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import polars as pl
+
+from caiforge import config, formats, io, models, schemas, training
+
+log = logging.getLogger("caiforge.stages.sft")
+
+
+@dataclass(frozen=True)
+class SftConfig:
+    data: str
+    """sft.parquet from critique_revise."""
+    policy: str
+    """The model to fine-tune (data/models/policy)."""
+    out_dir: str
+    """Where model/, dvclive/ and metrics.json go."""
+    seed: int
+    """Seeds initialization of adapters, data order and dropout."""
+    heldout_fraction: float
+    """Share of red-team rows (by id hash) held out for the held-out loss."""
+    epochs: float
+    """Passes over the training rows."""
+    learning_rate: float
+    """Peak learning rate (linear decay after warmup)."""
+    batch_size: int
+    """Rows per device step."""
+    gradient_accumulation_steps: int
+    """Steps per optimizer update."""
+    max_length: int
+    """Token cap per row (prompt + completion); longer rows are truncated."""
+    warmup_ratio: float
+    """Share of steps spent warming up the learning rate."""
+    weight_decay: float
+    """AdamW weight decay."""
+    lora: training.LoraConfig
+    """LoRA instead of a full fine-tune (merged on save)."""
+    precision: Literal["auto", "fp32", "bf16"]
+    """auto: bf16 on CUDA, fp32 on CPU."""
+    gradient_checkpointing: bool
+    """Trade compute for memory on large models."""
+    logging_steps: int
+    """Log the loss (and the dvclive curve) every N steps."""
+
+
+def run(cfg: SftConfig) -> dict:
+    from trl import SFTConfig, SFTTrainer
+
+    rows = io.read_parquet(cfg.data, schemas.SFT)
+    picked = formats.stable_mask(rows["prompt_id"], cfg.heldout_fraction, salt="sft-heldout")
+    rows = rows.with_columns(heldout=picked & (pl.col("kind") == "red_team"))
+    train, evals = rows.filter(~pl.col("heldout")), rows.filter(pl.col("heldout"))
+    if train.is_empty():
+        raise ValueError(f"{cfg.data}: no training rows left (heldout_fraction={cfg.heldout_fraction})")
+    out = Path(cfg.out_dir)
+    model, tokenizer = models.load_pretrained(cfg.policy)
+    with tempfile.TemporaryDirectory(prefix="caiforge-sft-") as scratch:
+        args = SFTConfig(
+            **training.common_args(
+                out_dir=Path(scratch),
+                seed=cfg.seed,
+                precision_choice=cfg.precision,
+                gradient_checkpointing=cfg.gradient_checkpointing,
+            ),
+            num_train_epochs=cfg.epochs,
+            learning_rate=cfg.learning_rate,
+            per_device_train_batch_size=cfg.batch_size,
+            per_device_eval_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+            weight_decay=cfg.weight_decay,
+            lr_scheduler_type="linear",
+            logging_steps=cfg.logging_steps,
+            eval_strategy="no",
+            max_length=cfg.max_length,
+            packing=False,
+            completion_only_loss=True,
+            assistant_only_loss=False,
+            shuffle_dataset=True,
+            dataset_num_proc=None,
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=formats.to_dataset(train, ["prompt", "completion"]),
+            eval_dataset=formats.to_dataset(evals, ["prompt", "completion"]) if evals.height else None,
+            processing_class=tokenizer,
+            peft_config=training.peft_config(cfg.lora),
+            callbacks=[training.dvclive_callback(out / "dvclive")],
+        )
+        before = trainer.evaluate()["eval_loss"] if evals.height else None
+        result = trainer.train()
+        after = trainer.evaluate()["eval_loss"] if evals.height else None
+        training.save_model(trainer.model, tokenizer, out / "model", cfg)
+    metrics = {
+        "train_rows": train.height,
+        "heldout_rows": evals.height,
+        "steps": result.global_step,
+        "final_train_loss": training.final_train_loss(trainer.state.log_history),
+        "mean_train_loss": round(result.training_loss, 6),
+        "heldout_loss_before": before,
+        "heldout_loss_after": after,
+        "lora": cfg.lora.enabled,
+        "train_seconds": round(result.metrics["train_runtime"], 2),
+    }
+    io.write_json(metrics, out / "metrics.json")
+    log.info("sft: %s", metrics)
+    return metrics
+
+
+def main() -> None:
+    config.stage_main("sft", SftConfig, run)
+
+
+if __name__ == "__main__":
+    main()

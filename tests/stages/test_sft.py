@@ -1,0 +1,72 @@
+"""sft on the smoke profile: the model trains (parameters change), outputs are complete."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import torch
+from safetensors.torch import load_file
+
+from caiforge import config, io, models, schemas
+from tests.conftest import load_stage, smoke_section
+
+stage = load_stage("sft")
+
+
+def write_sft(path, n=12):
+    rows = [
+        {
+            "prompt_id": f"p{i:03d}",
+            "kind": "red_team" if i % 3 else "helpful",
+            "prompt": [{"role": "user", "content": f"Question number {i}: how do I stay safe?"}],
+            "completion": [{"role": "assistant", "content": f"Answer {i}: be careful and ask for help."}],
+            "round": 1 if i % 3 else 0,
+        }
+        for i in range(n)
+    ]
+    io.write_parquet(pl.DataFrame(rows, schema=dict(schemas.SFT.columns)), path, schemas.SFT)
+
+
+def make_cfg(tmp_path, tiny_model_dir, overrides=()):
+    section = smoke_section("sft", list(overrides))
+    write_sft(tmp_path / "sft.parquet")
+    section.update(data=str(tmp_path / "sft.parquet"), policy=str(tiny_model_dir), out_dir=str(tmp_path / "out"))
+    return config.build(stage.SftConfig, section, "params.yaml", "sft")
+
+
+def weights(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_full_finetune_changes_parameters(tmp_path, tiny_model_dir):
+    cfg = make_cfg(tmp_path, tiny_model_dir)
+    metrics = stage.run(cfg)
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} == {"model", "dvclive", "metrics.json"}
+    assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "tokenizer.json").is_file()
+    saved = json.loads((out / "model" / "caiforge_config.json").read_text())
+    assert saved["learning_rate"] == cfg.learning_rate
+    before, after = weights(tiny_model_dir), weights(out / "model")
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) == len(before), f"unchanged tensors: {set(before) - set(changed)}"
+    assert metrics["steps"] > 0 and metrics["final_train_loss"] is not None
+    assert (out / "dvclive" / "metrics.json").is_file() or any((out / "dvclive").rglob("*.tsv"))
+    model, _ = models.load_pretrained(out / "model")
+    assert model.config.hidden_size == 64
+
+
+def test_lora_is_merged_into_saved_weights(tmp_path, tiny_model_dir):
+    cfg = make_cfg(
+        tmp_path,
+        tiny_model_dir,
+        ["sft.lora.enabled=true", "sft.learning_rate=0.01", "sft.lora.target_modules=[q_proj,v_proj]"],
+    )
+    stage.run(cfg)
+    after = weights(tmp_path / "out" / "model")
+    assert not any("lora" in k for k in after), "adapters must be merged, not saved separately"
+    before = weights(tiny_model_dir)
+    assert not torch.equal(
+        before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"]
+    )
+    assert torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])

@@ -1,0 +1,46 @@
+"""Degeneracy flags on crafted outputs."""
+
+from __future__ import annotations
+
+import pytest
+
+from caiforge import collapse
+
+CFG = collapse.CollapseConfig()
+
+
+@pytest.mark.parametrize(
+    ("text", "kw", "expected"),
+    [
+        ("I can't help with that, but here is a safer alternative.", {"finished": True}, []),
+        ("", {"finished": True}, ["empty"]),
+        ("  \n ", {"finished": True}, ["empty"]),
+        ("I'm sorry. " * 12, {"finished": True}, ["repetition"]),
+        (
+            "A gentle rain, a gentle rain, a gentle rain, a gentle rain, a gentle rain",
+            {"finished": True},
+            ["repetition"],
+        ),
+        ("Same answer here.", {"finished": True, "previous": "same   ANSWER here."}, ["unchanged"]),
+        ("A long but sane answer that never ended", {"finished": False}, ["runaway"]),
+        ("no no no no no no no no no no", {"finished": False}, ["repetition", "runaway"]),
+    ],
+)
+def test_flags(text, kw, expected):
+    assert collapse.flags(text, cfg=CFG, **kw) == expected
+
+
+def test_repeated_fraction_and_distinct_n():
+    assert collapse.repeated_ngram_fraction("a b c d e f", 2) == 0.0
+    assert collapse.repeated_ngram_fraction("a b a b a b", 2) == pytest.approx(1 - 2 / 5)
+    assert collapse.repeated_ngram_fraction("short", 4) == 0.0
+    assert collapse.distinct_n(["a b c", "a b d"], 2) == pytest.approx(3 / 4)
+    assert collapse.distinct_n([], 2) == 0.0
+
+
+def test_drop_policy():
+    cfg = collapse.CollapseConfig(drop_on=("empty",))
+    assert collapse.dropping(["repetition", "empty"], cfg) == ["empty"]
+    assert collapse.dropping(["runaway"], CFG) == []
+    with pytest.raises(ValueError):
+        collapse.CollapseConfig(ngram=0)
