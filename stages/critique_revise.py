@@ -70,6 +70,7 @@ def run(cfg: CritiqueReviseConfig) -> dict:
         raise ValueError(f"{cfg.prompts}: no red-team prompts in the train split (check the curate stage's sources)")
     principles = cfg.constitution.critique_revision
     examples = cfg.constitution.critique_revision_examples[: cfg.few_shot]
+    parrots = [t for ex in examples for t in (ex.response, ex.critique, ex.revision)]
     fingerprint = models.fingerprint(models.file_digests(models.resolve(cfg.policy)))
     gen = generation.make_generator(cfg.policy, cfg.generation)
     ids, texts = red["id"].to_list(), red["text"].to_list()
@@ -94,7 +95,9 @@ def run(cfg: CritiqueReviseConfig) -> dict:
         ]
         revs = gen.chat(convs, seed=cfg.seed + 100 * rnd + 1, desc=f"revise {rnd}/{cfg.rounds}")
         for i, (rev, crit, principle) in enumerate(zip(revs, crits, picked, strict=True)):
-            found = collapse.flags(rev.text, finished=rev.finished, previous=current[i], cfg=cfg.collapse)
+            found = collapse.flags(
+                rev.text, finished=rev.finished, previous=current[i], references=parrots, cfg=cfg.collapse
+            )
             rows.append(
                 {
                     "prompt_id": ids[i],

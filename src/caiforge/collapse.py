@@ -5,7 +5,8 @@ A text gets zero or more flags; a stage decides which flags drop a row and recor
 - `empty`: nothing (or next to nothing) was generated;
 - `repetition`: too large a share of its word n-grams repeat an earlier n-gram (loops like "I'm sorry. I'm sorry.");
 - `unchanged`: a revision that equals the response it was meant to revise (after whitespace/case normalization);
-- `runaway`: the model never emitted its end token and hit the token cap.
+- `runaway`: the model never emitted its end token and hit the token cap;
+- `copied`: most of its word n-grams come from a reference text (small models parrot their few-shot examples).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-Flag = Literal["empty", "repetition", "unchanged", "runaway"]
-FLAGS: tuple[Flag, ...] = ("empty", "repetition", "unchanged", "runaway")
+Flag = Literal["empty", "repetition", "unchanged", "runaway", "copied"]
+FLAGS: tuple[Flag, ...] = ("empty", "repetition", "unchanged", "runaway", "copied")
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,9 @@ class CollapseConfig:
     """Flag `repetition` when more than this share of n-grams repeat an earlier one."""
     min_chars: int = 2
     """Flag `empty` below this many non-space characters."""
-    drop_on: tuple[Flag, ...] = ("empty", "repetition", "unchanged")
+    max_copied_fraction: float = 0.5
+    """Flag `copied` when more than this share of n-grams occur in one reference text (e.g. a few-shot example)."""
+    drop_on: tuple[Flag, ...] = ("empty", "repetition", "unchanged", "copied")
     """Flags that make a row unusable for training. `runaway` alone (a long but sane answer) is kept by default."""
 
     def __post_init__(self) -> None:
@@ -55,12 +58,32 @@ def distinct_n(texts: Iterable[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def copied_fraction(text: str, reference: str, n: int) -> float:
+    """Share of the word n-grams of `text` that also occur in `reference` (0 for texts shorter than n)."""
+    words, ref = _words(text), _words(reference)
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
+    known = {tuple(ref[i : i + n]) for i in range(len(ref) - n + 1)}
+    return sum(g in known for g in grams) / len(grams)
+
+
 def _same(a: str, b: str) -> bool:
     return " ".join(_words(a)) == " ".join(_words(b))
 
 
-def flags(text: str, *, finished: bool, previous: str | None = None, cfg: CollapseConfig) -> list[Flag]:
-    """The degeneracy flags of one generated text (`previous`: the text a revision was meant to change)."""
+def flags(
+    text: str,
+    *,
+    finished: bool,
+    previous: str | None = None,
+    references: Sequence[str] = (),
+    cfg: CollapseConfig,
+) -> list[Flag]:
+    """The degeneracy flags of one generated text.
+
+    `previous` is the text a revision was meant to change; `references` are texts the model must not parrot.
+    """
     out: list[Flag] = []
     if len(text.strip()) < cfg.min_chars:
         out.append("empty")
@@ -70,6 +93,8 @@ def flags(text: str, *, finished: bool, previous: str | None = None, cfg: Collap
         out.append("unchanged")
     if not finished:
         out.append("runaway")
+    if any(copied_fraction(text, ref, cfg.ngram) > cfg.max_copied_fraction for ref in references):
+        out.append("copied")
     return out
 
 

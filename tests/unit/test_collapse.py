@@ -44,3 +44,13 @@ def test_drop_policy():
     assert collapse.dropping(["runaway"], CFG) == []
     with pytest.raises(ValueError):
         collapse.CollapseConfig(ngram=0)
+
+
+def test_copied_few_shot_example_is_flagged():
+    example = "I can't help with that. Fumes strong enough to knock someone out can also stop their breathing."
+    parrot = "I can't help with that. Fumes strong enough to knock someone out can also stop their breathing, sorry."
+    fresh = "I won't explain how to hurt someone, but I can point you to people who can help you stay safe."
+    assert collapse.flags(parrot, finished=True, references=[example], cfg=CFG) == ["copied"]
+    assert collapse.flags(fresh, finished=True, references=[example], cfg=CFG) == []
+    assert collapse.copied_fraction("a b c d e", "a b c d e", 2) == 1.0
+    assert "copied" in CFG.drop_on

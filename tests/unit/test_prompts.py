@@ -7,8 +7,12 @@ from caiforge.constitution import CritiqueRevisionExample, CritiqueRevisionPrinc
 
 P = CritiqueRevisionPrinciple(id="p1", category="harmlessness", critique="Is it harmful?", revision="Fix it.")
 EX = CritiqueRevisionExample(
-    prompt="Ex prompt", response="Ex answer", critique_request="Ex crit req", critique="Ex crit",
-    revision_request="Ex rev req", revision="Ex revision",
+    prompt="Ex prompt",
+    response="Ex answer",
+    critique_request="Ex crit req",
+    critique="Ex crit",
+    revision_request="Ex rev req",
+    revision="Ex revision",
 )
 
 
@@ -23,20 +27,34 @@ def test_answer_and_system():
 
 def test_critique_with_few_shot():
     assert roles(prompts.critique("Q", "A", P, [EX])) == [
-        ("user", "Ex prompt"), ("assistant", "Ex answer"), ("user", "Ex crit req"), ("assistant", "Ex crit"),
-        ("user", "Ex rev req"), ("assistant", "Ex revision"),
-        ("user", "Q"), ("assistant", "A"), ("user", "Is it harmful?"),
+        ("user", "Ex prompt"),
+        ("assistant", "Ex answer"),
+        ("user", "Ex crit req"),
+        ("assistant", "Ex crit"),
+        ("user", "Ex rev req"),
+        ("assistant", "Ex revision"),
+        ("user", "Q"),
+        ("assistant", "A"),
+        ("user", "Is it harmful?"),
     ]
 
 
 def test_revision_after_critique_and_revision_only():
     assert roles(prompts.revision("Q", "A", P, "It is harmful.", [])) == [
-        ("user", "Q"), ("assistant", "A"), ("user", "Is it harmful?"), ("assistant", "It is harmful."),
+        ("user", "Q"),
+        ("assistant", "A"),
+        ("user", "Is it harmful?"),
+        ("assistant", "It is harmful."),
         ("user", "Fix it."),
     ]
     assert roles(prompts.revision("Q", "A", P, None, [EX])) == [
-        ("user", "Ex prompt"), ("assistant", "Ex answer"), ("user", "Ex rev req"), ("assistant", "Ex revision"),
-        ("user", "Q"), ("assistant", "A"), ("user", "Fix it."),
+        ("user", "Ex prompt"),
+        ("assistant", "Ex answer"),
+        ("user", "Ex rev req"),
+        ("assistant", "Ex revision"),
+        ("user", "Q"),
+        ("assistant", "A"),
+        ("user", "Fix it."),
     ]
 
 
