@@ -98,3 +98,70 @@ SFT = Schema(
 )
 """data/critique_revise/sft.parquet: TRL prompt-completion chats. kind = red_team (completion = the last usable
 revision, from `round`) or helpful (the policy's own answer, round 0)."""
+
+PREFERENCES = Schema(
+    name="preferences",
+    columns=(
+        ("prompt_id", pl.String()),
+        ("prompt", pl.String()),
+        ("chosen", pl.String()),
+        ("rejected", pl.String()),
+        ("p_chosen", pl.Float64()),
+        ("confidence", pl.Float64()),
+        ("principle_ids", pl.List(pl.String())),
+        ("label_source", pl.String()),
+        ("model_fingerprint", pl.String()),
+        ("seed", pl.Int64()),
+    ),
+    sort_by=("prompt_id", "chosen", "rejected"),
+)
+"""data/label/preferences.parquet: one row per labelled response pair. `p_chosen` >= 0.5 is the soft label (the
+probability that `chosen` is better, after order-swap debiasing and the principle ensemble, or 1.0 / 0.0 from a
+human label); `confidence` = |2 p - 1|; `label_source` in {ai, human}; `model_fingerprint` is the feedback model's."""
+
+COMPARISONS = Schema(
+    name="comparisons",
+    columns=(
+        ("prompt_id", pl.String()),
+        ("pair_id", pl.String()),
+        ("principle_id", pl.String()),
+        ("order", pl.String()),
+        ("response_a", pl.String()),
+        ("response_b", pl.String()),
+        ("reasoning", pl.String()),
+        ("logprob_a", pl.Float64()),
+        ("logprob_b", pl.Float64()),
+        ("p_a", pl.Float64()),
+        ("model_fingerprint", pl.String()),
+        ("seed", pl.Int64()),
+    ),
+    sort_by=("prompt_id", "pair_id", "principle_id", "order"),
+)
+"""data/label/comparisons.parquet: one row per response pair x drawn comparison principle x order. `order` is `ab`
+(the pair's first sample is option (A)) or `ba` (swapped); `logprob_a`/`logprob_b` are the feedback model's raw
+next-token log-probabilities of the option letters and `p_a` = P(A) normalized over the two (before any
+chain-of-thought clamp); `reasoning` is the chain of thought ("" when off). `pair_id` is a content hash of the
+prompt id and the two texts (caiforge.labeling.Pair); `model_fingerprint` is the feedback model's."""
+
+REVIEW_QUEUE = Schema(
+    name="review_queue",
+    columns=(
+        ("prompt_id", pl.String()),
+        ("pair_id", pl.String()),
+        ("prompt", pl.String()),
+        ("chosen", pl.String()),
+        ("rejected", pl.String()),
+        ("p_chosen", pl.Float64()),
+        ("confidence", pl.Float64()),
+        ("disagreement", pl.Float64()),
+        ("principle_ids", pl.List(pl.String())),
+        ("reasons", pl.List(pl.String())),
+        ("model_fingerprint", pl.String()),
+        ("seed", pl.Int64()),
+    ),
+    sort_by=("prompt_id", "pair_id"),
+)
+"""data/label/review_queue.parquet: AI-labelled pairs a human should check (HRLAIF), not yet covered by the human
+labels file. `chosen`/`rejected`/`p_chosen` are the AI's verdict; `disagreement` = max - min of the principles'
+debiased verdicts; `reasons` in {low_confidence, principle_disagreement}. To override, copy `prompt_id`, `chosen`
+and `rejected` (swapped if the AI got it wrong) into the human labels file."""

@@ -1,0 +1,149 @@
+"""pm: the preference model, a one-output sequence classifier trained on the AI-labelled comparisons.
+
+Reads  data/label/preferences.parquet (prompt, chosen, rejected, soft label p_chosen) and the SFT model, whose
+       weights initialize the classifier (a new, seeded one-output head on top).
+Does   TRL RewardTrainer with the soft-label Bradley-Terry loss (caiforge.preference): the chat (user prompt +
+       assistant response) is rendered with the chat template and scored at its last token. A stable
+       `heldout_fraction` of prompt ids (hash) is kept out of training for held-out loss, accuracy and expected
+       calibration error against the soft labels, measured before and after training. Full fine-tune or LoRA
+       (merged on save), bf16 on GPU, fp32 on CPU, seeded.
+Writes data/pm/model/ (safetensors + tokenizer + the resolved stage config), data/pm/dvclive/ (curves, DVC plots)
+       and data/pm/metrics.json.
+Run    uv run dvc repro pm
+       uv run python stages/pm.py pm.epochs=1 pm.lora.enabled=true
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import polars as pl
+
+from caiforge import config, formats, io, preference, schemas, training
+
+log = logging.getLogger("caiforge.stages.pm")
+
+
+@dataclass(frozen=True)
+class PmConfig:
+    data: str
+    """preferences.parquet from label."""
+    policy: str
+    """The model whose weights initialize the PM (data/sft/model)."""
+    out_dir: str
+    """Where model/, dvclive/ and metrics.json go."""
+    seed: int
+    """Seeds the new head, adapters, data order and dropout."""
+    heldout_fraction: float
+    """Share of prompt ids (by hash) held out for accuracy and calibration."""
+    epochs: float
+    """Passes over the training pairs."""
+    learning_rate: float
+    """Peak learning rate (linear decay after warmup)."""
+    batch_size: int
+    """Pairs per device step (each pair is two sequences)."""
+    gradient_accumulation_steps: int
+    """Steps per optimizer update."""
+    max_length: int
+    """Token cap per chat; longer chats keep their end (the reward is read at the last token)."""
+    warmup_ratio: float
+    """Share of steps spent warming up the learning rate."""
+    weight_decay: float
+    """AdamW weight decay."""
+    center_rewards_coefficient: float | None
+    """Weight of a penalty on (r_c + r_r)^2 that keeps rewards centred at 0; null = off."""
+    calibration_bins: int
+    """Equal-width probability bins for the expected calibration error."""
+    score_batch_size: int
+    """Chats per forward pass when scoring the held-out pairs."""
+    lora: training.LoraConfig
+    """LoRA instead of a full fine-tune (merged on save; the new head is always trained)."""
+    precision: Literal["auto", "fp32", "bf16"]
+    """auto: bf16 on CUDA, fp32 on CPU."""
+    gradient_checkpointing: bool
+    """Trade compute for memory on large models."""
+    logging_steps: int
+    """Log the loss (and the dvclive curves) every N steps."""
+
+
+def heldout_metrics(pm: preference.PreferenceModel, rows: pl.DataFrame, bins: int) -> dict[str, float | None]:
+    chosen = pm.score(rows["prompt"].to_list(), rows["chosen"].to_list())
+    rejected = pm.score(rows["prompt"].to_list(), rows["rejected"].to_list())
+    return preference.evaluate_pairs(chosen, rejected, rows["p_chosen"].to_list(), bins)
+
+
+def run(cfg: PmConfig) -> dict:
+    from trl import RewardConfig
+
+    rows = io.read_parquet(cfg.data, schemas.PREFERENCES)
+    rows = rows.with_columns(heldout=formats.stable_mask(rows["prompt_id"], cfg.heldout_fraction, salt="pm-heldout"))
+    train, evals = rows.filter(~pl.col("heldout")), rows.filter(pl.col("heldout"))
+    if train.is_empty():
+        raise ValueError(f"{cfg.data}: no training pairs left (heldout_fraction={cfg.heldout_fraction})")
+    out = Path(cfg.out_dir)
+    model, tokenizer = preference.init_from_causal_lm(cfg.policy, seed=cfg.seed)
+    pm = preference.PreferenceModel(model, tokenizer, max_length=cfg.max_length, batch_size=cfg.score_batch_size)
+    before = heldout_metrics(pm, evals, cfg.calibration_bins)
+    with tempfile.TemporaryDirectory(prefix="caiforge-pm-") as scratch:
+        args = RewardConfig(
+            **training.common_args(
+                out_dir=Path(scratch),
+                seed=cfg.seed,
+                precision_choice=cfg.precision,
+                gradient_checkpointing=cfg.gradient_checkpointing,
+            ),
+            num_train_epochs=cfg.epochs,
+            learning_rate=cfg.learning_rate,
+            per_device_train_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+            weight_decay=cfg.weight_decay,
+            lr_scheduler_type="linear",
+            logging_steps=cfg.logging_steps,
+            eval_strategy="no",
+            max_length=None,  # pairs arrive tokenized and truncated by preference.encode_chat
+            center_rewards_coefficient=cfg.center_rewards_coefficient,
+            disable_dropout=True,
+            dataset_num_proc=None,
+            remove_unused_columns=True,
+        )
+        trainer = preference.soft_label_trainer_class()(
+            model=model,
+            args=args,
+            train_dataset=preference.pair_dataset(train, tokenizer, cfg.max_length),
+            processing_class=tokenizer,
+            peft_config=training.peft_config(cfg.lora, task_type="SEQ_CLS"),
+            callbacks=[training.dvclive_callback(out / "dvclive")],
+        )
+        result = trainer.train()
+        trained = trainer.model.merge_and_unload() if cfg.lora.enabled else trainer.model
+        pm = preference.PreferenceModel(trained, tokenizer, max_length=cfg.max_length, batch_size=cfg.score_batch_size)
+        after = heldout_metrics(pm, evals, cfg.calibration_bins)
+        training.save_model(trained, tokenizer, out / "model", cfg)
+    metrics = {
+        "train_pairs": train.height,
+        "heldout_pairs": evals.height,
+        "steps": result.global_step,
+        "final_train_loss": training.final_train_loss(trainer.state.log_history),
+        "mean_train_loss": round(result.training_loss, 6),
+        "heldout_before": before,
+        "heldout_after": after,
+        "mean_p_chosen": round(float(rows["p_chosen"].mean()), 6),
+        "lora": cfg.lora.enabled,
+        "train_seconds": round(result.metrics["train_runtime"], 2),
+    }
+    io.write_json(metrics, out / "metrics.json")
+    log.info("pm: %s", metrics)
+    return metrics
+
+
+def main() -> None:
+    config.stage_main("pm", PmConfig, run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""rlaif: RL from AI feedback -- tune the SFT policy against the preference model, with a KL leash to the SFT model.
+
+Reads  data/curate/prompts.parquet (train split), the SFT model (policy and KL reference), the PM (data/pm/model)
+       and, for `algorithm: dpo`, data/label/preferences.parquet.
+Does   one of (`rlaif.algorithm`):
+       - grpo (default): TRL GRPOTrainer, `num_generations` sampled answers per prompt, rewarded by the PM, with the
+         per-token KL penalty `beta` to the SFT model (the paper's L_LM + lambda L_RL; TRL's default beta is 0 = no
+         KL, so it is always set here);
+       - rloo: TRL RLOOTrainer (leave-one-out baseline), same reward and KL penalty;
+       - dpo: TRL DPOTrainer offline on the labelled pairs (cheaper: no sampling, no PM in the loop; `beta` is the
+         implicit KL strength; the soft labels only fix which side is chosen).
+       The PM reward is a callable over caiforge.preference (not TRL's reward-model path), so training and the
+       reported reward score chats identically. A stable `heldout_fraction` of train prompt ids (hash) is never
+       trained on; on those, the SFT model and the tuned model answer (`generation`: greedy by default), the PM
+       scores both (mean reward before/after), and KL(tuned || SFT) is estimated as the mean over the tuned model's
+       answer tokens of log p_tuned - log p_sft (a Monte-Carlo KL estimate when answers are sampled; with greedy
+       answers, the log-ratio on the tuned model's most likely answers). Full fine-tune or LoRA (merged on save),
+       bf16 on GPU, fp32 on CPU, seeded.
+Writes data/rlaif/model/ (safetensors + tokenizer + the resolved stage config), data/rlaif/dvclive/ (curves, DVC
+       plots) and data/rlaif/metrics.json (reward before/after, KL, steps).
+Run    uv run dvc repro rlaif
+       uv run python stages/rlaif.py rlaif.algorithm=dpo rlaif.max_steps=20
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import polars as pl
+
+from caiforge import config, formats, generation, io, models, preference, schemas, training
+
+log = logging.getLogger("caiforge.stages.rlaif")
+
+
+@dataclass(frozen=True)
+class RlaifConfig:
+    prompts: str
+    """prompts.parquet from curate (its train split is used)."""
+    policy: str
+    """The SFT model: the policy's start and the KL reference."""
+    reward_model: str
+    """The preference model from pm."""
+    preferences: str
+    """preferences.parquet from label (read only by dpo)."""
+    out_dir: str
+    """Where model/, dvclive/ and metrics.json go."""
+    seed: int
+    """Seeds sampling, data order, adapters and dropout."""
+    algorithm: Literal["grpo", "rloo", "dpo"]
+    """Online RL against the PM (grpo, rloo) or offline preference optimization on the labelled pairs (dpo)."""
+    heldout_fraction: float
+    """Share of train prompt ids (by hash) kept out of training, for reward and KL before/after."""
+    max_prompts: int | None
+    """Cap on training prompts (a stable hash-ordered subset); null = all."""
+    max_heldout_prompts: int | None
+    """Cap on held-out prompts scored before/after; null = all."""
+    epochs: float
+    """Passes over the training prompts (pairs for dpo); ignored when max_steps > 0."""
+    max_steps: int
+    """Optimizer steps; -1 = use epochs."""
+    learning_rate: float
+    """Peak learning rate (linear decay after warmup)."""
+    batch_size: int
+    """Per-device batch: completions for grpo/rloo (batch_size / num_generations prompts), pairs for dpo."""
+    gradient_accumulation_steps: int
+    """Steps per optimizer update."""
+    warmup_ratio: float
+    """Share of steps spent warming up the learning rate."""
+    weight_decay: float
+    """AdamW weight decay."""
+    beta: float
+    """KL coefficient to the SFT model (grpo, rloo: explicit penalty; dpo: implicit); must be > 0."""
+    num_generations: int
+    """Sampled answers per prompt (grpo, rloo; >= 2, must divide batch_size * gradient_accumulation_steps)."""
+    max_completion_length: int
+    """Cap on sampled answer tokens (grpo, rloo)."""
+    temperature: float
+    """Sampling temperature during training (grpo, rloo)."""
+    top_p: float
+    """Nucleus mass during training sampling (grpo, rloo)."""
+    num_iterations: int
+    """Updates per generated batch (mu in the GRPO paper)."""
+    epsilon: float
+    """Clip range of the policy ratio (grpo, rloo)."""
+    grpo_loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"]
+    """GRPO's loss aggregation (TRL 1.16 default: dapo)."""
+    scale_rewards: Literal["group", "batch", "none"]
+    """GRPO's advantage scaling by the reward std."""
+    rloo_normalize_advantages: bool
+    """RLOO: normalize advantages per generation batch."""
+    dpo_loss_type: str
+    """DPO loss (TRL names: sigmoid, ipo, robust, ...)."""
+    dpo_max_length: int
+    """DPO: token cap per prompt + answer."""
+    reward_max_length: int
+    """PM token cap per chat (the end is kept), as in the pm stage."""
+    reward_batch_size: int
+    """Chats per PM forward pass."""
+    generation: generation.GenerationConfig
+    """How the SFT and tuned models answer the held-out prompts (greedy by default)."""
+    lora: training.LoraConfig
+    """LoRA instead of a full fine-tune (merged on save; the reference is then the adapter-free model)."""
+    precision: Literal["auto", "fp32", "bf16"]
+    """auto: bf16 on CUDA, fp32 on CPU."""
+    gradient_checkpointing: bool
+    """Trade compute for memory on large models."""
+    logging_steps: int
+    """Log the loss, reward, KL (and the dvclive curves) every N steps."""
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0 (a KL leash to the SFT model), got {self.beta}")
+
+
+def split_prompts(cfg: RlaifConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
+    prompts = io.read_parquet(cfg.prompts, schemas.PROMPTS).filter(pl.col("split") == "train")
+    prompts = prompts.with_columns(
+        heldout=formats.stable_mask(prompts["id"], cfg.heldout_fraction, salt="rlaif-heldout"),
+        order=pl.Series([formats.stable_fraction(i, "rlaif-pick") for i in prompts["id"]], dtype=pl.Float64),
+    ).sort("order", "id")
+    train, heldout = prompts.filter(~pl.col("heldout")), prompts.filter(pl.col("heldout"))
+    return train.head(cfg.max_prompts or train.height), heldout.head(cfg.max_heldout_prompts or heldout.height)
+
+
+def common(cfg: RlaifConfig, scratch: Path) -> dict[str, Any]:
+    """Trainer arguments all three algorithms share."""
+    return {
+        **training.common_args(
+            out_dir=scratch,
+            seed=cfg.seed,
+            precision_choice=cfg.precision,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+        ),
+        "num_train_epochs": cfg.epochs,
+        "max_steps": cfg.max_steps,
+        "learning_rate": cfg.learning_rate,
+        "per_device_train_batch_size": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "warmup_steps": cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        "weight_decay": cfg.weight_decay,
+        "lr_scheduler_type": "linear",
+        "logging_steps": cfg.logging_steps,
+        "eval_strategy": "no",
+        "beta": cfg.beta,
+        "disable_dropout": True,
+        "sync_ref_model": False,
+    }
+
+
+def online_args(cfg: RlaifConfig) -> dict[str, Any]:
+    """Sampling arguments GRPO and RLOO share."""
+    return {
+        "num_generations": cfg.num_generations,
+        "max_completion_length": cfg.max_completion_length,
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "top_k": 0,
+        "min_p": None,
+        "repetition_penalty": 1.0,
+        "num_iterations": cfg.num_iterations,
+        "epsilon": cfg.epsilon,
+        "mask_truncated_completions": False,
+        "shuffle_dataset": True,
+        "use_vllm": False,
+        "log_completions": False,
+    }
+
+
+def make_trainer(cfg: RlaifConfig, train: pl.DataFrame, pm: preference.PreferenceModel, scratch: Path) -> Any:
+    from datasets import Dataset
+
+    model, tokenizer = models.load_pretrained(cfg.policy)
+    shared = {
+        "model": model,
+        "processing_class": tokenizer,
+        "peft_config": training.peft_config(cfg.lora),
+        "callbacks": [training.dvclive_callback(Path(cfg.out_dir) / "dvclive")],
+    }
+    if cfg.algorithm == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        pairs = io.read_parquet(cfg.preferences, schemas.PREFERENCES)
+        # Pairs on held-out prompts stay out, so the reward before/after is measured on prompts DPO never saw.
+        pairs = pairs.filter(~formats.stable_mask(pairs["prompt_id"], cfg.heldout_fraction, salt="rlaif-heldout"))
+        if pairs.is_empty():
+            raise ValueError(f"{cfg.preferences}: no preference pairs outside the held-out prompts")
+        data = Dataset.from_dict(
+            {
+                "prompt": [[{"role": "user", "content": t}] for t in pairs["prompt"]],
+                "chosen": [[{"role": "assistant", "content": t}] for t in pairs["chosen"]],
+                "rejected": [[{"role": "assistant", "content": t}] for t in pairs["rejected"]],
+            }
+        )
+        args = DPOConfig(
+            **common(cfg, scratch),
+            loss_type=[cfg.dpo_loss_type],
+            label_smoothing=0.0,
+            max_length=cfg.dpo_max_length,
+            truncation_mode="keep_start",
+            precompute_ref_log_probs=False,
+            dataset_num_proc=None,
+        )
+        return DPOTrainer(args=args, train_dataset=data, **shared), pairs.height
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": t}] for t in train["text"]]})
+    if cfg.algorithm == "grpo":
+        from trl import GRPOConfig, GRPOTrainer
+
+        args = GRPOConfig(
+            **common(cfg, scratch), **online_args(cfg), loss_type=cfg.grpo_loss_type, scale_rewards=cfg.scale_rewards
+        )
+        return GRPOTrainer(
+            reward_funcs=[preference.reward_function(pm)], args=args, train_dataset=data, **shared
+        ), len(data)
+    from trl import RLOOConfig, RLOOTrainer
+
+    args = RLOOConfig(**common(cfg, scratch), **online_args(cfg), normalize_advantages=cfg.rloo_normalize_advantages)
+    return RLOOTrainer(reward_funcs=[preference.reward_function(pm)], args=args, train_dataset=data, **shared), len(
+        data
+    )
+
+
+def answer(model_dir: str | Path, cfg: RlaifConfig, texts: list[str], desc: str) -> list[str]:
+    gen = generation.make_generator(model_dir, cfg.generation)
+    return [c.text for c in gen.chat([[{"role": "user", "content": t}] for t in texts], seed=cfg.seed, desc=desc)]
+
+
+def mean_logged(log_history: list[dict[str, Any]], key: str) -> float | None:
+    values = [float(entry[key]) for entry in log_history if key in entry]
+    return sum(values) / len(values) if values else None
+
+
+def mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def run(cfg: RlaifConfig) -> dict:
+    train, heldout = split_prompts(cfg)
+    if train.is_empty() and cfg.algorithm != "dpo":
+        raise ValueError(
+            f"{cfg.prompts}: no train-split prompts left for RL (heldout_fraction={cfg.heldout_fraction})"
+        )
+    out = Path(cfg.out_dir)
+    pm = preference.PreferenceModel.from_dir(
+        cfg.reward_model,
+        max_length=cfg.reward_max_length,
+        batch_size=cfg.reward_batch_size,
+        device=cfg.generation.device,
+        dtype=cfg.generation.dtype,
+    )
+    texts = heldout["text"].to_list()
+    reward_before = pm.score(texts, answer(cfg.policy, cfg, texts, "sft answers"))
+    with tempfile.TemporaryDirectory(prefix="caiforge-rlaif-") as scratch:
+        trainer, train_rows = make_trainer(cfg, train, pm, Path(scratch))
+        result = trainer.train()
+        training.save_model(trainer.model, trainer.processing_class, out / "model", cfg)
+    history = trainer.state.log_history
+    del trainer
+    responses = answer(out / "model", cfg, texts, "rlaif answers")
+    reward_after = pm.score(texts, responses)
+    device, dtype = generation.resolve_device(cfg.generation.device, cfg.generation.dtype)
+    tuned, tokenizer = models.load_pretrained(out / "model", dtype=str(dtype).removeprefix("torch."), device=device)
+    reference, _ = models.load_pretrained(cfg.policy, dtype=str(dtype).removeprefix("torch."), device=device)
+    kl = preference.policy_kl(tuned, reference, tokenizer, texts, responses)
+    before, after = mean(reward_before), mean(reward_after)
+    metrics = {
+        "algorithm": cfg.algorithm,
+        "beta": cfg.beta,
+        "train_rows": train_rows,
+        "heldout_prompts": len(texts),
+        "steps": result.global_step,
+        "final_train_loss": training.final_train_loss(history),
+        "reward_before": before,
+        "reward_after": after,
+        "reward_gain": after - before if before is not None and after is not None else None,
+        "kl_heldout": {**kl, "decoding": "sampled" if cfg.generation.temperature > 0 else "greedy"},
+        "kl_train_mean": mean_logged(history, "kl"),
+        "dpo_reward_margin_mean": mean_logged(history, "rewards/margins"),
+        "train_reward_mean": mean_logged(history, "reward"),
+        "lora": cfg.lora.enabled,
+        "train_seconds": round(result.metrics["train_runtime"], 2),
+    }
+    io.write_json(metrics, out / "metrics.json")
+    log.info("rlaif: %s", metrics)
+    return metrics
+
+
+def main() -> None:
+    config.stage_main("rlaif", RlaifConfig, run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""label on the smoke profile with a tiny random model as both the SFT model and the feedback model."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+
+from caiforge import config, constitution, labeling, schemas
+from tests.conftest import load_stage, smoke_section, write_prompts
+from tests.unit.test_labeling import FakeScorer
+
+stage = load_stage("label")
+DEFAULT = config.ROOT / "constitutions" / "default.yaml"
+OUTPUTS = ["comparisons.parquet", "metrics.json", "preferences.parquet", "review_queue.parquet"]
+PARQUETS = {"comparisons.parquet": schemas.COMPARISONS, "preferences.parquet": schemas.PREFERENCES}
+PARQUETS["review_queue.parquet"] = schemas.REVIEW_QUEUE
+
+
+def make_cfg(tmp_path, tiny_model_dir, overrides=()):
+    section = smoke_section("label", list(overrides))
+    section.update(
+        prompts=str(write_prompts(tmp_path / "prompts.parquet")),
+        policy=str(tiny_model_dir),
+        feedback=str(tiny_model_dir),
+        out_dir=str(tmp_path / "out"),
+    )
+    full = constitution.to_dict(constitution.load(DEFAULT))
+    parts = {k: ("constitutions/default.yaml", full[k]) for k in ("comparison", "comparison_examples")}
+    return config.from_declared("label", stage.LabelConfig, {"label": ("params.yaml", section), **parts})
+
+
+def read(tmp_path, name):
+    return pl.read_parquet(tmp_path / "out" / name)
+
+
+def test_outputs_schemas_both_orders_and_byte_identical_rerun(tmp_path, tiny_model_dir):
+    cfg = make_cfg(tmp_path, tiny_model_dir)
+    metrics = stage.run(cfg)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == OUTPUTS
+    for name, schema in PARQUETS.items():
+        schema.check(read(tmp_path, name), name)
+    comparisons, prefs = read(tmp_path, "comparisons.parquet"), read(tmp_path, "preferences.parquet")
+    assert prefs.height == metrics["pairs"] > 0
+    assert comparisons.height == prefs.height * cfg.principles_per_pair * 2
+    assert comparisons.group_by("pair_id", "principle_id").agg(pl.col("order").sort())["order"].to_list() == [
+        ["ab", "ba"]
+    ] * (prefs.height * cfg.principles_per_pair)
+    assert ((comparisons["p_a"] > 0) & (comparisons["p_a"] < 1)).all()
+    assert ((prefs["p_chosen"] >= 0.5) & (prefs["p_chosen"] < 1)).all()
+    assert (prefs["chosen"] != prefs["rejected"]).all()
+    assert (prefs["label_source"] == "ai").all()
+    assert prefs["principle_ids"].list.len().to_list() == [cfg.principles_per_pair] * prefs.height
+    assert set(comparisons["principle_id"]) <= {p.id for p in cfg.constitution.comparison}
+    assert prefs["confidence"].to_list() == pytest.approx([2 * p - 1 for p in prefs["p_chosen"]])
+    assert metrics["prompts"] == cfg.max_prompts
+    assert metrics["pairs"] + metrics["identical_pairs_skipped"] == cfg.max_prompts
+    assert metrics["review_queue"]["size"] == read(tmp_path, "review_queue.parquet").height
+    assert set(metrics["position_bias"]) >= {"measured", "before_swap", "after_swap"}
+    assert metrics["tokens"]["scoring"]["prompt_tokens"] > 0 and metrics["labels_per_second"] > 0
+
+    first = {p: (tmp_path / "out" / p).read_bytes() for p in PARQUETS}
+    stage.run(cfg)
+    assert first == {p: (tmp_path / "out" / p).read_bytes() for p in PARQUETS}
+
+
+def test_human_labels_override_and_leave_the_queue(tmp_path, tiny_model_dir):
+    cfg = make_cfg(tmp_path, tiny_model_dir, ["label.review.min_confidence=1.0"])
+    stage.run(cfg)
+    ai = read(tmp_path, "preferences.parquet").row(0, named=True)
+    queued = read(tmp_path, "review_queue.parquet")
+    assert queued.height == read(tmp_path, "preferences.parquet").height, "min_confidence 1.0 queues every pair"
+    # The human disagrees with the AI on the first pair.
+    human = tmp_path / "human.jsonl"
+    row = {"prompt_id": ai["prompt_id"], "chosen": ai["rejected"], "rejected": ai["chosen"], "note": "checked"}
+    human.write_text(json.dumps(row) + "\n" + json.dumps({**row, "prompt_id": "gone"}) + "\n")
+    metrics = stage.run(
+        make_cfg(tmp_path, tiny_model_dir, ["label.review.min_confidence=1.0", f"label.human_labels={human}"])
+    )
+    prefs = read(tmp_path, "preferences.parquet")
+    mine = prefs.filter((pl.col("prompt_id") == ai["prompt_id"]) & (pl.col("chosen") == ai["rejected"]))
+    assert mine.select("rejected", "p_chosen", "confidence", "label_source").row(0) == (
+        ai["chosen"],
+        1.0,
+        1.0,
+        "human",
+    )
+    assert (prefs.filter(pl.col("label_source") == "ai").height) == prefs.height - 1
+    assert read(tmp_path, "review_queue.parquet").height == queued.height - 1
+    assert metrics["human_labels"] == {"rows": 2, "applied": 1, "unmatched": 1}
+
+
+def test_missing_or_bad_human_labels_fail_before_writing(tmp_path, tiny_model_dir):
+    cfg = make_cfg(tmp_path, tiny_model_dir, [f"label.human_labels={tmp_path / 'missing.jsonl'}"])
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        stage.run(cfg)
+    assert not (tmp_path / "out").exists(), "no output written"
+    (tmp_path / "bad.csv").write_text("prompt_id,chosen\nr000,x\n")
+    cfg = make_cfg(tmp_path, tiny_model_dir, [f"label.human_labels={tmp_path / 'bad.csv'}"])
+    with pytest.raises(labeling.HumanLabelsError, match=r"bad.csv: missing field 'rejected'"):
+        stage.run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_chain_of_thought_clamps_to_the_band(tmp_path, tiny_model_dir):
+    cfg = make_cfg(tmp_path, tiny_model_dir, ["label.chain_of_thought=true", "label.cot_band=[0.45,0.55]"])
+    metrics = stage.run(cfg)
+    prefs, comparisons = read(tmp_path, "preferences.parquet"), read(tmp_path, "comparisons.parquet")
+    assert ((prefs["p_chosen"] >= 0.5) & (prefs["p_chosen"] <= 0.55 + 1e-12)).all()
+    assert (comparisons["reasoning"].str.len_chars() > 0).any()
+    assert metrics["tokens"]["reasoning"]["completion_tokens"] > 0
+
+
+def test_first_slot_labeller_is_debiased_and_reported(tmp_path, tiny_model_dir):
+    cfg = make_cfg(tmp_path, tiny_model_dir)
+    metrics = stage.run(cfg, scorer=FakeScorer(lambda a, b: (0.9, 0.1)))
+    assert read(tmp_path, "preferences.parquet")["p_chosen"].to_list() == pytest.approx([0.5] * metrics["pairs"])
+    assert metrics["position_bias"]["measured"] == pytest.approx(0.4)
+    assert metrics["position_bias"]["after_swap"] == pytest.approx(0.0)
+    assert metrics["review_queue"]["low_confidence"] == metrics["pairs"]
+
+
+def test_bad_params_fail_clearly(tmp_path, tiny_model_dir):
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        make_cfg(tmp_path, tiny_model_dir, ["label.generation.temperature=0.0"])
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        make_cfg(tmp_path, tiny_model_dir, ["label.samples_per_prompt=1"])
+    cfg = make_cfg(tmp_path, tiny_model_dir, ["label.principles_per_pair=99"])
+    with pytest.raises(ValueError, match="principles_per_pair=99"):
+        stage.run(cfg)

@@ -1,0 +1,81 @@
+"""rlaif on the smoke profile, once per algorithm: outputs complete, the policy changes, metrics present."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from caiforge import config
+from tests.conftest import load_stage, smoke_section, write_prompts
+from tests.stages.test_pm import make_cfg as make_pm_cfg
+
+stage = load_stage("rlaif")
+pm_stage = load_stage("pm")
+
+
+@pytest.fixture(scope="module")
+def pm_dir(tmp_path_factory, tiny_model_dir):
+    """A PM trained by the pm stage on synthetic preferences (they stay beside it for dpo)."""
+    tmp = tmp_path_factory.mktemp("pm")
+    pm_stage.run(make_pm_cfg(tmp, tiny_model_dir))
+    return tmp
+
+
+def make_cfg(tmp_path, policy_dir, pm_root, overrides=()):
+    section = smoke_section("rlaif", list(overrides))
+    section.update(
+        prompts=str(write_prompts(tmp_path / "prompts.parquet")),
+        policy=str(policy_dir),
+        reward_model=str(pm_root / "pm" / "model"),
+        preferences=str(pm_root / "preferences.parquet"),
+        out_dir=str(tmp_path / "rlaif"),
+    )
+    return config.build(stage.RlaifConfig, section, "params.yaml", "rlaif")
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo", "dpo"])
+def test_rlaif_trains_and_reports_reward_and_kl(tmp_path, tiny_model_dir, pm_dir, algorithm):
+    cfg = make_cfg(tmp_path, tiny_model_dir, pm_dir, [f"rlaif.algorithm={algorithm}"])
+    assert cfg.beta > 0
+    metrics = stage.run(cfg)
+    out = tmp_path / "rlaif"
+    assert {p.name for p in out.iterdir()} == {"model", "dvclive", "metrics.json"}
+    model_dir = out / "model"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "caiforge_config.json"} <= {
+        p.name for p in model_dir.iterdir()
+    }
+    assert json.loads((model_dir / "caiforge_config.json").read_text())["algorithm"] == algorithm
+    before, after = (
+        load_file(str(tiny_model_dir / "model.safetensors")),
+        load_file(str(model_dir / "model.safetensors")),
+    )
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the policy must change"
+
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert metrics["algorithm"] == algorithm and metrics["steps"] == cfg.max_steps
+    assert metrics["heldout_prompts"] > 0
+    assert isinstance(metrics["reward_before"], float) and isinstance(metrics["reward_after"], float)
+    assert metrics["kl_heldout"]["tokens"] > 0 and metrics["kl_heldout"]["kl_per_token"] is not None
+    assert metrics["kl_heldout"]["decoding"] == "sampled"  # smoke samples: a random model's greedy answers are empty
+    if algorithm == "dpo":
+        assert metrics["dpo_reward_margin_mean"] is not None
+    else:
+        assert metrics["kl_train_mean"] is not None, "beta > 0 must log TRL's KL"
+        assert metrics["train_reward_mean"] is not None
+    assert any((out / "dvclive").rglob("*.tsv"))
+
+
+def test_beta_zero_is_rejected(tmp_path, tiny_model_dir, pm_dir):
+    with pytest.raises(config.ConfigError, match="beta must be > 0"):
+        make_cfg(tmp_path, tiny_model_dir, pm_dir, ["rlaif.beta=0"])
+
+
+def test_missing_pm_names_the_stage(tmp_path, tiny_model_dir):
+    cfg = make_cfg(tmp_path, tiny_model_dir, tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="dvc repro pm"):
+        stage.run(cfg)
+    assert not (tmp_path / "rlaif").exists()

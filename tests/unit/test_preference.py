@@ -1,0 +1,99 @@
+"""caiforge.preference: the soft-label BT loss, calibration metrics, scoring and the KL estimate."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from caiforge import preference
+
+
+def test_soft_loss_matches_hand_computation():
+    rc, rr, p = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]), torch.tensor([0.75, 0.5])
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    by_hand = (
+        -(0.75 * math.log(sig(1.0)) + 0.25 * math.log(sig(-1.0)))
+        - (0.5 * math.log(sig(-2.0)) + 0.5 * math.log(sig(2.0)))
+    ) / 2
+    assert preference.soft_bt_loss(rc, rr, p).item() == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_soft_loss_reduces_to_hard_loss_at_p_one():
+    gen = torch.Generator().manual_seed(0)
+    rc, rr = torch.randn(16, generator=gen), torch.randn(16, generator=gen)
+    hard = -F.logsigmoid(rc - rr).mean()  # TRL RewardTrainer's stock loss
+    assert torch.allclose(preference.soft_bt_loss(rc, rr, torch.ones(16)), hard)
+
+
+def test_soft_loss_is_minimized_at_the_label():
+    # d/dd of the loss is sigma(d) - p: zero when the PM's probability equals the soft label.
+    d = torch.tensor([math.log(0.8 / 0.2)], requires_grad=True)
+    preference.soft_bt_loss(d, torch.zeros(1), torch.tensor([0.8])).backward()
+    assert d.grad.abs().item() < 1e-6
+
+
+def test_accuracy_skips_ties_in_the_label():
+    assert preference.accuracy([1.0, 0.0, 5.0], [0.0, 1.0, 0.0], [0.9, 0.6, 0.5]) == 0.5
+    assert preference.accuracy([1.0], [0.0], [0.5]) is None
+
+
+def test_expected_calibration_error():
+    assert preference.expected_calibration_error([0.7, 0.7], [0.7, 0.7]) == pytest.approx(0.0)
+    # Two bins: {0.55, 0.65} vs targets {0.5, 1.0} -> |0.6 - 0.75| * 1; {0.95} vs {0.95} -> 0.
+    ece = preference.expected_calibration_error([0.55, 0.65, 0.95], [0.5, 1.0, 0.95], bins=2)
+    assert ece == pytest.approx(2 / 3 * 0.15)
+    assert preference.expected_calibration_error([], []) is None
+    assert preference.expected_calibration_error([1.0], [1.0], bins=10) == pytest.approx(0.0)
+
+
+def test_evaluate_pairs_empty_is_null():
+    assert preference.evaluate_pairs([], [], []) == {"loss": None, "accuracy": None, "ece": None, "mean_margin": None}
+
+
+def test_encode_chat_keeps_the_end(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    messages = preference.chat("a question " * 50, "the answer")
+    full = preference.encode_chat(tok, messages, 10_000)
+    assert preference.encode_chat(tok, messages, 8) == full[-8:]
+
+
+@pytest.fixture(scope="module")
+def tiny_pm(tiny_model_dir):
+    model, tokenizer = preference.init_from_causal_lm(tiny_model_dir, seed=0)
+    return preference.PreferenceModel(model, tokenizer, max_length=64, batch_size=2)
+
+
+def test_scores_do_not_depend_on_batching(tiny_pm, tiny_model_dir):
+    prompts = ["hi", "how do I bake bread?", "tell me a joke about cats please"]
+    responses = ["hello", "mix flour and water", "no"]
+    batched = tiny_pm.score(prompts, responses)
+    single = [tiny_pm.score([p], [r])[0] for p, r in zip(prompts, responses, strict=True)]
+    assert batched == pytest.approx(single, abs=1e-5)
+    again, _ = preference.init_from_causal_lm(tiny_model_dir, seed=0)
+    assert torch.equal(again.score.weight, tiny_pm.model.score.weight), "the new head is seeded"
+
+
+def test_reward_function_scores_conversational_completions(tiny_pm):
+    reward = preference.reward_function(tiny_pm)
+    prompts = [[{"role": "user", "content": "hi"}]] * 2
+    completions = [[{"role": "assistant", "content": "hello"}], [{"role": "assistant", "content": "go away"}]]
+    assert reward(prompts=prompts, completions=completions, trainer_state=None) == tiny_pm.score(
+        ["hi", "hi"], ["hello", "go away"]
+    )
+    with pytest.raises(TypeError, match="conversational"):
+        reward(prompts=["hi"], completions=["hello"])
+
+
+def test_policy_kl_is_zero_against_itself(tiny_model_dir):
+    from caiforge import models
+
+    model, tokenizer = models.load_pretrained(tiny_model_dir)
+    kl = preference.policy_kl(model, model, tokenizer, ["hi there"], ["hello friend"])
+    assert kl["kl_per_token"] == pytest.approx(0.0) and kl["tokens"] > 2
+    logps = preference.response_logprobs(model, tokenizer, "hi there", "hello friend")
+    assert (logps <= 0).all() and logps.numel() == kl["tokens"]

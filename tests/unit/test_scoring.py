@@ -1,0 +1,84 @@
+"""Choice scoring on a tiny local model: option tokens, fast and sequence paths, batching, order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from caiforge import models, scoring
+
+CONVS = [[{"role": "user", "content": "Which is better? " + "x " * n}] for n in (1, 9, 3, 17, 5)]
+PREFILL = "The answer is: ("
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return models.build_tiny(models.TinySpec(), seed=0)
+
+
+def scorer(tiny, **kw) -> scoring.TransformersChoiceScorer:
+    return scoring.TransformersChoiceScorer(*tiny, scoring.ScoringConfig(**{"batch_size": 2, "progress": False, **kw}))
+
+
+def manual(tiny, text: str, option: str) -> float:
+    """log P(option | text) from one unpadded forward over text + option (the reference)."""
+    model, tok = tiny
+    ctx = tok(text, add_special_tokens=False)["input_ids"]
+    full = tok(text + option, add_special_tokens=False)["input_ids"]
+    assert full[: len(ctx)] == ctx, "the reference assumes the option does not merge with the text"
+    with torch.inference_mode():
+        logprobs = torch.log_softmax(model(torch.tensor([full])).logits.float(), -1)[0]
+    return sum(float(logprobs[t - 1, full[t]]) for t in range(len(ctx), len(full)))
+
+
+def test_option_tokens_as_the_model_would_emit_them(tiny):
+    _, tok = tiny
+    text = scorer(tiny).render(CONVS[0], PREFILL)
+    plan = scoring.plan_options(tok, text, ("A", "B"))
+    assert plan.single_token
+    assert tok.decode(list(plan.context)) == text
+    assert [tok.decode(list(c)) for c in plan.continuations] == ["A", "B"]
+    # When the prompt stops before the "(", the shared " (" joins the context and the letters stay single tokens.
+    plan = scoring.plan_options(tok, "The answer is:", (" (A", " (B"))
+    assert plan.single_token and tok.decode(list(plan.context)) == "The answer is: ("
+
+
+def test_merged_option_token_moves_the_context_back():
+    """A tokenizer with "(A" as one token: the context loses its "(" and the merged tokens are the options."""
+    tok = models.build_tiny_tokenizer(512)
+    tok.add_tokens(["(A", "(B"])
+    plan = scoring.plan_options(tok, PREFILL, ("A", "B"))
+    conts = [tok.convert_ids_to_tokens(list(c)) for c in plan.continuations]
+    assert [c[-1] for c in conts] == ["(A", "(B"]
+    for opt, cont in zip("AB", plan.continuations, strict=True):
+        assert tok.decode(list(plan.context) + list(cont)) == PREFILL + opt
+
+
+def test_logprobs_match_an_unpadded_forward_and_batching(tiny):
+    s = scorer(tiny)
+    got = s.choice_logprobs(CONVS, [PREFILL] * len(CONVS))
+    for conv, (la, lb) in zip(CONVS, got, strict=True):
+        text = s.render(conv, PREFILL)
+        assert la == pytest.approx(manual(tiny, text, "A"), abs=1e-4)
+        assert lb == pytest.approx(manual(tiny, text, "B"), abs=1e-4)
+    single = [scorer(tiny, batch_size=1).choice_logprobs([c], [PREFILL])[0] for c in CONVS]
+    assert [v for row in got for v in row] == pytest.approx([v for row in single for v in row], abs=1e-4)
+    assert s.choice_logprobs(CONVS, [PREFILL] * len(CONVS)) == got, "deterministic"
+    assert s.stats.rows == 2 * len(CONVS)
+
+
+def test_multi_token_options_are_scored_as_sequences(tiny):
+    s = scorer(tiny)
+    options = ("A) first answer", "B) second one")
+    (got,) = s.choice_logprobs(CONVS[:1], [PREFILL], options)
+    text = s.render(CONVS[0], PREFILL)
+    assert not scoring.plan_options(s.tokenizer, text, options).single_token
+    assert got == pytest.approx(tuple(manual(tiny, text, o) for o in options), abs=1e-4)
+
+
+def test_bad_inputs():
+    tok = models.build_tiny_tokenizer(512)
+    with pytest.raises(ValueError, match="distinct"):
+        scoring.plan_options(tok, "x", ("A", "A"))
+    with pytest.raises(ValueError, match="batch_size"):
+        scoring.ScoringConfig(batch_size=0)
