@@ -301,7 +301,10 @@ def _build_with(cls: type[T], data: dict[str, Any], source: str, prefix: str) ->
             kwargs[name] = _convert(hints[name], plain[name], source, _join(prefix, name))
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             _fail(source, _join(prefix, name), "missing required key")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        _fail(source, prefix, str(exc))
 
 
 def load(stage: str, cls: type[T], argv: Sequence[str] | None = None, root: Path | None = None) -> T:
