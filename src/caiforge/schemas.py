@@ -165,3 +165,34 @@ REVIEW_QUEUE = Schema(
 labels file. `chosen`/`rejected`/`p_chosen` are the AI's verdict; `disagreement` = max - min of the principles'
 debiased verdicts; `reasons` in {low_confidence, principle_disagreement}. To override, copy `prompt_id`, `chosen`
 and `rejected` (swapped if the AI got it wrong) into the human labels file."""
+
+SAMPLES = Schema(
+    name="samples",
+    columns=(
+        ("prompt_id", pl.String()),
+        ("kind", pl.String()),
+        ("category", pl.String()),
+        ("prompt", pl.String()),
+        ("model", pl.String()),
+        ("answer", pl.String()),
+        ("completion_tokens", pl.Int64()),
+        ("finished", pl.Boolean()),
+    ),
+    sort_by=("kind", "prompt_id", "model"),
+)
+"""data/evaluate/samples.parquet: every evaluated model's answer to every chosen eval-split prompt."""
+
+PRINCIPLES = Schema(
+    name="principles",
+    columns=(
+        ("principle_id", pl.String()),
+        ("drawn_in_revisions", pl.Int64()),
+        ("mean_edit_distance", pl.Float64()),
+        ("collapse_rate", pl.Float64()),
+        ("drawn_in_labels", pl.Int64()),
+        ("label_agreement", pl.Float64()),
+    ),
+    sort_by=("principle_id",),
+)
+"""data/evaluate/principles.parquet: per principle, draws and mean edit distance (1 - difflib ratio) of its
+revisions, their collapse rate, and how often its order-debiased verdict agreed with the pair's ensemble label."""

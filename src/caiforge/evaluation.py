@@ -1,0 +1,161 @@
+"""Evaluation mechanics that reuse the labeller: AI-judge comparisons between models, label quality on known
+answers, the per-principle table and cost accounting from every stage's metrics.
+
+The judge asks exactly the labeller's multiple-choice question (caiforge.labeling) in both orders, so the
+position bias it shows in `label` is removed here the same way.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from caiforge import labeling
+from caiforge.constitution import ComparisonExample, ComparisonPrinciple
+from caiforge.scoring import ChoiceScorer
+
+log = logging.getLogger(__name__)
+
+DROPPING_FLAGS = ("empty", "repetition", "unchanged", "copied")
+
+
+@dataclass(frozen=True)
+class Matchup:
+    """One question for the judge: which of two answers to `prompt` is better (key identifies it)."""
+
+    key: str
+    prompt: str
+    first: str
+    second: str
+
+
+def judge(
+    scorer: ChoiceScorer,
+    matchups: Sequence[Matchup],
+    principles: Sequence[ComparisonPrinciple],
+    *,
+    per_matchup: int,
+    seed: int,
+    examples: Sequence[ComparisonExample] = (),
+) -> dict[str, float]:
+    """P(first answer is better) per matchup key: `per_matchup` drawn principles x both orders, averaged."""
+    if not principles:
+        raise ValueError("the judge needs at least one comparison principle of the requested category")
+    lookup = {p.id: p for p in principles}
+    pairs = [labeling.Pair(m.key, m.prompt, m.first, m.second) for m in matchups]
+    questions, meta = [], []
+    for pair in pairs:
+        for principle in labeling.draw_principles(pair, principles, min(per_matchup, len(principles)), seed):
+            for order in labeling.ORDERS:
+                a, b = pair.slots(order)
+                questions.append(labeling.comparison_turns(pair.prompt, a, b, principle, examples, lookup))
+                meta.append((pair.pair_id, principle.id, order))
+    logprobs = scorer.choice_logprobs(questions, [labeling.answer_prefill()] * len(questions))
+    judgements = [
+        labeling.Judgement(pid, prin, order, *lp) for (pid, prin, order), lp in zip(meta, logprobs, strict=True)
+    ]
+    labels = labeling.combine(judgements)
+    return {pair.prompt_id: labels[pair.pair_id].p_first for pair in pairs}
+
+
+def read_known_answers(path: str | Path) -> list[tuple[str, str, str]]:
+    """HHH-style `{prompt, corrects, incorrects}` JSONL -> (prompt, correct, incorrect) for every combination."""
+    items = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: line {n}: not JSON ({exc.msg})") from exc
+        for field in ("prompt", "corrects", "incorrects"):
+            if field not in row:
+                raise ValueError(f"{path}: line {n}: missing field '{field}'")
+        if not isinstance(row["corrects"], list) or not isinstance(row["incorrects"], list):
+            raise ValueError(f"{path}: line {n}: 'corrects' and 'incorrects' must be lists of strings")
+        items += [(row["prompt"], c, i) for c in row["corrects"] for i in row["incorrects"]]
+    if not items:
+        raise ValueError(f"{path}: no comparisons with known answers")
+    return items
+
+
+def per_principle_table(revisions: pl.DataFrame, comparisons: pl.DataFrame) -> pl.DataFrame:
+    """Per principle: how often it was drawn, how much its revisions changed the text, how often they collapsed,
+    and how often its (order-debiased) verdict agreed with the pair's ensemble label."""
+    rows: dict[str, dict[str, Any]] = defaultdict(lambda: {"drawn": 0, "edit": 0.0, "collapsed": 0})
+    for r in revisions.iter_rows(named=True):
+        entry = rows[r["principle_id"]]
+        entry["drawn"] += 1
+        entry["edit"] += 1.0 - difflib.SequenceMatcher(None, r["response"], r["revision"]).ratio()
+        entry["collapsed"] += any(f in DROPPING_FLAGS for f in r["flags"])
+    judgements = [
+        labeling.Judgement(r["pair_id"], r["principle_id"], r["order"], r["logprob_a"], r["logprob_b"])
+        for r in comparisons.iter_rows(named=True)
+    ]
+    agree: dict[str, list[bool]] = defaultdict(list)
+    for label in labeling.combine(judgements).values():
+        for principle_id, p in label.per_principle:
+            agree[principle_id].append((p >= 0.5) == (label.p_first >= 0.5))
+    out = []
+    for pid in sorted(set(rows) | set(agree)):
+        r = rows.get(pid, {"drawn": 0, "edit": 0.0, "collapsed": 0})
+        out.append(
+            {
+                "principle_id": pid,
+                "drawn_in_revisions": r["drawn"],
+                "mean_edit_distance": round(r["edit"] / r["drawn"], 4) if r["drawn"] else None,
+                "collapse_rate": round(r["collapsed"] / r["drawn"], 4) if r["drawn"] else None,
+                "drawn_in_labels": len(agree.get(pid, [])),
+                "label_agreement": round(sum(agree[pid]) / len(agree[pid]), 4) if agree.get(pid) else None,
+            }
+        )
+    schema = {
+        "principle_id": pl.String,
+        "drawn_in_revisions": pl.Int64,
+        "mean_edit_distance": pl.Float64,
+        "collapse_rate": pl.Float64,
+        "drawn_in_labels": pl.Int64,
+        "label_agreement": pl.Float64,
+    }
+    return pl.DataFrame(out, schema=schema).sort("principle_id")
+
+
+def cost_accounting(stage_metrics: Mapping[str, Mapping[str, Any]], usd_per_cpu_hour: float) -> dict[str, Any]:
+    """Tokens generated, labels made and seconds spent, from each stage's metrics.json, and the cost per AI label.
+
+    Seconds are the generation/training/scoring seconds the stages report (model loading excluded).
+    """
+    cr = stage_metrics.get("critique_revise", {})
+    lab = stage_metrics.get("label", {})
+    tokens = {
+        "critique_revise": cr.get("generation", {}).get("completion_tokens", 0),
+        "label": (lab.get("tokens", {}).get("sampling") or {}).get("completion_tokens", 0)
+        + (lab.get("tokens", {}).get("reasoning") or {}).get("completion_tokens", 0),
+    }
+    seconds = {
+        "critique_revise": cr.get("generation", {}).get("seconds", 0.0),
+        "label": sum(
+            (lab.get("tokens", {}).get(k) or {}).get("seconds", 0.0) for k in ("sampling", "reasoning", "scoring")
+        ),
+        **{s: stage_metrics.get(s, {}).get("train_seconds", 0.0) for s in ("sft", "pm", "rlaif", "distill")},
+    }
+    labels = lab.get("pairs", 0)
+    label_seconds = seconds["label"]
+    per_label = label_seconds / labels if labels else None
+    return {
+        "tokens_generated": tokens,
+        "ai_labels": labels,
+        "ai_judgements": lab.get("comparisons", 0),
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "seconds_per_ai_label": round(per_label, 3) if per_label is not None else None,
+        "usd_per_ai_label": round(per_label * usd_per_cpu_hour / 3600, 6) if per_label is not None else None,
+        "usd_per_cpu_hour": usd_per_cpu_hour,
+    }

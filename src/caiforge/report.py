@@ -1,0 +1,301 @@
+"""A self-contained HTML report: SVG plots embedded as images, tables, side-by-side answers.
+
+No plotting library and no network: plots are small hand-written SVG documents (deterministic bytes), embedded
+as `data:image/svg+xml;base64` images so the page is one file that opens anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+W, H, PAD = 560, 380, 56
+
+
+@dataclass(frozen=True)
+class Point:
+    """One labelled point with optional symmetric or asymmetric error bars (low, high) per axis."""
+
+    label: str
+    x: float
+    y: float
+    x_range: tuple[float, float] | None = None
+    y_range: tuple[float, float] | None = None
+
+
+def _esc(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    if hi <= lo:
+        return [lo]
+    raw = (hi - lo) / n
+    step = 10 ** math.floor(math.log10(raw))
+    step *= next(m for m in (1, 2, 2.5, 5, 10) if step * m >= raw)
+    first = math.ceil(lo / step) * step
+    return [round(first + i * step, 10) for i in range(int((hi - first) / step) + 1)]
+
+
+def _bounds(values: Sequence[float], pad: float = 0.08) -> tuple[float, float]:
+    lo, hi = min(values), max(values)
+    span = hi - lo or (abs(hi) or 1.0)
+    return lo - pad * span, hi + pad * span
+
+
+class _Frame:
+    """Axes mapping data coordinates into the SVG canvas."""
+
+    def __init__(self, xs: Sequence[float], ys: Sequence[float]) -> None:
+        self.x0, self.x1 = _bounds(xs)
+        self.y0, self.y1 = _bounds(ys)
+
+    def px(self, x: float) -> float:
+        return PAD + (x - self.x0) / (self.x1 - self.x0) * (W - 2 * PAD)
+
+    def py(self, y: float) -> float:
+        return H - PAD - (y - self.y0) / (self.y1 - self.y0) * (H - 2 * PAD)
+
+    def axes(self, title: str, xlabel: str, ylabel: str, x_ticks: bool = True) -> list[str]:
+        out = [
+            f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="15" font-weight="bold">{_esc(title)}</text>',
+            f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD}" y2="{H - PAD}" stroke="#333"/>',
+            f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{H - PAD}" stroke="#333"/>',
+            f'<text x="{W / 2}" y="{H - 12}" text-anchor="middle" font-size="12">{_esc(xlabel)}</text>',
+            f'<text x="16" y="{H / 2}" text-anchor="middle" font-size="12" '
+            f'transform="rotate(-90 16 {H / 2})">{_esc(ylabel)}</text>',
+        ]
+        for t in _ticks(self.x0, self.x1) if x_ticks else []:
+            x = self.px(t)
+            out.append(f'<line x1="{x:.1f}" y1="{H - PAD}" x2="{x:.1f}" y2="{H - PAD + 4}" stroke="#333"/>')
+            out.append(f'<text x="{x:.1f}" y="{H - PAD + 16}" text-anchor="middle" font-size="10">{_fmt(t)}</text>')
+        for t in _ticks(self.y0, self.y1):
+            y = self.py(t)
+            out.append(f'<line x1="{PAD - 4}" y1="{y:.1f}" x2="{W - PAD}" y2="{y:.1f}" stroke="#eee"/>')
+            out.append(f'<text x="{PAD - 6}" y="{y + 3:.1f}" text-anchor="end" font-size="10">{_fmt(t)}</text>')
+        return out
+
+
+def _svg(body: list[str]) -> str:
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
+        f'font-family="sans-serif">\n<rect width="{W}" height="{H}" fill="white"/>\n' + "\n".join(body) + "\n</svg>\n"
+    )
+
+
+def scatter(points: Sequence[Point], title: str, xlabel: str, ylabel: str) -> str:
+    """Labelled points with error bars (e.g. harmlessness vs helpfulness Elo per model: the Pareto picture)."""
+    xs = [v for p in points for v in (p.x, *(p.x_range or ()))]
+    ys = [v for p in points for v in (p.y, *(p.y_range or ()))]
+    frame = _Frame(xs, ys)
+    body = frame.axes(title, xlabel, ylabel)
+    for i, p in enumerate(points):
+        color = PALETTE[i % len(PALETTE)]
+        cx, cy = frame.px(p.x), frame.py(p.y)
+        if p.x_range:
+            a, b = frame.px(p.x_range[0]), frame.px(p.x_range[1])
+            body.append(f'<line x1="{a:.1f}" y1="{cy:.1f}" x2="{b:.1f}" y2="{cy:.1f}" stroke="{color}"/>')
+        if p.y_range:
+            a, b = frame.py(p.y_range[0]), frame.py(p.y_range[1])
+            body.append(f'<line x1="{cx:.1f}" y1="{a:.1f}" x2="{cx:.1f}" y2="{b:.1f}" stroke="{color}"/>')
+        body.append(
+            f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="6" fill="{color}"><title>{_esc(p.label)}</title></circle>'
+        )
+        body.append(f'<text x="{cx + 9:.1f}" y="{cy - 8:.1f}" font-size="12" fill="{color}">{_esc(p.label)}</text>')
+    return _svg(body)
+
+
+def bars(groups: Sequence[str], series: Mapping[str, Sequence[float]], title: str, ylabel: str) -> str:
+    """Grouped bars: one group per x label, one bar per series (e.g. refusal rate per model per prompt kind)."""
+    values = [v for vs in series.values() for v in vs] + [0.0]
+    frame = _Frame([0, len(groups)], values)
+    frame.x0, frame.x1 = 0, len(groups)
+    body = frame.axes(title, "", ylabel, x_ticks=False)
+    width = 0.8 / max(len(series), 1)
+    base = frame.py(max(frame.y0, 0.0))
+    for s, (name, vs) in enumerate(series.items()):
+        color = PALETTE[s % len(PALETTE)]
+        for g, v in enumerate(vs):
+            x = frame.px(g + 0.1 + s * width)
+            top = frame.py(v)
+            w = frame.px(width) - frame.px(0)
+            body.append(
+                f'<rect x="{x:.1f}" y="{min(top, base):.1f}" width="{w:.1f}" height="{abs(base - top):.1f}" '
+                f'fill="{color}"><title>{_esc(name)} / {_esc(groups[g])}: {_fmt(v)}</title></rect>'
+            )
+        body.append(f'<rect x="{W - PAD - 110}" y="{PAD + 16 * s}" width="10" height="10" fill="{color}"/>')
+        body.append(f'<text x="{W - PAD - 96}" y="{PAD + 9 + 16 * s}" font-size="11">{_esc(name)}</text>')
+    for g, label in enumerate(groups):
+        body.append(
+            f'<text x="{frame.px(g + 0.5):.1f}" y="{H - PAD + 16}" text-anchor="middle" font-size="11">'
+            f"{_esc(label)}</text>"
+        )
+    return _svg(body)
+
+
+def lines(series: Mapping[str, Sequence[tuple[float, float]]], title: str, xlabel: str, ylabel: str) -> str:
+    """One polyline per series of (x, y) points (e.g. training loss per step for each training stage)."""
+    xs = [x for pts in series.values() for x, _ in pts] or [0.0, 1.0]
+    ys = [y for pts in series.values() for _, y in pts] or [0.0, 1.0]
+    frame = _Frame(xs, ys)
+    body = frame.axes(title, xlabel, ylabel)
+    for s, (name, pts) in enumerate(series.items()):
+        color = PALETTE[s % len(PALETTE)]
+        path = " ".join(f"{frame.px(x):.1f},{frame.py(y):.1f}" for x, y in pts)
+        body.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
+        body.append(f'<rect x="{W - PAD - 110}" y="{PAD + 16 * s}" width="10" height="10" fill="{color}"/>')
+        body.append(f'<text x="{W - PAD - 96}" y="{PAD + 9 + 16 * s}" font-size="11">{_esc(name)}</text>')
+    return _svg(body)
+
+
+def image(svg: str, alt: str) -> str:
+    """An <img> holding the SVG as a data URI (self-contained; alt text for readers and tests)."""
+    data = base64.b64encode(svg.encode("utf-8")).decode("ascii")
+    return f'<img class="plot" alt="{_esc(alt)}" src="data:image/svg+xml;base64,{data}">'
+
+
+def table(columns: Sequence[str], rows: Sequence[Sequence[object]], css_class: str = "") -> str:
+    head = "".join(f"<th>{_esc(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f'<table class="{_esc(css_class)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return _esc(_fmt(value))
+    return _esc("" if value is None else value).replace("\n", "<br>")
+
+
+def page(title: str, sections: Sequence[tuple[str, str]]) -> str:
+    """The whole document: a title and (heading, html) sections."""
+    style = (
+        "body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left}"
+        "th{background:#f3f3f3}.answers td{max-width:260px}.plot{margin:8px;border:1px solid #ddd}"
+    )
+    parts = [
+        "<!DOCTYPE html>",
+        f'<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title><style>{style}</style></head>',
+        f"<body><h1>{_esc(title)}</h1>",
+    ]
+    for heading, content in sections:
+        parts.append(f"<section><h2>{_esc(heading)}</h2>{content}</section>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def read_curve(path: str | Path) -> list[tuple[float, float]]:
+    """(step, value) rows of a dvclive TSV (header `step<TAB>name`); [] when the file is missing."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    lines = p.read_text(encoding="utf-8").splitlines()[1:]
+    return [(float(a), float(b)) for a, b in (line.split("\t")[:2] for line in lines if line.strip())]
+
+
+def evaluation_page(
+    metrics: Mapping[str, Any],
+    samples: Any,
+    principles: Any,
+    curves: Mapping[str, Sequence[tuple[float, float]]],
+    examples_per_kind: int,
+) -> str:
+    """The evaluate stage's report: Pareto plot, refusal rates, training curves, metrics, principles, answers."""
+    models = metrics["models"]
+    names = list(models)
+    points = [
+        Point(
+            n,
+            m["elo_helpfulness"]["elo"],
+            m["elo_harmlessness"]["elo"],
+            (m["elo_helpfulness"]["low"], m["elo_helpfulness"]["high"]),
+            (m["elo_harmlessness"]["low"], m["elo_harmlessness"]["high"]),
+        )
+        for n, m in models.items()
+    ]
+    pareto = scatter(points, "Harmlessness vs helpfulness (Elo, 90% bootstrap)", "helpfulness Elo", "harmlessness Elo")
+    refusals = bars(
+        names,
+        {
+            "refusal (red team)": [models[n]["refusal_rate_red_team"] for n in names],
+            "evasive (helpful)": [models[n]["evasive_rate_helpful"] for n in names],
+            "attack success": [models[n]["attack_success_rate"] for n in names],
+        },
+        "Refusals, evasiveness and attack success",
+        "rate",
+    )
+    curve_svg = lines(dict(curves), "Training loss", "step", "loss")
+    metric_rows = [
+        [
+            n,
+            m["elo_harmlessness"]["elo"],
+            m["elo_helpfulness"]["elo"],
+            m["refusal_rate_red_team"],
+            m["transparent_rate_red_team"],
+            m["evasive_rate_helpful"],
+            m["attack_success_rate"],
+            m["pm_score"]["mean"],
+            m["distinct_2"],
+            m["repeated_4gram_fraction"],
+        ]
+        for n, m in models.items()
+    ]
+    metric_table = table(
+        [
+            "model",
+            "harmless Elo",
+            "helpful Elo",
+            "refusal (red)",
+            "transparent (red)",
+            "evasive (helpful)",
+            "attack success",
+            "PM mean",
+            "distinct-2",
+            "repeated 4-grams",
+        ],
+        metric_rows,
+        "metrics",
+    )
+    other = table(
+        ["measure", "value"],
+        [
+            ["judge accuracy on known answers", metrics["label_quality"]["accuracy"]],
+            ["known-answer comparisons", metrics["label_quality"]["comparisons"]],
+            ["AI labels made", metrics["cost"]["ai_labels"]],
+            ["seconds per AI label", metrics["cost"]["seconds_per_ai_label"]],
+            ["USD per AI label", metrics["cost"]["usd_per_ai_label"]],
+        ],
+    )
+    principle_table = table(principles.columns, principles.rows())
+    answer_sections = []
+    for kind in ("red_team", "helpful"):
+        ids = sorted(set(samples.filter(samples["kind"] == kind)["prompt_id"].to_list()))[:examples_per_kind]
+        rows = []
+        for pid in ids:
+            sub = samples.filter(samples["prompt_id"] == pid)
+            by_model = {r["model"]: r["answer"] for r in sub.iter_rows(named=True)}
+            rows.append([sub["prompt"][0], *(by_model.get(n, "") for n in names)])
+        answer_sections.append(f"<h3>{_esc(kind)}</h3>" + table(["prompt", *names], rows, "answers"))
+    return page(
+        "caiforge evaluation report",
+        [
+            ("Harmlessness vs helpfulness", image(pareto, "Pareto plot: harmlessness vs helpfulness Elo per model")),
+            ("Refusals and attack success", image(refusals, "refusal, evasiveness and attack success rates")),
+            ("Training curves", image(curve_svg, "training loss curves")),
+            ("Metrics per model", metric_table),
+            ("Labels and cost", other),
+            ("Principles", principle_table),
+            ("Answers side by side", "".join(answer_sections)),
+        ],
+    )

@@ -1,0 +1,123 @@
+"""Evaluation mechanics: the AI judge over model answers, known answers, per-principle table, cost accounting."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import polars as pl
+import pytest
+
+from caiforge import evaluation, generation, labeling, schemas
+from caiforge.constitution import ComparisonPrinciple
+
+PRINCIPLES = [ComparisonPrinciple(f"p{i}", "harmlessness", f"Which response is safer? ({i})") for i in range(3)]
+
+
+class KeywordScorer:
+    """Prefers the option whose text contains 'safe' (slot-independent), with a strong first-slot bias on top."""
+
+    def __init__(self) -> None:
+        self.stats = generation.Stats()
+
+    def choice_logprobs(self, conversations, prefills, options=("A", "B")):
+        out = []
+        for conv in conversations:
+            q = conv[-1]["content"]
+            a = q.split("(A)")[1].split("(B)")[0]
+            b = q.split("(B)")[1]
+            score = ("safe" in a) - ("safe" in b)
+            out.append((-0.2 + score, -1.0 - score))
+        return out
+
+
+def test_judge_prefers_safe_answer_in_both_slots_and_cancels_bias():
+    matchups = [
+        evaluation.Matchup("k1", "Q", "a safe answer", "a harmful answer"),
+        evaluation.Matchup("k2", "Q", "a harmful answer", "a safe answer"),
+        evaluation.Matchup("k3", "Q", "neutral one", "neutral two"),
+    ]
+    p = evaluation.judge(KeywordScorer(), matchups, PRINCIPLES, per_matchup=2, seed=0)
+    assert p["k1"] > 0.5 > p["k2"]
+    assert p["k1"] == pytest.approx(1 - p["k2"])
+    assert p["k3"] == pytest.approx(0.5), "a pure slot preference cancels out after the order swap"
+    with pytest.raises(ValueError, match="at least one comparison principle"):
+        evaluation.judge(KeywordScorer(), matchups, [], per_matchup=1, seed=0)
+
+
+def test_read_known_answers(tmp_path):
+    path = tmp_path / "hhh.jsonl"
+    path.write_text(json.dumps({"prompt": "q", "corrects": ["c1", "c2"], "incorrects": ["w"]}) + "\n\n")
+    assert evaluation.read_known_answers(path) == [("q", "c1", "w"), ("q", "c2", "w")]
+    path.write_text(json.dumps({"prompt": "q", "corrects": ["c"]}) + "\n")
+    with pytest.raises(ValueError, match=r"hhh.jsonl: line 1: missing field 'incorrects'"):
+        evaluation.read_known_answers(path)
+
+
+def test_shipped_known_answers_parse():
+    from caiforge import config
+
+    items = evaluation.read_known_answers(config.ROOT / "data" / "seed" / "label_quality.jsonl")
+    assert len(items) >= 20 and all(c != w for _, c, w in items)
+
+
+def test_per_principle_table():
+    revisions = pl.DataFrame(
+        {
+            "prompt_id": ["a", "a", "b"],
+            "prompt": ["q"] * 3,
+            "round": [1, 2, 1],
+            "principle_id": ["p0", "p1", "p0"],
+            "response": ["same text", "x", "abc"],
+            "critique": [""] * 3,
+            "revision": ["same text", "y", "abd"],
+            "flags": [["unchanged"], [], []],
+            "critique_tokens": [0] * 3,
+            "revision_tokens": [1] * 3,
+            "model_fingerprint": ["f"] * 3,
+            "seed": [0] * 3,
+        },
+        schema=dict(schemas.REVISIONS.columns),
+    )
+    rows = []
+    for pair, (p0, p1) in {"x": (0.9, 0.8), "y": (0.8, 0.3)}.items():
+        for prin, p in (("p0", p0), ("p1", p1)):
+            for order in labeling.ORDERS:
+                pa = p if order == "ab" else 1 - p
+                rows.append(
+                    {
+                        "pair_id": pair,
+                        "principle_id": prin,
+                        "order": order,
+                        "logprob_a": math.log(pa),
+                        "logprob_b": math.log(1 - pa),
+                    }
+                )
+    table = evaluation.per_principle_table(revisions, pl.DataFrame(rows)).to_dicts()
+    p0, p1 = table
+    assert p0["drawn_in_revisions"] == 2 and p0["collapse_rate"] == 0.5
+    assert p0["mean_edit_distance"] == pytest.approx((0.0 + (1 - 2 / 3)) / 2, abs=1e-4)
+    assert p0["label_agreement"] == 1.0 and p1["label_agreement"] == 0.5
+
+
+def test_cost_accounting():
+    cost = evaluation.cost_accounting(
+        {
+            "label": {
+                "pairs": 10,
+                "comparisons": 40,
+                "tokens": {
+                    "sampling": {"completion_tokens": 100, "seconds": 5.0},
+                    "reasoning": None,
+                    "scoring": {"completion_tokens": 0, "seconds": 15.0},
+                },
+            },
+            "critique_revise": {"generation": {"completion_tokens": 900, "seconds": 30.0}},
+            "sft": {"train_seconds": 12.0},
+        },
+        usd_per_cpu_hour=3.6,
+    )
+    assert cost["seconds_per_ai_label"] == 2.0
+    assert cost["usd_per_ai_label"] == pytest.approx(0.002)
+    assert cost["tokens_generated"] == {"critique_revise": 900, "label": 100}
+    assert cost["seconds"]["sft"] == 12.0

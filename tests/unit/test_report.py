@@ -1,0 +1,40 @@
+"""The self-contained report: deterministic SVG plots, escaped tables, one HTML page."""
+
+from __future__ import annotations
+
+import base64
+import re
+import xml.etree.ElementTree as ET
+
+from caiforge import report
+
+
+def test_scatter_is_valid_deterministic_svg():
+    pts = [report.Point("base", 1000, 990, (980, 1020), (970, 1010)), report.Point("rl <b>", 1040, 1012)]
+    svg = report.scatter(pts, "Pareto", "helpfulness Elo", "harmlessness Elo")
+    assert svg == report.scatter(pts, "Pareto", "helpfulness Elo", "harmlessness Elo")
+    root = ET.fromstring(svg)
+    circles = [e for e in root.iter() if e.tag.endswith("circle")]
+    assert len(circles) == 2
+    assert "rl &lt;b&gt;" in svg, "labels are escaped"
+    # The higher-Elo point sits further right and higher up.
+    (c0, c1) = circles
+    assert float(c1.get("cx")) > float(c0.get("cx")) and float(c1.get("cy")) < float(c0.get("cy"))
+
+
+def test_bars_lines_and_page():
+    bar_svg = report.bars(["red_team", "helpful"], {"base": [0.1, 0.0], "rl": [0.6, 0.2]}, "Refusals", "rate")
+    assert len([e for e in ET.fromstring(bar_svg).iter() if e.tag.endswith("rect")]) == 1 + 4 + 2
+    line_svg = report.lines({"sft": [(1, 2.0), (2, 1.5)], "pm": []}, "Loss", "step", "loss")
+    ET.fromstring(line_svg)
+    html = report.page(
+        "caiforge report",
+        [
+            ("Plots", report.image(bar_svg, "refusal rates")),
+            ("Metrics", report.table(["a", "b"], [[1.23456, "x\ny"]])),
+        ],
+    )
+    assert html.startswith("<!DOCTYPE html>") and html.count("<section>") == 2
+    assert "<td>1.235</td>" in html and "x<br>y" in html
+    data = re.search(r'src="data:image/svg\+xml;base64,([^"]+)"', html).group(1)
+    assert base64.b64decode(data).decode() == bar_svg
