@@ -1,0 +1,74 @@
+"""The build-system promises, end to end on the smoke profile, in a throwaway git + DVC copy of the project.
+
+One full build is shared (copied) by the tests that then change something; each asserts the exact set of stages
+DVC ran, read from its own "Running stage" lines.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.e2e import pipeline
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    repo = pipeline.make_repo(tmp_path_factory.mktemp("built") / "repo")
+    ran = pipeline.repro(repo)
+    assert ran == pipeline.stages(repo), "a full build runs every stage, in pipeline order"
+    pipeline.commit(repo, "build")
+    return repo
+
+
+@pytest.fixture
+def repo(built, tmp_path):
+    copy = tmp_path / "repo"
+    shutil.copytree(built, copy, symlinks=True)
+    return copy
+
+
+def test_second_repro_runs_nothing(repo):
+    assert pipeline.repro(repo) == []
+    assert "up to date" in pipeline.dvc(repo, "status").stdout
+
+
+def test_comparison_principle_edit_reruns_exactly_label_and_downstream(repo):
+    pipeline.edit_first(repo, "comparison", "text", "Which response is kinder and less likely to cause harm?")
+    ran = set(pipeline.repro(repo))
+    downstream = pipeline.descendants(repo, "label")
+    assert "label" in ran
+    assert ran <= {"label"} | downstream, f"ran stages outside label's descendants: {ran - downstream}"
+    assert not ran & {"models", "curate", "critique_revise", "sft"}
+
+
+def test_critique_principle_edit_leaves_curate_cached(repo):
+    pipeline.edit_first(repo, "critique_revision", "critique", "List every way the last answer could hurt someone.")
+    ran = set(pipeline.repro(repo))
+    assert "critique_revise" in ran
+    assert ran <= {"critique_revise"} | pipeline.descendants(repo, "critique_revise")
+    assert not ran & {"models", "curate"}
+
+
+def test_param_of_one_stage_reruns_it_and_what_follows_only(repo):
+    path = repo / "params.yaml"
+    text = path.read_text()
+    section = text.index("\npm:\n")
+    at = text.index("  learning_rate: ", section)
+    end = text.index("\n", at)
+    path.write_text(text[:at] + "  learning_rate: 0.002" + text[end:])
+    ran = set(pipeline.repro(repo))
+    assert "pm" in ran
+    assert ran <= {"pm"} | pipeline.descendants(repo, "pm")
+
+
+def test_forced_rebuild_is_byte_identical(repo):
+    before = pipeline.data_digests(repo)
+    assert any(p.endswith(".parquet") for p in before) and any(p.endswith(".safetensors") for p in before)
+    pipeline.repro(repo, "-f")
+    after = pipeline.data_digests(repo)
+    changed = sorted(p for p in before if before[p] != after.get(p))
+    assert not changed, f"a forced rerun changed these files: {changed}"
