@@ -6,29 +6,11 @@ DVC ran, read from its own "Running stage" lines.
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from tests.e2e import pipeline
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    repo = pipeline.make_repo(tmp_path_factory.mktemp("built") / "repo")
-    ran = pipeline.repro(repo)
-    assert ran == pipeline.stages(repo), "a full build runs every stage, in pipeline order"
-    pipeline.commit(repo, "build")
-    return repo
-
-
-@pytest.fixture
-def repo(built, tmp_path):
-    copy = tmp_path / "repo"
-    shutil.copytree(built, copy, symlinks=True)
-    return copy
 
 
 def test_second_repro_runs_nothing(repo):
