@@ -56,6 +56,8 @@ def _fail(where: str, key: str, msg: str) -> typing.NoReturn:
 def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if isinstance(value, tp):
+            return value  # already built and validated (e.g. a parsed constitution)
         if not isinstance(value, Mapping):
             _fail(where, key, f"expected a mapping for {tp.__name__}, got {type(value).__name__} {value!r}")
         hints = typing.get_type_hints(tp)
@@ -280,31 +282,7 @@ def from_declared(stage: str, cls: type[T], values: Mapping[str, tuple[str, Any]
         (file,) = files
         parts = {k: v for k, (_, v) in others.items()}
         data["constitution"] = constitution.parse(parts, source=file, require=tuple(parts))
-        return _build_with(cls, data, source, stage)
     return build(cls, data, source, stage)
-
-
-def _build_with(cls: type[T], data: dict[str, Any], source: str, prefix: str) -> T:
-    """Build `cls`, passing already-built values (like a parsed constitution) through unchanged."""
-    prebuilt = {k: v for k, v in data.items() if dataclasses.is_dataclass(v) and not isinstance(v, type)}
-    plain = {k: v for k, v in data.items() if k not in prebuilt}
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
-    unknown = sorted(set(plain) - set(fields))
-    if unknown:
-        _fail(source, _join(prefix, unknown[0]), f"unknown key (known keys: {', '.join(sorted(fields))})")
-    kwargs = dict(prebuilt)
-    for name, field in fields.items():
-        if name in prebuilt:
-            continue
-        if name in plain:
-            kwargs[name] = _convert(hints[name], plain[name], source, _join(prefix, name))
-        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            _fail(source, _join(prefix, name), "missing required key")
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as exc:
-        _fail(source, prefix, str(exc))
 
 
 def load(stage: str, cls: type[T], argv: Sequence[str] | None = None, root: Path | None = None) -> T:
