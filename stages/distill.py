@@ -1,0 +1,213 @@
+"""distill: compress the RL-CAI model (the teacher) into a smaller student with the same tokenizer.
+
+Reads  data/curate/prompts.parquet (train split, red-team + helpful), the teacher (data/rlaif/model) and, for
+       `init: student`, the `student` role from models.
+Does   the teacher answers the train prompts (`generation`: greedy by default). The student starts as either
+       - prune (default): the teacher with every `prune_every`-th decoder layer kept, weights copied; or
+       - student: the `student` role (any smaller model with the teacher's tokenizer).
+       It then learns from the teacher's answers by `method`:
+       - logit (default): KL(teacher || student) of the next-token distributions (temperature `temperature`) on
+         every answer token (caiforge.distillation; TRL's DistillationTrainer is on-policy only), optionally mixed
+         with `ce_weight` x cross-entropy on the answer;
+       - sequence: plain SFT (TRL SFTTrainer) on the teacher's answers, loss on the completion only.
+       A stable `heldout_fraction` of train prompt ids (hash) is never trained on: there the student's top-1
+       next-token agreement with the teacher and the per-token KL are measured on the teacher's answers, before and
+       after training. bf16 on GPU, fp32 on CPU, seeded.
+Writes data/distill/model/ (safetensors + tokenizer + the resolved stage config), data/distill/dvclive/ (curves, DVC
+       plots) and data/distill/metrics.json (parameter counts, distillation loss, agreement before/after).
+Run    uv run dvc repro distill
+       uv run python stages/distill.py distill.method=sequence distill.prune_every=3
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import polars as pl
+
+from caiforge import config, distillation, formats, generation, io, models, schemas, training
+
+log = logging.getLogger("caiforge.stages.distill")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    prompts: str
+    """prompts.parquet from curate (its train split is used)."""
+    teacher: str
+    """The RL-CAI model (data/rlaif/model)."""
+    student: str
+    """The `student` role from models (read only by init: student)."""
+    out_dir: str
+    """Where model/, dvclive/ and metrics.json go."""
+    seed: int
+    """Seeds the teacher's sampling (when temperature > 0), data order and dropout."""
+    init: Literal["prune", "student"]
+    """Student start: the depth-pruned teacher, or the `student` role."""
+    prune_every: int
+    """init: prune keeps decoder layers 0, k, 2k, ... of the teacher (k = prune_every >= 2)."""
+    method: Literal["logit", "sequence"]
+    """logit: KL to the teacher's token distributions; sequence: SFT on the teacher's answers."""
+    temperature: float
+    """logit: softening temperature of both distributions (the loss is scaled by T^2)."""
+    ce_weight: float
+    """logit: weight in [0, 1] of the cross-entropy on the teacher's answer (the KL gets 1 - ce_weight)."""
+    heldout_fraction: float
+    """Share of train prompt ids (by hash) kept out of training, for agreement before/after."""
+    max_prompts: int | None
+    """Cap on training prompts (a stable hash-ordered subset); null = all."""
+    max_heldout_prompts: int | None
+    """Cap on held-out prompts; null = all."""
+    epochs: float
+    """Passes over the teacher's answers."""
+    learning_rate: float
+    """Peak learning rate (linear decay after warmup)."""
+    batch_size: int
+    """Answers per device step."""
+    gradient_accumulation_steps: int
+    """Steps per optimizer update."""
+    max_length: int
+    """Token cap per prompt + answer; longer rows are truncated."""
+    warmup_ratio: float
+    """Share of steps spent warming up the learning rate."""
+    weight_decay: float
+    """AdamW weight decay."""
+    generation: generation.GenerationConfig
+    """How the teacher answers (greedy by default)."""
+    precision: Literal["auto", "fp32", "bf16"]
+    """auto: bf16 on CUDA, fp32 on CPU."""
+    gradient_checkpointing: bool
+    """Trade compute for memory on large models."""
+    logging_steps: int
+    """Log the loss (and the dvclive curve) every N steps."""
+
+    def __post_init__(self) -> None:
+        if self.init == "prune" and self.prune_every < 2:
+            raise ValueError(f"prune_every must be >= 2 (1 keeps every layer: no compression), got {self.prune_every}")
+        if self.temperature <= 0 or not 0 <= self.ce_weight <= 1:
+            raise ValueError(
+                f"temperature must be > 0 and ce_weight in [0, 1], got {self.temperature}, {self.ce_weight}"
+            )
+
+
+def split_prompts(cfg: DistillConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
+    prompts = io.read_parquet(cfg.prompts, schemas.PROMPTS).filter(pl.col("split") == "train")
+    prompts = prompts.with_columns(
+        heldout=formats.stable_mask(prompts["id"], cfg.heldout_fraction, salt="distill-heldout"),
+        order=pl.Series([formats.stable_fraction(i, "distill-pick") for i in prompts["id"]], dtype=pl.Float64),
+    ).sort("order", "id")
+    train, heldout = prompts.filter(~pl.col("heldout")), prompts.filter(pl.col("heldout"))
+    if train.is_empty():
+        raise ValueError(f"{cfg.prompts}: no train-split prompts left (heldout_fraction={cfg.heldout_fraction})")
+    return train.head(cfg.max_prompts or train.height), heldout.head(cfg.max_heldout_prompts or heldout.height)
+
+
+def init_student(cfg: DistillConfig, teacher: Any, tokenizer: Any) -> tuple[Any, list[int] | None]:
+    if cfg.init == "prune":
+        return distillation.prune_layers(teacher, cfg.prune_every)
+    student, student_tokenizer = models.load_pretrained(cfg.student, device=str(next(teacher.parameters()).device))
+    distillation.check_same_vocabulary(tokenizer, student_tokenizer, cfg.student)
+    return student, None
+
+
+def run(cfg: DistillConfig) -> dict:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    train, heldout = split_prompts(cfg)
+    out = Path(cfg.out_dir)
+    texts = train["text"].to_list() + heldout["text"].to_list()
+    teacher_gen = generation.make_generator(cfg.teacher, cfg.generation)
+    answers = [c.text for c in teacher_gen.chat([[{"role": "user", "content": t}] for t in texts], seed=cfg.seed)]
+    del teacher_gen
+    train = train.with_columns(answer=pl.Series(answers[: train.height], dtype=pl.String))
+    held_prompts, held_answers = heldout["text"].to_list(), answers[train.height :]
+
+    # fp32 weights on the training device: a pruned student copies the teacher's dtype, and AdamW wants fp32.
+    device, _ = generation.resolve_device(cfg.generation.device, cfg.generation.dtype)
+    teacher, tokenizer = models.load_pretrained(cfg.teacher, device=device)
+    student, kept = init_student(cfg, teacher, tokenizer)
+    before = distillation.agreement(student, teacher, tokenizer, held_prompts, held_answers)
+    data = Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": t}] for t in train["text"]],
+            "completion": [[{"role": "assistant", "content": t}] for t in train["answer"]],
+        }
+    )
+    with tempfile.TemporaryDirectory(prefix="caiforge-distill-") as scratch:
+        args = SFTConfig(
+            **training.common_args(
+                out_dir=Path(scratch),
+                seed=cfg.seed,
+                precision_choice=cfg.precision,
+                gradient_checkpointing=cfg.gradient_checkpointing,
+            ),
+            num_train_epochs=cfg.epochs,
+            learning_rate=cfg.learning_rate,
+            per_device_train_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+            weight_decay=cfg.weight_decay,
+            lr_scheduler_type="linear",
+            logging_steps=cfg.logging_steps,
+            eval_strategy="no",
+            max_length=cfg.max_length,
+            packing=False,
+            completion_only_loss=True,
+            assistant_only_loss=False,
+            shuffle_dataset=True,
+            dataset_num_proc=None,
+        )
+        shared = {
+            "model": student,
+            "args": args,
+            "train_dataset": data,
+            "processing_class": tokenizer,
+            "callbacks": [training.dvclive_callback(out / "dvclive")],
+        }
+        if cfg.method == "logit":
+            trainer = distillation.logit_trainer_class()(
+                **shared, teacher=teacher, temperature=cfg.temperature, ce_weight=cfg.ce_weight
+            )
+        else:
+            trainer = SFTTrainer(**shared)
+        result = trainer.train()
+        training.save_model(trainer.model, tokenizer, out / "model", cfg)
+    history = trainer.state.log_history
+    student = trainer.model
+    del trainer
+    after = distillation.agreement(student, teacher, tokenizer, held_prompts, held_answers)
+    teacher_params, student_params = models.parameter_count(teacher), models.parameter_count(student)
+    metrics = {
+        "method": cfg.method,
+        "init": cfg.init,
+        "teacher_parameters": teacher_params,
+        "student_parameters": student_params,
+        "compression": round(teacher_params / student_params, 4),
+        "teacher_layers": teacher.config.num_hidden_layers,
+        "student_layers": student.config.num_hidden_layers,
+        "kept_layers": kept,
+        "train_rows": train.height,
+        "heldout_prompts": len(held_prompts),
+        "steps": result.global_step,
+        "distillation_loss": training.final_train_loss(history),
+        "mean_train_loss": round(result.training_loss, 6),
+        "heldout_before": before,
+        "heldout_after": after,
+        "train_seconds": round(result.metrics["train_runtime"], 2),
+    }
+    io.write_json(metrics, out / "metrics.json")
+    log.info("distill: %s", metrics)
+    return metrics
+
+
+def main() -> None:
+    config.stage_main("distill", DistillConfig, run)
+
+
+if __name__ == "__main__":
+    main()

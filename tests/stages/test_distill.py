@@ -1,0 +1,95 @@
+"""distill on the smoke profile, per method and student init: outputs complete, the student is trained, metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from caiforge import config, models
+from tests.conftest import load_stage, smoke_section, write_prompts
+
+stage = load_stage("distill")
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory):
+    """A different tiny model (other seed, 1 layer) with the same tokenizer, standing in for the `student` role."""
+    out = tmp_path_factory.mktemp("student") / "student"
+    model, tokenizer = models.build_tiny(models.TinySpec(num_hidden_layers=1), seed=1)
+    models.save(model, tokenizer, out)
+    return out
+
+
+def make_cfg(tmp_path, teacher_dir, student_dir, overrides=()):
+    section = smoke_section("distill", list(overrides))
+    section.update(
+        prompts=str(write_prompts(tmp_path / "prompts.parquet")),
+        teacher=str(teacher_dir),
+        student=str(student_dir),
+        out_dir=str(tmp_path / "distill"),
+    )
+    return config.build(stage.DistillConfig, section, "params.yaml", "distill")
+
+
+def weights(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.mark.parametrize("init", ["prune", "student"])
+@pytest.mark.parametrize("method", ["logit", "sequence"])
+def test_distill_trains_a_smaller_student(tmp_path, tiny_model_dir, student_dir, method, init):
+    cfg = make_cfg(tmp_path, tiny_model_dir, student_dir, [f"distill.method={method}", f"distill.init={init}"])
+    metrics = stage.run(cfg)
+    out = tmp_path / "distill"
+    assert {p.name for p in out.iterdir()} == {"model", "dvclive", "metrics.json"}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "caiforge_config.json"} <= {
+        p.name for p in (out / "model").iterdir()
+    }
+    saved = json.loads((out / "model" / "caiforge_config.json").read_text())
+    assert (saved["method"], saved["init"]) == (method, init)
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+
+    teacher, after = weights(tiny_model_dir), weights(out / "model")
+    if init == "prune":
+        assert metrics["kept_layers"] == [0] and metrics["student_layers"] == 1 and metrics["teacher_layers"] == 2
+        start = {k: v for k, v in teacher.items() if not k.startswith("model.layers.1.")}
+    else:
+        assert metrics["kept_layers"] is None
+        start = weights(student_dir)
+    assert start.keys() == after.keys()
+    assert all(not torch.equal(start[k], after[k]) for k in start), "every student tensor must train"
+    assert metrics["student_parameters"] < metrics["teacher_parameters"]
+    assert metrics["compression"] > 1
+    assert metrics["steps"] > 0 and metrics["distillation_loss"] is not None
+    for when in ("heldout_before", "heldout_after"):
+        assert metrics[when]["tokens"] > 0
+        assert 0 <= metrics[when]["top1_agreement"] <= 1 and metrics[when]["kl_per_token"] >= 0
+    assert metrics["heldout_prompts"] > 0 and metrics["train_rows"] > 0
+    assert any((out / "dvclive").rglob("*.tsv"))
+
+
+def test_rerun_writes_identical_model(tmp_path, tiny_model_dir, student_dir):
+    cfg = make_cfg(tmp_path, tiny_model_dir, student_dir)
+    first = stage.run(cfg)
+    files = {p.name: p.read_bytes() for p in (tmp_path / "distill" / "model").iterdir()}
+    second = stage.run(cfg)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "distill" / "model").iterdir()} == files
+    drop = {"train_seconds"}
+    assert {k: v for k, v in first.items() if k not in drop} == {k: v for k, v in second.items() if k not in drop}
+
+
+def test_bad_params_are_rejected(tmp_path, tiny_model_dir, student_dir):
+    with pytest.raises(config.ConfigError, match="prune_every must be >= 2"):
+        make_cfg(tmp_path, tiny_model_dir, student_dir, ["distill.prune_every=1"])
+    with pytest.raises(config.ConfigError, match="ce_weight"):
+        make_cfg(tmp_path, tiny_model_dir, student_dir, ["distill.ce_weight=1.5"])
+
+
+def test_missing_teacher_names_the_stage(tmp_path, student_dir):
+    cfg = make_cfg(tmp_path, tmp_path / "nowhere", student_dir)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        stage.run(cfg)
+    assert not (tmp_path / "distill").exists()
