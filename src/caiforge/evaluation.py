@@ -8,6 +8,7 @@ position bias it shows in `label` is removed here the same way.
 from __future__ import annotations
 
 import difflib
+import itertools
 import json
 import logging
 from collections import defaultdict
@@ -18,7 +19,7 @@ from typing import Any
 
 import polars as pl
 
-from caiforge import labeling
+from caiforge import collapse, formats, labeling, refusal
 from caiforge.constitution import ComparisonExample, ComparisonPrinciple
 from caiforge.scoring import ChoiceScorer
 
@@ -158,4 +159,91 @@ def cost_accounting(stage_metrics: Mapping[str, Mapping[str, Any]], usd_per_cpu_
         "seconds_per_ai_label": round(per_label, 3) if per_label is not None else None,
         "usd_per_ai_label": round(per_label * usd_per_cpu_hour / 3600, 6) if per_label is not None else None,
         "usd_per_cpu_hour": usd_per_cpu_hour,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The evaluate stage's tables
+
+
+def pick_eval_prompts(prompts: pl.DataFrame, kind: str, n: int, seed: int) -> pl.DataFrame:
+    """`n` eval-split prompts of one kind, ranked by a seeded hash of their id: adding prompts can only push a chosen
+    prompt out, never bring back one that was not chosen (so evaluations stay comparable as the prompt set grows)."""
+    rows = prompts.filter((pl.col("split") == "eval") & (pl.col("kind") == kind))
+    if rows.is_empty():
+        raise ValueError(f"no eval-split {kind} prompts (check curate.eval_fraction and the prompt sources)")
+    rank = pl.Series([formats.stable_fraction(i, f"{seed}/eval-pick") for i in rows["id"]], dtype=pl.Float64)
+    return rows.with_columns(rank=rank).sort("rank", "id").head(n).drop("rank").sort("id")
+
+
+def model_matchups(samples: pl.DataFrame, kind: str, models: Sequence[str]) -> list[Matchup]:
+    """Every pair of models on every prompt of `kind`; keys read `model_a|model_b|prompt_id`."""
+    rows = samples.filter(pl.col("kind") == kind)
+    answer = {(r["model"], r["prompt_id"]): r["answer"] for r in rows.iter_rows(named=True)}
+    prompt = {r["prompt_id"]: r["prompt"] for r in rows.iter_rows(named=True)}
+    return [
+        Matchup(f"{a}|{b}|{pid}", prompt[pid], answer[a, pid], answer[b, pid])
+        for a, b in itertools.combinations(models, 2)
+        for pid in sorted(prompt)
+    ]
+
+
+def answer_metrics(answers: pl.DataFrame, harm: Any, harm_threshold: float) -> dict[str, Any]:
+    """One model's answers (SAMPLES rows): refusal / transparent / evasive rates from the deterministic detector,
+    attack success by the independent harm judge (P(harmful) > `harm_threshold`), and collapse measures."""
+    red = answers.filter(pl.col("kind") == "red_team")["answer"].to_list()
+    helpful = answers.filter(pl.col("kind") == "helpful")["answer"].to_list()
+    red_kinds = [refusal.classify(t) for t in red]
+    texts = answers["answer"].to_list()
+    return {
+        "refusal_rate_red_team": rate(red_kinds, refusal.DECLINES),
+        "transparent_rate_red_team": rate(red_kinds, ("transparent",)),
+        "evasive_rate_helpful": rate([refusal.classify(t) for t in helpful], refusal.DECLINES),
+        "attack_success_rate": rate([p > harm_threshold for p in harm.predict_proba(red)] if red else [], (True,)),
+        "repeated_4gram_fraction": round(sum(collapse.repeated_ngram_fraction(t, 4) for t in texts) / len(texts), 4)
+        if texts
+        else 0.0,
+        "distinct_2": round(collapse.distinct_n(texts, 2), 4),
+        "mean_answer_tokens": round(float(answers["completion_tokens"].mean() or 0.0), 2),
+    }
+
+
+def rate(kinds: Sequence[str], wanted: Sequence[str]) -> float:
+    """Share of `kinds` that is one of `wanted` (0.0 for none)."""
+    return round(sum(k in wanted for k in kinds) / len(kinds), 4) if kinds else 0.0
+
+
+def summary(values: Sequence[float]) -> dict[str, float | None]:
+    """Mean and 10/50/90th percentiles (nearest rank) of a distribution."""
+    if not values:
+        return {"mean": None, "p10": None, "p50": None, "p90": None}
+    ordered = sorted(values)
+
+    def q(f: float) -> float:
+        return round(ordered[min(int(f * len(ordered)), len(ordered) - 1)], 4)
+
+    return {"mean": round(sum(ordered) / len(ordered), 4), "p10": q(0.1), "p50": q(0.5), "p90": q(0.9)}
+
+
+def plot_rows(per_model: Mapping[str, Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """DVC plot data: the Pareto picture (helpfulness vs harmlessness Elo) and refusal / attack rates."""
+    return {
+        "pareto": [
+            {
+                "model": n,
+                "helpfulness_elo": m["elo_helpfulness"]["elo"],
+                "harmlessness_elo": m["elo_harmlessness"]["elo"],
+            }
+            for n, m in per_model.items()
+        ],
+        # One bar per (model, measure): DVC's bar templates draw one value field per row.
+        "refusals": [
+            {"bar": f"{n}: {label}", "model": n, "measure": key, "rate": m[key]}
+            for n, m in per_model.items()
+            for key, label in (
+                ("refusal_rate_red_team", "refusal (red team)"),
+                ("evasive_rate_helpful", "evasive (helpful)"),
+                ("attack_success_rate", "attack success"),
+            )
+        ],
     }

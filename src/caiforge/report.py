@@ -118,7 +118,8 @@ def scatter(points: Sequence[Point], title: str, xlabel: str, ylabel: str) -> st
 def bars(groups: Sequence[str], series: Mapping[str, Sequence[float]], title: str, ylabel: str) -> str:
     """Grouped bars: one group per x label, one bar per series (e.g. refusal rate per model per prompt kind)."""
     values = [v for vs in series.values() for v in vs] + [0.0]
-    frame = _Frame([0, len(groups)], values)
+    # Headroom above the tallest bar keeps the legend (top right) clear of the bars.
+    frame = _Frame([0, len(groups)], [*values, max(values) + 0.1 * len(series) * (max(values) - min(values) or 1)])
     frame.x0, frame.x1 = 0, len(groups)
     body = frame.axes(title, "", ylabel, x_ticks=False)
     width = 0.8 / max(len(series), 1)
@@ -133,8 +134,9 @@ def bars(groups: Sequence[str], series: Mapping[str, Sequence[float]], title: st
                 f'<rect x="{x:.1f}" y="{min(top, base):.1f}" width="{w:.1f}" height="{abs(base - top):.1f}" '
                 f'fill="{color}"><title>{_esc(name)} / {_esc(groups[g])}: {_fmt(v)}</title></rect>'
             )
-        body.append(f'<rect x="{W - PAD - 110}" y="{PAD + 16 * s}" width="10" height="10" fill="{color}"/>')
-        body.append(f'<text x="{W - PAD - 96}" y="{PAD + 9 + 16 * s}" font-size="11">{_esc(name)}</text>')
+        # Legend above the plot area's top-right corner, wide enough for labels like "evasive (helpful)".
+        body.append(f'<rect x="{W - PAD - 150}" y="{PAD - 8 + 16 * s}" width="10" height="10" fill="{color}"/>')
+        body.append(f'<text x="{W - PAD - 136}" y="{PAD + 1 + 16 * s}" font-size="11">{_esc(name)}</text>')
     for g, label in enumerate(groups):
         body.append(
             f'<text x="{frame.px(g + 0.5):.1f}" y="{H - PAD + 16}" text-anchor="middle" font-size="11">'
@@ -224,7 +226,9 @@ def evaluation_page(
         )
         for n, m in models.items()
     ]
-    pareto = scatter(points, "Harmlessness vs helpfulness (Elo, 90% bootstrap)", "helpfulness Elo", "harmlessness Elo")
+    pareto = scatter(
+        points, "Harmlessness vs helpfulness (Elo, 95% bootstrap intervals)", "helpfulness Elo", "harmlessness Elo"
+    )
     refusals = bars(
         names,
         {
@@ -235,7 +239,12 @@ def evaluation_page(
         "Refusals, evasiveness and attack success",
         "rate",
     )
-    curve_svg = lines(dict(curves), "Training loss", "step", "loss")
+    # One plot per stage: the losses live on different scales (SFT cross-entropy, BT loss, KL x T^2, ...).
+    curve_images = "".join(
+        image(lines({stage: points}, f"{stage} training loss", "step", "loss"), f"{stage} training loss curve")
+        for stage, points in curves.items()
+        if points
+    )
     metric_rows = [
         [
             n,
@@ -292,7 +301,7 @@ def evaluation_page(
         [
             ("Harmlessness vs helpfulness", image(pareto, "Pareto plot: harmlessness vs helpfulness Elo per model")),
             ("Refusals and attack success", image(refusals, "refusal, evasiveness and attack success rates")),
-            ("Training curves", image(curve_svg, "training loss curves")),
+            ("Training curves", curve_images or "<p>No training curves found.</p>"),
             ("Metrics per model", metric_table),
             ("Labels and cost", other),
             ("Principles", principle_table),

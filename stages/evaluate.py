@@ -1,0 +1,211 @@
+"""evaluate: harmlessness, helpfulness and evasiveness of every model in the chain, and the report.
+
+Reads  data/curate/prompts.parquet (eval split only: prompts no stage trained on), every model of the chain (base
+       policy, SFT, RL, student), the judge (the feedback model), the PM, the constitution's comparison part,
+       revisions/comparisons (per-principle table), known-answer comparisons (data/seed/label_quality.jsonl and an
+       optional HHH-style JSONL), and every earlier stage's metrics.json (cost accounting).
+Does   every model answers every eval prompt (greedy). Then: Elo for harmlessness (red-team prompts, harmlessness
+       principles) and helpfulness (helpful prompts, helpfulness principles) from pairwise AI-judge comparisons in
+       both orders, with bootstrap intervals; refusal / deflection / transparent rates (deterministic phrase
+       detector); attack success rate by an independent embedding classifier (not the feedback model); collapse
+       (repetition, distinct-n); PM score per model; per-principle table; the judge's accuracy on known answers;
+       cost per AI label.
+Writes data/evaluate/metrics.json (DVC metrics: `dvc metrics show`, `dvc exp show`), samples.parquet, principles
+       .parquet, plots/*.json (DVC plots) and report.html (one self-contained page).
+Run    uv run dvc repro evaluate
+       uv run python stages/evaluate.py evaluate.prompts_per_kind=4
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from caiforge import (
+    config,
+    constitution,
+    elo,
+    evaluation,
+    generation,
+    harm_judge,
+    io,
+    preference,
+    report,
+    schemas,
+    scoring,
+)
+
+log = logging.getLogger("caiforge.stages.evaluate")
+
+STAGES_WITH_METRICS = ("critique_revise", "sft", "label", "pm", "rlaif", "distill")
+"""Stages whose metrics.json feed the cost accounting (declared deps in dvc.yaml)."""
+CURVES = ("sft", "pm", "rlaif", "distill")
+"""Stages whose dvclive loss curve goes into the report (declared deps in dvc.yaml)."""
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    prompts: str
+    """prompts.parquet from curate (the eval split is used)."""
+    models: dict[str, str]
+    """Model name -> directory, in report order (base, sft, rl, student)."""
+    judge: str
+    """The AI judge (the feedback model)."""
+    reward_model: str
+    """The PM, for score distributions."""
+    revisions: str
+    """revisions.parquet (per-principle table)."""
+    comparisons: str
+    """comparisons.parquet (per-principle label agreement)."""
+    known_answers: str
+    """Known-answer comparisons (HHH-style JSONL) written for caiforge: the judge's label quality."""
+    harmless_responses: str
+    """Harmless responses (JSONL) that, with PyRIT's labelled responses, train the independent harm judge."""
+    hhh: str | None
+    """Optional extra HHH-style JSONL (declare it in dvc.yaml deps when you set it)."""
+    metrics_dir: str
+    """Folder holding every stage's <stage>/metrics.json (cost accounting)."""
+    out_dir: str
+    """Where metrics.json, samples.parquet, principles.parquet, plots/ and report.html go."""
+    seed: int
+    """Seeds the prompt subset, principle draws and bootstrap."""
+    prompts_per_kind: int
+    """Eval prompts per kind (red_team, helpful), a seeded subset."""
+    judge_principles: int
+    """Principles drawn per comparison (both orders each)."""
+    bootstrap: int
+    """Bootstrap resamples for Elo intervals."""
+    usd_per_cpu_hour: float
+    """Price of one machine hour, for the cost per AI label."""
+    harm_threshold: float
+    """Harm classifier probability above which an answer counts as a successful attack."""
+    report_examples: int
+    """Prompts per kind shown side by side in the report."""
+    generation: generation.GenerationConfig
+    """Decoding for the models' answers (greedy by default)."""
+    scoring: scoring.ScoringConfig
+    """Judge scoring settings."""
+    pm_batch_size: int
+    """PM scoring batch size."""
+    pm_max_length: int
+    """PM token cap per chat."""
+    constitution: constitution.Constitution
+    """The comparison part (principles by category)."""
+
+    def __post_init__(self) -> None:
+        found = {p.category for p in self.constitution.comparison}
+        if not {"harmlessness", "helpfulness"} <= found:
+            raise ValueError(
+                "constitution: comparison: evaluate needs at least one 'harmlessness' and one 'helpfulness' principle "
+                f"(the two Elo axes); this one has {sorted(found) or 'none'}"
+            )
+        if min(self.prompts_per_kind, self.judge_principles, self.report_examples) < 1 or self.bootstrap < 0:
+            raise ValueError(
+                "evaluate: prompts_per_kind, judge_principles, report_examples must be >= 1, bootstrap >= 0"
+            )
+
+
+def answer_all(cfg: EvaluateConfig, chosen: pl.DataFrame) -> pl.DataFrame:
+    """Every model's answer to every chosen prompt (one model in memory at a time)."""
+    convs = [[{"role": "user", "content": t}] for t in chosen["text"]]
+    rows = []
+    for name, model_dir in cfg.models.items():
+        outs = generation.make_generator(model_dir, cfg.generation).chat(convs, seed=cfg.seed, desc=name)
+        for prompt, answer in zip(chosen.iter_rows(named=True), outs, strict=True):
+            rows.append(
+                {
+                    "prompt_id": prompt["id"],
+                    "kind": prompt["kind"],
+                    "category": prompt["category"],
+                    "prompt": prompt["text"],
+                    "model": name,
+                    "answer": answer.text,
+                    "completion_tokens": answer.completion_tokens,
+                    "finished": answer.finished,
+                }
+            )
+    return pl.DataFrame(rows, schema=dict(schemas.SAMPLES.columns))
+
+
+def run(cfg: EvaluateConfig) -> dict:
+    prompts = io.read_parquet(cfg.prompts, schemas.PROMPTS)
+    chosen = pl.concat(
+        [evaluation.pick_eval_prompts(prompts, k, cfg.prompts_per_kind, cfg.seed) for k in ("red_team", "helpful")]
+    )
+    known = evaluation.read_known_answers(cfg.known_answers) + (
+        evaluation.read_known_answers(cfg.hhh) if cfg.hhh else []
+    )
+    samples = answer_all(cfg, chosen)
+    names = list(cfg.models)
+    principles = {c: constitution.by_category(cfg.constitution.comparison, c) for c in constitution.CATEGORIES}
+
+    # The AI judge: every pair of models on every prompt, under principles of the axis, in both orders.
+    judge = scoring.make_choice_scorer(cfg.judge, cfg.scoring)
+    started = time.perf_counter()
+    ratings, judged = {}, 0
+    for axis, kind in (("harmlessness", "red_team"), ("helpfulness", "helpful")):
+        matchups = evaluation.model_matchups(samples, kind, names)
+        verdicts = evaluation.judge(judge, matchups, principles[axis], per_matchup=cfg.judge_principles, seed=cfg.seed)
+        games = [elo.Game(*key.split("|")[:2], p) for key, p in sorted(verdicts.items())]
+        ratings[axis] = elo.rate(games, names, bootstrap=cfg.bootstrap, rng=random.Random(f"{cfg.seed}/{axis}"))
+        judged += len(matchups)
+    overall = principles["harmlessness"] + principles["helpfulness"]
+    known_matchups = [evaluation.Matchup(f"k{i:04d}", p, c, w) for i, (p, c, w) in enumerate(known)]
+    known_p = evaluation.judge(judge, known_matchups, overall, per_matchup=cfg.judge_principles, seed=cfg.seed)
+    judge_seconds = time.perf_counter() - started
+    del judge
+
+    harm = harm_judge.load_default(cfg.harmless_responses)
+    pm = preference.PreferenceModel.from_dir(
+        cfg.reward_model, max_length=cfg.pm_max_length, batch_size=cfg.pm_batch_size, device=cfg.scoring.device
+    )
+    per_model = {
+        name: {
+            "elo_harmlessness": ratings["harmlessness"][name].as_dict(),
+            "elo_helpfulness": ratings["helpfulness"][name].as_dict(),
+            **evaluation.answer_metrics(samples.filter(pl.col("model") == name), harm, cfg.harm_threshold),
+            "pm_score": evaluation.summary(pm.score(*samples.filter(pl.col("model") == name)["prompt", "answer"])),
+        }
+        for name in names
+    }
+    table = evaluation.per_principle_table(
+        io.read_parquet(cfg.revisions, schemas.REVISIONS), io.read_parquet(cfg.comparisons, schemas.COMPARISONS)
+    )
+    root = Path(cfg.metrics_dir)
+    stage_metrics = {s: json.loads((root / s / "metrics.json").read_text()) for s in STAGES_WITH_METRICS}
+    metrics = {
+        "models": per_model,
+        "eval_prompts": {k: int((chosen["kind"] == k).sum()) for k in ("red_team", "helpful")},
+        "label_quality": {
+            "comparisons": len(known),
+            "accuracy": evaluation.rate([p > 0.5 for p in known_p.values()], (True,)),
+        },
+        "judge": {"model_comparisons": judged, "seconds": round(judge_seconds, 2)},
+        "cost": evaluation.cost_accounting(stage_metrics, cfg.usd_per_cpu_hour),
+    }
+    curves = {s: report.read_curve(root / s / "dvclive" / "plots" / "metrics" / "loss.tsv") for s in CURVES}
+    page = report.evaluation_page(metrics, samples, table, curves, cfg.report_examples)
+
+    out = Path(cfg.out_dir)
+    io.write_parquet(samples, out / "samples.parquet", schemas.SAMPLES)
+    io.write_parquet(table, out / "principles.parquet", schemas.PRINCIPLES)
+    for name, rows in evaluation.plot_rows(per_model).items():
+        io.write_json(rows, out / "plots" / f"{name}.json")
+    io.write_text(page, out / "report.html")
+    io.write_json(metrics, out / "metrics.json")
+    log.info("evaluate: %s", json.dumps(per_model))
+    return metrics
+
+
+def main() -> None:
+    config.stage_main("evaluate", EvaluateConfig, run)
+
+
+if __name__ == "__main__":
+    main()
