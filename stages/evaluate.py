@@ -65,8 +65,8 @@ class EvaluateConfig:
     """comparisons.parquet (per-principle label agreement)."""
     known_answers: str
     """Known-answer comparisons (HHH-style JSONL) written for caiforge: the judge's label quality."""
-    harmless_responses: str
-    """Harmless responses (JSONL) that, with PyRIT's labelled responses, train the independent harm judge."""
+    harm_judge: str
+    """The independent harm judge (JSON weights; `caiforge harm-judge fit` writes the shipped one)."""
     hhh: str | None
     """Optional extra HHH-style JSONL (declare it in dvc.yaml deps when you set it)."""
     metrics_dir: str
@@ -141,6 +141,7 @@ def run(cfg: EvaluateConfig) -> dict:
     known = evaluation.read_known_answers(cfg.known_answers) + (
         evaluation.read_known_answers(cfg.hhh) if cfg.hhh else []
     )
+    harm = harm_judge.HarmJudge.load(cfg.harm_judge)
     samples = answer_all(cfg, chosen)
     names = list(cfg.models)
     principles = {c: constitution.by_category(cfg.constitution.comparison, c) for c in constitution.CATEGORIES}
@@ -161,7 +162,6 @@ def run(cfg: EvaluateConfig) -> dict:
     judge_seconds = time.perf_counter() - started
     del judge
 
-    harm = harm_judge.load_default(cfg.harmless_responses)
     pm = preference.PreferenceModel.from_dir(
         cfg.reward_model, max_length=cfg.pm_max_length, batch_size=cfg.pm_batch_size, device=cfg.scoring.device
     )

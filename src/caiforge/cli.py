@@ -3,6 +3,7 @@
     caiforge constitution check FILE                     validate a constitution, print counts per part and category
     caiforge constitution import FORMAT SRC DEST [--force]   convert another project's format into our YAML
     caiforge params [OVERRIDE ...]                       compose conf/ into params.yaml (as `dvc exp run` does)
+    caiforge harm-judge fit [--harmless FILE] [-o FILE]  refit the evaluation's harm judge (data/seed/harm_judge.json)
 
 Each command is one function `(args) -> exit code`; `GROUPS` maps a top-level command to the function that adds its
 subcommands, so a new command (e.g. `params`) is one more entry there.
@@ -88,12 +89,34 @@ def _add_params(sub: argparse._SubParsersAction) -> None:
     cmd.set_defaults(func=params_write)
 
 
+def harm_judge_fit(args: argparse.Namespace) -> int:
+    """Refit the independent harm judge on PyRIT's labelled responses + the harmless seed file, and save it."""
+    from caiforge import harm_judge
+
+    root = config.project_root()
+    out = Path(args.output) if args.output else root / harm_judge.SHIPPED_FILE
+    judge = harm_judge.fit_default(args.harmless)
+    judge.save(out)
+    print(f"{out}: harm judge with {len(judge.weights)} weights")
+    return 0
+
+
+def _add_harm_judge(sub: argparse._SubParsersAction) -> None:
+    group = sub.add_parser("harm-judge", help="refit the evaluation's independent harm judge")
+    commands = group.add_subparsers(dest="subcommand", required=True, metavar="{fit}")
+    fit = commands.add_parser("fit", help="fit on PyRIT's labelled responses + harmless seed responses, save JSON")
+    fit.add_argument("--harmless", help="harmless responses JSONL (default: data/seed/harmless_responses.jsonl)")
+    fit.add_argument("-o", "--output", help="file to write (default: data/seed/harm_judge.json)")
+    fit.set_defaults(func=harm_judge_fit)
+
+
 ERRORS: tuple[type[Exception], ...] = (constitution.ConstitutionError, config.ConfigError)
 """User-input errors: reported as `error: <message>` with exit code 1 instead of a traceback."""
 
 GROUPS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "constitution": _add_constitution,
     "params": _add_params,
+    "harm-judge": _add_harm_judge,
 }
 """Top-level commands: name -> function that registers its parser(s) and sets `func` on each leaf."""
 

@@ -19,6 +19,10 @@ Responses are cut to their first `max_chars` characters before embedding (harm s
 On these 795 PyRIT rows, 5-fold cross-validated accuracy is about 0.74: a coarse, independent signal for attack
 success rates, not a verdict on single answers.
 
+The fitted judge ships as `data/seed/harm_judge.json` (`caiforge harm-judge fit` rewrites it after a change to the
+training data; a test checks it matches a fresh fit), so the evaluate stage reads a declared input instead of
+embedding 865 responses on every run.
+
 Training is deterministic without any randomness: Newton's method from zero on the L2-penalized, class-balanced mean
 log-loss (a strictly convex problem with one optimum). A fitted judge saves as a small JSON file (weights, bias and
 which embedder they belong to).
@@ -45,6 +49,8 @@ PYRIT_FILE = "datasets/jailbreak/many_shot_examples.json"
 PYRIT_OBJECTIVE_DIR = "datasets/scorer_evals/objective"
 HARMLESS_FILE = "data/seed/harmless_responses.jsonl"
 """Default harmless responses, relative to the project root."""
+SHIPPED_FILE = "data/seed/harm_judge.json"
+"""The judge fitted on `default_examples`, committed so evaluation never refits it (a test checks it is current)."""
 FORMAT = "caiforge-harm-judge/1"
 
 
@@ -246,9 +252,14 @@ def fit(texts: Sequence[str], harmful: Sequence[bool], *, l2: float = 1e-3, embe
     return HarmJudge(tuple(float(w) for w in weights), bias, embedder)
 
 
-@functools.cache
-def load_default(harmless_path: str | None = None) -> HarmJudge:
-    """The judge fitted on `default_examples` (once per process; about 865 responses to embed on first use)."""
+def fit_default(harmless_path: str | Path | None = None) -> HarmJudge:
+    """Fit the judge on `default_examples` (about 865 responses to embed: a minute on a small CPU)."""
     examples = default_examples(harmless_path)
     log.info("fitting the harm judge on %d responses (%d harmful)", len(examples), sum(e.harmful for e in examples))
     return fit([e.text for e in examples], [e.harmful for e in examples])
+
+
+@functools.cache
+def load_default() -> HarmJudge:
+    """The shipped judge (`SHIPPED_FILE`, written by `caiforge harm-judge fit`), loaded once per process."""
+    return HarmJudge.load(config.project_root() / SHIPPED_FILE)
