@@ -90,21 +90,7 @@ def run(cfg: PmConfig) -> dict:
     before = heldout_metrics(pm, evals, cfg.calibration_bins)
     with tempfile.TemporaryDirectory(prefix="caiforge-pm-") as scratch:
         args = RewardConfig(
-            **training.common_args(
-                out_dir=Path(scratch),
-                seed=cfg.seed,
-                precision_choice=cfg.precision,
-                gradient_checkpointing=cfg.gradient_checkpointing,
-            ),
-            num_train_epochs=cfg.epochs,
-            learning_rate=cfg.learning_rate,
-            per_device_train_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
-            weight_decay=cfg.weight_decay,
-            lr_scheduler_type="linear",
-            logging_steps=cfg.logging_steps,
-            eval_strategy="no",
+            **training.trainer_args(cfg, Path(scratch)),
             max_length=None,  # pairs arrive tokenized and truncated by preference.encode_chat
             center_rewards_coefficient=cfg.center_rewards_coefficient,
             disable_dropout=True,

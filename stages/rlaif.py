@@ -130,22 +130,8 @@ def split_prompts(cfg: RlaifConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
 def common(cfg: RlaifConfig, scratch: Path) -> dict[str, Any]:
     """Trainer arguments all three algorithms share."""
     return {
-        **training.common_args(
-            out_dir=scratch,
-            seed=cfg.seed,
-            precision_choice=cfg.precision,
-            gradient_checkpointing=cfg.gradient_checkpointing,
-        ),
-        "num_train_epochs": cfg.epochs,
+        **training.trainer_args(cfg, scratch),
         "max_steps": cfg.max_steps,
-        "learning_rate": cfg.learning_rate,
-        "per_device_train_batch_size": cfg.batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "warmup_steps": cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
-        "weight_decay": cfg.weight_decay,
-        "lr_scheduler_type": "linear",
-        "logging_steps": cfg.logging_steps,
-        "eval_strategy": "no",
         "beta": cfg.beta,
         "disable_dropout": True,
         "sync_ref_model": False,

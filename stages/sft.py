@@ -74,28 +74,9 @@ def run(cfg: SftConfig) -> dict:
     model, tokenizer = models.load_pretrained(cfg.policy)
     with tempfile.TemporaryDirectory(prefix="caiforge-sft-") as scratch:
         args = SFTConfig(
-            **training.common_args(
-                out_dir=Path(scratch),
-                seed=cfg.seed,
-                precision_choice=cfg.precision,
-                gradient_checkpointing=cfg.gradient_checkpointing,
-            ),
-            num_train_epochs=cfg.epochs,
-            learning_rate=cfg.learning_rate,
-            per_device_train_batch_size=cfg.batch_size,
+            **training.trainer_args(cfg, Path(scratch)),
             per_device_eval_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
-            weight_decay=cfg.weight_decay,
-            lr_scheduler_type="linear",
-            logging_steps=cfg.logging_steps,
-            eval_strategy="no",
-            max_length=cfg.max_length,
-            packing=False,
-            completion_only_loss=True,
-            assistant_only_loss=False,
-            shuffle_dataset=True,
-            dataset_num_proc=None,
+            **training.prompt_completion_args(cfg.max_length),
         )
         trainer = SFTTrainer(
             model=model,

@@ -11,7 +11,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -60,6 +60,54 @@ def common_args(
         "use_cpu": not torch.cuda.is_available(),
         "full_determinism": False,
         **precision(precision_choice),
+    }
+
+
+class Schedule(Protocol):
+    """The optimisation fields every training stage's config carries under the same names."""
+
+    seed: int
+    precision: Literal["auto", "fp32", "bf16"]
+    gradient_checkpointing: bool
+    epochs: float
+    learning_rate: float
+    batch_size: int
+    gradient_accumulation_steps: int
+    warmup_ratio: float
+    weight_decay: float
+    logging_steps: int
+
+
+def trainer_args(cfg: Schedule, out_dir: Path) -> dict[str, Any]:
+    """`common_args` plus the schedule (epochs, linear decay after warmup, batch, logging; no in-training eval)."""
+    return {
+        **common_args(
+            out_dir=out_dir,
+            seed=cfg.seed,
+            precision_choice=cfg.precision,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+        ),
+        "num_train_epochs": cfg.epochs,
+        "learning_rate": cfg.learning_rate,
+        "per_device_train_batch_size": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "warmup_steps": cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        "weight_decay": cfg.weight_decay,
+        "lr_scheduler_type": "linear",
+        "logging_steps": cfg.logging_steps,
+        "eval_strategy": "no",
+    }
+
+
+def prompt_completion_args(max_length: int) -> dict[str, Any]:
+    """SFTConfig data settings for prompt-completion chats: loss on the completion only, no packing, shuffled."""
+    return {
+        "max_length": max_length,
+        "packing": False,
+        "completion_only_loss": True,
+        "assistant_only_loss": False,
+        "shuffle_dataset": True,
+        "dataset_num_proc": None,
     }
 
 
