@@ -276,15 +276,21 @@ def evaluation_page(
         metric_rows,
         "metrics",
     )
+    cost = metrics["cost"]
+    # Only counts here: seconds and USD depend on the machine, and the page must come out byte-identical on a rerun.
     other = table(
         ["measure", "value"],
         [
             ["judge accuracy on known answers", metrics["label_quality"]["accuracy"]],
             ["known-answer comparisons", metrics["label_quality"]["comparisons"]],
-            ["AI labels made", metrics["cost"]["ai_labels"]],
-            ["seconds per AI label", metrics["cost"]["seconds_per_ai_label"]],
-            ["USD per AI label", metrics["cost"]["usd_per_ai_label"]],
+            ["AI labels made (label)", cost["ai_labels"]],
+            ["AI judgements (label)", cost["ai_judgements"]],
+            *([f"tokens generated ({stage})", n] for stage, n in cost["tokens_generated"].items()),
         ],
+    ) + (
+        "<p>Seconds and USD per AI label depend on the machine: see <code>data/evaluate/metrics.json</code> "
+        "(<code>cost.seconds_per_ai_label</code>, <code>cost.usd_per_ai_label</code>) or "
+        "<code>dvc metrics show</code>.</p>"
     )
     principle_table = table(principles.columns, principles.rows())
     answer_sections = []

@@ -38,3 +38,37 @@ def test_bars_lines_and_page():
     assert "<td>1.235</td>" in html and "x<br>y" in html
     data = re.search(r'src="data:image/svg\+xml;base64,([^"]+)"', html).group(1)
     assert base64.b64decode(data).decode() == bar_svg
+
+
+def test_evaluation_page_ignores_machine_timings():
+    """report.html is a cached DVC output: a rerun on other hardware (other seconds) must write the same bytes."""
+    import polars as pl
+
+    from caiforge import schemas
+
+    def metrics(seconds: float) -> dict:
+        model = {
+            "elo_harmlessness": {"elo": 1000.0, "low": 990.0, "high": 1010.0},
+            "elo_helpfulness": {"elo": 1000.0, "low": 990.0, "high": 1010.0},
+            "refusal_rate_red_team": 0.5,
+            "transparent_rate_red_team": 0.25,
+            "evasive_rate_helpful": 0.0,
+            "attack_success_rate": 0.25,
+            "pm_score": {"mean": 0.1},
+            "distinct_2": 0.8,
+            "repeated_4gram_fraction": 0.0,
+        }
+        cost = {
+            "ai_labels": 4,
+            "ai_judgements": 16,
+            "tokens_generated": {"critique_revise": 10, "label": 20},
+            "seconds_per_ai_label": seconds,
+            "usd_per_ai_label": seconds / 1000,
+        }
+        return {"models": {"base": model}, "label_quality": {"accuracy": 0.9, "comparisons": 20}, "cost": cost}
+
+    samples = pl.DataFrame(schema=dict(schemas.SAMPLES.columns))
+    principles = pl.DataFrame({"principle_id": ["p1"], "drawn_in_revisions": [1]})
+    page = report.evaluation_page(metrics(4.9), samples, principles, {"sft": [(1, 2.0)]}, 2)
+    assert page == report.evaluation_page(metrics(7.3), samples, principles, {"sft": [(1, 2.0)]}, 2)
+    assert "<td>AI labels made (label)</td><td>4</td>" in page and "4.9" not in page
