@@ -35,7 +35,7 @@ log = logging.getLogger("caiforge.stages.distill")
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(training.TrainingSchedule):
     prompts: str
     """prompts.parquet from curate (its train split is used)."""
     teacher: str
@@ -44,8 +44,6 @@ class DistillConfig:
     """The `student` role from models (read only by init: student)."""
     out_dir: str
     """Where model/, dvclive/ and metrics.json go."""
-    seed: int
-    """Seeds the teacher's sampling (when temperature > 0), data order and dropout."""
     init: Literal["prune", "student"]
     """Student start: the depth-pruned teacher, or the `student` role."""
     prune_every: int
@@ -62,28 +60,10 @@ class DistillConfig:
     """Cap on training prompts (a stable hash-ordered subset); null = all."""
     max_heldout_prompts: int | None
     """Cap on held-out prompts; null = all."""
-    epochs: float
-    """Passes over the teacher's answers."""
-    learning_rate: float
-    """Peak learning rate (linear decay after warmup)."""
-    batch_size: int
-    """Answers per device step."""
-    gradient_accumulation_steps: int
-    """Steps per optimizer update."""
     max_length: int
     """Token cap per prompt + answer; longer rows are truncated."""
-    warmup_ratio: float
-    """Share of steps spent warming up the learning rate."""
-    weight_decay: float
-    """AdamW weight decay."""
     generation: generation.GenerationConfig
     """How the teacher answers (greedy by default)."""
-    precision: Literal["auto", "fp32", "bf16"]
-    """auto: bf16 on CUDA, fp32 on CPU."""
-    gradient_checkpointing: bool
-    """Trade compute for memory on large models."""
-    logging_steps: int
-    """Log the loss (and the dvclive curve) every N steps."""
 
     def __post_init__(self) -> None:
         if self.init == "prune" and self.prune_every < 2:

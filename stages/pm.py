@@ -19,7 +19,6 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import polars as pl
 
@@ -29,31 +28,17 @@ log = logging.getLogger("caiforge.stages.pm")
 
 
 @dataclass(frozen=True)
-class PmConfig:
+class PmConfig(training.TrainingSchedule):
     data: str
     """preferences.parquet from label."""
     policy: str
     """The model whose weights initialize the PM (data/sft/model)."""
     out_dir: str
     """Where model/, dvclive/ and metrics.json go."""
-    seed: int
-    """Seeds the new head, adapters, data order and dropout."""
     heldout_fraction: float
     """Share of prompt ids (by hash) held out for accuracy and calibration."""
-    epochs: float
-    """Passes over the training pairs."""
-    learning_rate: float
-    """Peak learning rate (linear decay after warmup)."""
-    batch_size: int
-    """Pairs per device step (each pair is two sequences)."""
-    gradient_accumulation_steps: int
-    """Steps per optimizer update."""
     max_length: int
     """Token cap per chat; longer chats keep their end (the reward is read at the last token)."""
-    warmup_ratio: float
-    """Share of steps spent warming up the learning rate."""
-    weight_decay: float
-    """AdamW weight decay."""
     center_rewards_coefficient: float | None
     """Weight of a penalty on (r_c + r_r)^2 that keeps rewards centred at 0; null = off."""
     calibration_bins: int
@@ -62,12 +47,6 @@ class PmConfig:
     """Chats per forward pass when scoring the held-out pairs."""
     lora: training.LoraConfig
     """LoRA instead of a full fine-tune (merged on save; the new head is always trained)."""
-    precision: Literal["auto", "fp32", "bf16"]
-    """auto: bf16 on CUDA, fp32 on CPU."""
-    gradient_checkpointing: bool
-    """Trade compute for memory on large models."""
-    logging_steps: int
-    """Log the loss (and the dvclive curves) every N steps."""
 
 
 def heldout_metrics(pm: preference.PreferenceModel, rows: pl.DataFrame, bins: int) -> dict[str, float | None]:

@@ -38,7 +38,7 @@ log = logging.getLogger("caiforge.stages.rlaif")
 
 
 @dataclass(frozen=True)
-class RlaifConfig:
+class RlaifConfig(training.TrainingSchedule):
     prompts: str
     """prompts.parquet from curate (its train split is used)."""
     policy: str
@@ -49,8 +49,6 @@ class RlaifConfig:
     """preferences.parquet from label (read only by dpo)."""
     out_dir: str
     """Where model/, dvclive/ and metrics.json go."""
-    seed: int
-    """Seeds sampling, data order, adapters and dropout."""
     algorithm: Literal["grpo", "rloo", "dpo"]
     """Online RL against the PM (grpo, rloo) or offline preference optimization on the labelled pairs (dpo)."""
     heldout_fraction: float
@@ -59,20 +57,8 @@ class RlaifConfig:
     """Cap on training prompts (a stable hash-ordered subset); null = all."""
     max_heldout_prompts: int | None
     """Cap on held-out prompts scored before/after; null = all."""
-    epochs: float
-    """Passes over the training prompts (pairs for dpo); ignored when max_steps > 0."""
     max_steps: int
     """Optimizer steps; -1 = use epochs."""
-    learning_rate: float
-    """Peak learning rate (linear decay after warmup)."""
-    batch_size: int
-    """Per-device batch: completions for grpo/rloo (batch_size / num_generations prompts), pairs for dpo."""
-    gradient_accumulation_steps: int
-    """Steps per optimizer update."""
-    warmup_ratio: float
-    """Share of steps spent warming up the learning rate."""
-    weight_decay: float
-    """AdamW weight decay."""
     beta: float
     """KL coefficient to the SFT model (grpo, rloo: explicit penalty; dpo: implicit); must be > 0."""
     num_generations: int
@@ -105,12 +91,6 @@ class RlaifConfig:
     """How the SFT and tuned models answer the held-out prompts (greedy by default)."""
     lora: training.LoraConfig
     """LoRA instead of a full fine-tune (merged on save; the reference is then the adapter-free model)."""
-    precision: Literal["auto", "fp32", "bf16"]
-    """auto: bf16 on CUDA, fp32 on CPU."""
-    gradient_checkpointing: bool
-    """Trade compute for memory on large models."""
-    logging_steps: int
-    """Log the loss, reward, KL (and the dvclive curves) every N steps."""
 
     def __post_init__(self) -> None:
         if self.beta <= 0:

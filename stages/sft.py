@@ -16,7 +16,6 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import polars as pl
 
@@ -26,39 +25,19 @@ log = logging.getLogger("caiforge.stages.sft")
 
 
 @dataclass(frozen=True)
-class SftConfig:
+class SftConfig(training.TrainingSchedule):
     data: str
     """sft.parquet from critique_revise."""
     policy: str
     """The model to fine-tune (data/models/policy)."""
     out_dir: str
     """Where model/, dvclive/ and metrics.json go."""
-    seed: int
-    """Seeds initialization of adapters, data order and dropout."""
     heldout_fraction: float
     """Share of red-team rows (by id hash) held out for the held-out loss."""
-    epochs: float
-    """Passes over the training rows."""
-    learning_rate: float
-    """Peak learning rate (linear decay after warmup)."""
-    batch_size: int
-    """Rows per device step."""
-    gradient_accumulation_steps: int
-    """Steps per optimizer update."""
     max_length: int
     """Token cap per row (prompt + completion); longer rows are truncated."""
-    warmup_ratio: float
-    """Share of steps spent warming up the learning rate."""
-    weight_decay: float
-    """AdamW weight decay."""
     lora: training.LoraConfig
     """LoRA instead of a full fine-tune (merged on save)."""
-    precision: Literal["auto", "fp32", "bf16"]
-    """auto: bf16 on CUDA, fp32 on CPU."""
-    gradient_checkpointing: bool
-    """Trade compute for memory on large models."""
-    logging_steps: int
-    """Log the loss (and the dvclive curve) every N steps."""
 
 
 def run(cfg: SftConfig) -> dict:

@@ -11,7 +11,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 
@@ -63,22 +63,34 @@ def common_args(
     }
 
 
-class Schedule(Protocol):
-    """The optimisation fields every training stage's config carries under the same names."""
+@dataclass(frozen=True)
+class TrainingSchedule:
+    """Optimisation settings every training stage (sft, pm, rlaif, distill) carries under the same names; the stage
+    configs subclass it, so each section of params.yaml keeps these keys."""
 
     seed: int
-    precision: Literal["auto", "fp32", "bf16"]
-    gradient_checkpointing: bool
+    """Seeds initialization, data order and dropout."""
     epochs: float
+    """Passes over the training rows."""
     learning_rate: float
+    """Peak learning rate (linear decay after warmup)."""
     batch_size: int
+    """Training examples per device step."""
     gradient_accumulation_steps: int
+    """Steps per optimizer update."""
     warmup_ratio: float
+    """Share of steps spent warming up the learning rate."""
     weight_decay: float
+    """AdamW weight decay."""
+    precision: Literal["auto", "fp32", "bf16"]
+    """auto: bf16 on CUDA, fp32 on CPU."""
+    gradient_checkpointing: bool
+    """Trade compute for memory on large models."""
     logging_steps: int
+    """Log the loss (and the dvclive curve) every N steps."""
 
 
-def trainer_args(cfg: Schedule, out_dir: Path) -> dict[str, Any]:
+def trainer_args(cfg: TrainingSchedule, out_dir: Path) -> dict[str, Any]:
     """`common_args` plus the schedule (epochs, linear decay after warmup, batch, logging; no in-training eval)."""
     return {
         **common_args(
