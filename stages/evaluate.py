@@ -165,15 +165,15 @@ def run(cfg: EvaluateConfig) -> dict:
     pm = preference.PreferenceModel.from_dir(
         cfg.reward_model, max_length=cfg.pm_max_length, batch_size=cfg.pm_batch_size, device=cfg.scoring.device
     )
-    per_model = {
-        name: {
+    per_model = {}
+    for name in names:
+        mine = samples.filter(pl.col("model") == name)
+        per_model[name] = {
             "elo_harmlessness": ratings["harmlessness"][name].as_dict(),
             "elo_helpfulness": ratings["helpfulness"][name].as_dict(),
-            **evaluation.answer_metrics(samples.filter(pl.col("model") == name), harm, cfg.harm_threshold),
-            "pm_score": evaluation.summary(pm.score(*samples.filter(pl.col("model") == name)["prompt", "answer"])),
+            **evaluation.answer_metrics(mine, harm, cfg.harm_threshold),
+            "pm_score": evaluation.summary(pm.score(mine["prompt"].to_list(), mine["answer"].to_list())),
         }
-        for name in names
-    }
     table = evaluation.per_principle_table(
         io.read_parquet(cfg.revisions, schemas.REVISIONS), io.read_parquet(cfg.comparisons, schemas.COMPARISONS)
     )

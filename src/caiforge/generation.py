@@ -126,6 +126,18 @@ def make_generator(model_dir: str | Path, cfg: GenerationConfig) -> Generator:
     raise ValueError(f"generation.backend: unknown backend {cfg.backend!r}")
 
 
+def load_for_inference(model_dir: str | Path, device: str, dtype: str) -> tuple[Any, Any, str]:
+    """(model, tokenizer, device) for a saved causal LM, with `auto` device/dtype resolved (bf16 on CUDA)."""
+    from caiforge import models
+
+    device, torch_dtype = resolve_device(device, dtype)
+    with models.quiet_progress():
+        model, tokenizer = models.load_pretrained(
+            model_dir, dtype=str(torch_dtype).removeprefix("torch."), device=device
+        )
+    return model, tokenizer, device
+
+
 class TransformersGenerator:
     """Batched, length-grouped, reproducible generation with a local Hugging Face causal LM."""
 
@@ -140,13 +152,7 @@ class TransformersGenerator:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, cfg: GenerationConfig) -> TransformersGenerator:
-        from caiforge import models
-
-        device, dtype = resolve_device(cfg.device, cfg.dtype)
-        with models.quiet_progress():
-            model, tokenizer = models.load_pretrained(
-                model_dir, dtype=str(dtype).removeprefix("torch."), device=device
-            )
+        model, tokenizer, device = load_for_inference(model_dir, cfg.device, cfg.dtype)
         return cls(model, tokenizer, cfg, device)
 
     def render(self, conversation: Sequence[Message]) -> list[int]:

@@ -26,7 +26,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from caiforge.generation import Message, Stats, resolve_device
+from caiforge.generation import Message, Stats, load_for_inference
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +119,7 @@ class TransformersChoiceScorer:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, cfg: ScoringConfig) -> TransformersChoiceScorer:
-        from caiforge import models
-
-        device, dtype = resolve_device(cfg.device, cfg.dtype)
-        with models.quiet_progress():
-            model, tokenizer = models.load_pretrained(
-                model_dir, dtype=str(dtype).removeprefix("torch."), device=device
-            )
+        model, tokenizer, device = load_for_inference(model_dir, cfg.device, cfg.dtype)
         return cls(model, tokenizer, cfg, device)
 
     def render(self, conversation: Sequence[Message], prefill: str) -> str:
