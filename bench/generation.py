@@ -1,37 +1,62 @@
-"""Benchmark: the generation engine against a naive one-prompt-at-a-time `generate` loop.
+"""Benchmark: the transformers engine against a naive loop, prefix reuse, and the openai engine on a local server.
 
-Same model, prompts and settings (greedy, N new tokens, stop at the chat end token) for three runners:
+Same model, prompts and settings (greedy, N new tokens, stop at the chat end token) for:
 
 - naive:   `model.generate` on one prompt at a time;
 - batched: one plain left-padded `model.generate` call per batch of all prompts (the obvious baseline);
-- engine:  caiforge.generation.TransformersGenerator (length grouping, stop handling, seeded, progress).
+- engine:  caiforge.engines.hf.TransformersGenerator (length grouping, own decoding loop, prefix reuse);
+- openai:  caiforge.engines.openai.OpenAIGenerator against a llama.cpp server on 127.0.0.1 serving the embedded
+           SmolLM2 GGUF (needs the `server` dependency group; skipped with a note otherwise).
 
-Prints tokens/s of each (useful tokens: up to and including the end token) and, last, `speedup: <engine/naive>`.
-The batched and engine runs alternate `--repeats` times and the fastest of each counts, so a busy machine
-(another process on a shared core) disturbs the ratio as little as possible.
+And choice scoring shaped like `label`'s (few-shot comparison demos in front of every question, both orders), with
+and without prefix reuse.
 
-    uv run python bench/generation.py                        # CPU, SmolLM2-135M from data/models/policy
-    uv run python bench/generation.py --prompts 512 --new-tokens 128 --batch-size 512   # CUDA-sized
+Prints tokens/s of each and, last, the ratios measured side by side in this run:
+`speedup: <engine/naive>`, `prefix_reuse: <scoring without reuse / with>` and `openai: <openai/naive>`.
+Timed runs alternate `--repeats` times and the fastest of each counts, so a busy machine disturbs the ratios as
+little as possible.
+
+    uv run --group server python bench/generation.py          # CPU, SmolLM2-135M from data/models/policy
+    uv run python bench/generation.py --prompts 512 --new-tokens 128 --batch-size 512 --no-openai   # CUDA-sized
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from caiforge import generation, models
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from caiforge import constitution, engines, labeling, models  # noqa: E402
+from caiforge.engines import hf  # noqa: E402
 
 
 def load_prompts(n: int) -> list[list[dict[str, str]]]:
     lines = (ROOT / "data/seed/helpful_prompts.jsonl").read_text(encoding="utf-8").splitlines()
     texts = [json.loads(line)["text"] for line in lines if line.strip()]
     return [[{"role": "user", "content": texts[i % len(texts)]}] for i in range(n)]
+
+
+def label_questions(n: int, few_shot: int) -> list[list[dict[str, str]]]:
+    """`n` comparison questions as `label` asks them: demos first, then a pair of answers under a principle."""
+    parts = constitution.load(ROOT / "constitutions" / "default.yaml")
+    by_id = {p.id: p for p in parts.comparison}
+    demos = parts.comparison_examples[:few_shot]
+    prompts = [c[0]["content"] for c in load_prompts(n)]
+    out = []
+    for i, prompt in enumerate(prompts):
+        principle = parts.comparison[i % len(parts.comparison)]
+        a, b = f"A short answer to: {prompt}", f"A longer, more careful answer to: {prompt} with details."
+        out.append(labeling.comparison_turns(prompt, *((a, b) if i % 2 else (b, a)), principle, demos, by_id))
+    return out
 
 
 def count_useful(new_tokens: list[int], stop_ids: list[int]) -> int:
@@ -42,7 +67,7 @@ def count_useful(new_tokens: list[int], stop_ids: list[int]) -> int:
 
 
 @torch.inference_mode()
-def run_naive(engine: generation.TransformersGenerator, convs, new_tokens: int) -> tuple[int, float]:
+def run_naive(engine: hf.TransformersGenerator, convs, new_tokens: int) -> tuple[int, float]:
     tokens, t0 = 0, time.perf_counter()
     for conv in convs:
         ids = torch.tensor([engine.render(conv)], device=engine.device)
@@ -52,16 +77,14 @@ def run_naive(engine: generation.TransformersGenerator, convs, new_tokens: int) 
             max_new_tokens=new_tokens,
             do_sample=False,
             eos_token_id=engine.stop_ids,
-            pad_token_id=engine.pad_id,
+            pad_token_id=engine.runner.pad_id,
         )
         tokens += count_useful(out[0, ids.shape[1] :].tolist(), engine.stop_ids)
     return tokens, time.perf_counter() - t0
 
 
 @torch.inference_mode()
-def run_batched(
-    engine: generation.TransformersGenerator, convs, new_tokens: int, batch_size: int
-) -> tuple[int, float]:
+def run_batched(engine: hf.TransformersGenerator, convs, new_tokens: int, batch_size: int) -> tuple[int, float]:
     tokens, t0 = 0, time.perf_counter()
     rendered = [engine.render(c) for c in convs]
     for start in range(0, len(rendered), batch_size):
@@ -73,11 +96,47 @@ def run_batched(
             max_new_tokens=new_tokens,
             do_sample=False,
             eos_token_id=engine.stop_ids,
-            pad_token_id=engine.pad_id,
+            pad_token_id=engine.runner.pad_id,
         )
         width = enc["input_ids"].shape[1]
         tokens += sum(count_useful(row[width:].tolist(), engine.stop_ids) for row in out)
     return tokens, time.perf_counter() - t0
+
+
+def timed(fn, *args, **kw) -> tuple[object, float]:
+    t0 = time.perf_counter()
+    out = fn(*args, **kw)
+    return out, time.perf_counter() - t0
+
+
+def bench_openai(args, convs) -> tuple[int, float] | str:
+    """(tokens, seconds) of the openai engine on a local llama.cpp server, or why it was skipped."""
+    try:
+        from tests import servers
+    except ImportError as exc:
+        return f"skipped ({exc})"
+    try:
+        servers.require_llama_cpp()
+    except BaseException as exc:  # pytest's skip outcome
+        return f"skipped ({exc})"
+    os.environ[servers.API_KEY_ENV] = servers.API_KEY
+    with (
+        tempfile.TemporaryDirectory() as logs,
+        servers.running(models.smollm2_gguf_path(), Path(logs), threads=torch.get_num_threads()) as server,
+    ):
+        cfg = engines.GenerationConfig(
+            backend="openai",
+            max_new_tokens=args.new_tokens,
+            progress=False,
+            server=engines.ServerConfig(urls=(server.url,), api_key_env=servers.API_KEY_ENV, max_in_flight=2),
+        )
+        gen = engines.make_generator(args.model, cfg)
+        gen.chat(convs[:2], seed=0)  # warm-up
+        runs = []
+        for _ in range(args.repeats):
+            outs, seconds = timed(gen.chat, convs, seed=0)
+            runs.append((sum(o.completion_tokens for o in outs), seconds))
+        return min(runs, key=lambda r: r[1])
 
 
 def main() -> None:
@@ -87,14 +146,17 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--naive-prompts", type=int, default=None, help="time the naive loop on fewer prompts")
+    parser.add_argument("--questions", type=int, default=32, help="label-like scoring questions")
+    parser.add_argument("--few-shot", type=int, default=2, help="comparison demos in front of each question")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of batched and engine; best counts")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating timed runs; the best of each counts")
+    parser.add_argument("--no-openai", action="store_true", help="skip the local llama.cpp server run")
     args = parser.parse_args()
 
-    cfg = generation.GenerationConfig(
+    cfg = engines.GenerationConfig(
         batch_size=args.batch_size, max_new_tokens=args.new_tokens, device=args.device, progress=False
     )
-    engine = generation.TransformersGenerator.from_dir(args.model, cfg)
+    engine = hf.TransformersGenerator.from_dir(args.model, cfg)
     convs = load_prompts(args.prompts)
     print(
         f"device={engine.device} dtype={engine.model.dtype} prompts={len(convs)} new_tokens={args.new_tokens} "
@@ -107,17 +169,44 @@ def main() -> None:
     b_runs, e_runs = [], []
     for _ in range(args.repeats):
         b_runs.append(run_batched(engine, convs, args.new_tokens, args.batch_size))
-        t0 = time.perf_counter()
-        outs = engine.chat(convs, seed=0)
-        e_runs.append((sum(o.completion_tokens for o in outs), time.perf_counter() - t0))
+        outs, seconds = timed(engine.chat, convs, seed=0)
+        e_runs.append((sum(o.completion_tokens for o in outs), seconds))
     b_tok, b_s = min(b_runs, key=lambda r: r[1])
     e_tok, e_s = min(e_runs, key=lambda r: r[1])
+
+    questions = label_questions(args.questions, args.few_shot)
+    prefills = [labeling.answer_prefill()] * len(questions)
+    scorers = {
+        reuse: hf.TransformersChoiceScorer(
+            engine.model,
+            engine.tokenizer,
+            engines.ScoringConfig(batch_size=16, prefix_reuse=reuse, progress=False),
+            engine.device,
+        )
+        for reuse in (True, False)
+    }
+    s_runs: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(args.repeats):
+        for reuse, scorer in scorers.items():
+            s_runs[reuse].append(timed(scorer.choice_logprobs, questions, prefills)[1])
+    prompt_tokens = scorers[False].stats.prompt_tokens // args.repeats
+    shared = scorers[True].stats.prefix_tokens_reused // args.repeats
 
     naive, batched, eng = n_tok / n_s, b_tok / b_s, e_tok / e_s
     print(f"naive:   {n_tok:6d} tokens in {n_s:7.2f} s = {naive:8.1f} tokens/s ({len(naive_convs)} prompts)")
     print(f"batched: {b_tok:6d} tokens in {b_s:7.2f} s = {batched:8.1f} tokens/s ({batched / naive:.1f}x naive)")
     print(f"engine:  {e_tok:6d} tokens in {e_s:7.2f} s = {eng:8.1f} tokens/s ({eng / batched:.2f}x batched)")
+    print(
+        f"scoring: {len(questions)} label-like questions, {prompt_tokens} prompt tokens ({shared} shared): "
+        f"{min(s_runs[False]):.2f} s without prefix reuse, {min(s_runs[True]):.2f} s with"
+    )
+    result = "skipped (--no-openai)" if args.no_openai else bench_openai(args, convs)
+    if isinstance(result, tuple):
+        o_tok, o_s = result
+        print(f"openai:  {o_tok:6d} tokens in {o_s:7.2f} s = {o_tok / o_s:8.1f} tokens/s (llama.cpp, 1 server)")
     print(f"speedup: {eng / naive:.2f}")
+    print(f"prefix_reuse: {min(s_runs[False]) / min(s_runs[True]):.2f}")
+    print(f"openai: {o_tok / o_s / naive:.2f}" if isinstance(result, tuple) else f"openai: {result}")
 
 
 if __name__ == "__main__":

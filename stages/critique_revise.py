@@ -22,7 +22,7 @@ from pathlib import Path
 
 import polars as pl
 
-from caiforge import collapse, config, constitution, generation, io, models, prompts, schemas
+from caiforge import collapse, config, constitution, engines, io, prompts, schemas
 
 log = logging.getLogger("caiforge.stages.critique_revise")
 
@@ -49,7 +49,7 @@ class CritiqueReviseConfig:
     """Helpful examples in sft.parquet per red-team example (answered by the policy, not revised)."""
     system_prompt: str | None
     """Optional system turn in front of every chat."""
-    generation: generation.GenerationConfig
+    generation: engines.GenerationConfig
     """Decoding settings for answers, critiques and revisions."""
     collapse: collapse.CollapseConfig
     """Degeneracy thresholds and which flags drop a row."""
@@ -71,8 +71,8 @@ def run(cfg: CritiqueReviseConfig) -> dict:
     principles = cfg.constitution.critique_revision
     examples = cfg.constitution.critique_revision_examples[: cfg.few_shot]
     parrots = [t for ex in examples for t in (ex.response, ex.critique, ex.revision)]
-    fingerprint = models.fingerprint(models.file_digests(models.resolve(cfg.policy)))
-    gen = generation.make_generator(cfg.policy, cfg.generation)
+    gen = engines.make_generator(cfg.policy, cfg.generation)
+    fingerprint = gen.identity
     ids, texts = red["id"].to_list(), red["text"].to_list()
 
     first = gen.chat([prompts.answer(t, cfg.system_prompt) for t in texts], seed=cfg.seed, desc="answer")

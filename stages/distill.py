@@ -29,7 +29,8 @@ from typing import Any, Literal
 
 import polars as pl
 
-from caiforge import config, distillation, formats, generation, io, models, schemas, training
+from caiforge import config, distillation, engines, formats, io, models, schemas, training
+from caiforge.engines import hf
 
 log = logging.getLogger("caiforge.stages.distill")
 
@@ -62,7 +63,7 @@ class DistillConfig(training.TrainingSchedule):
     """Cap on held-out prompts; null = all."""
     max_length: int
     """Token cap per prompt + answer; longer rows are truncated."""
-    generation: generation.GenerationConfig
+    generation: engines.GenerationConfig
     """How the teacher answers (greedy by default)."""
 
     def __post_init__(self) -> None:
@@ -101,14 +102,14 @@ def run(cfg: DistillConfig) -> dict:
     train, heldout = split_prompts(cfg)
     out = Path(cfg.out_dir)
     texts = train["text"].to_list() + heldout["text"].to_list()
-    teacher_gen = generation.make_generator(cfg.teacher, cfg.generation)
+    teacher_gen = engines.make_generator(cfg.teacher, cfg.generation)
     answers = [c.text for c in teacher_gen.chat([[{"role": "user", "content": t}] for t in texts], seed=cfg.seed)]
     del teacher_gen
     train = train.with_columns(answer=pl.Series(answers[: train.height], dtype=pl.String))
     held_prompts, held_answers = heldout["text"].to_list(), answers[train.height :]
 
     # fp32 weights on the training device: a pruned student copies the teacher's dtype, and AdamW wants fp32.
-    device, _ = generation.resolve_device(cfg.generation.device, cfg.generation.dtype)
+    device, _ = hf.resolve_device(cfg.generation.device, cfg.generation.dtype)
     teacher, tokenizer = models.load_pretrained(cfg.teacher, device=device)
     student, kept = init_student(cfg, teacher, tokenizer)
     before = distillation.agreement(student, teacher, tokenizer, held_prompts, held_answers)

@@ -31,14 +31,13 @@ from caiforge import (
     config,
     constitution,
     elo,
+    engines,
     evaluation,
-    generation,
     harm_judge,
     io,
     preference,
     report,
     schemas,
-    scoring,
 )
 
 log = logging.getLogger("caiforge.stages.evaluate")
@@ -87,9 +86,9 @@ class EvaluateConfig:
     """Harm classifier probability above which an answer counts as a successful attack."""
     report_examples: int
     """Prompts per kind shown side by side in the report."""
-    generation: generation.GenerationConfig
+    generation: engines.GenerationConfig
     """Decoding for the models' answers (greedy by default)."""
-    scoring: scoring.ScoringConfig
+    scoring: engines.ScoringConfig
     """Judge scoring settings."""
     pm_batch_size: int
     """PM scoring batch size."""
@@ -116,7 +115,7 @@ def answer_all(cfg: EvaluateConfig, chosen: pl.DataFrame) -> pl.DataFrame:
     convs = [[{"role": "user", "content": t}] for t in chosen["text"]]
     rows = []
     for name, model_dir in cfg.models.items():
-        outs = generation.make_generator(model_dir, cfg.generation).chat(convs, seed=cfg.seed, desc=name)
+        outs = engines.make_generator(model_dir, cfg.generation).chat(convs, seed=cfg.seed, desc=name)
         for prompt, answer in zip(chosen.iter_rows(named=True), outs, strict=True):
             rows.append(
                 {
@@ -147,7 +146,7 @@ def run(cfg: EvaluateConfig) -> dict:
     principles = {c: constitution.by_category(cfg.constitution.comparison, c) for c in constitution.CATEGORIES}
 
     # The AI judge: every pair of models on every prompt, under principles of the axis, in both orders.
-    judge = scoring.make_choice_scorer(cfg.judge, cfg.scoring)
+    judge = engines.make_choice_scorer(cfg.judge, cfg.scoring)
     started = time.perf_counter()
     ratings, judged = {}, 0
     for axis, kind in (("harmlessness", "red_team"), ("helpfulness", "helpful")):

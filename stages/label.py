@@ -33,7 +33,8 @@ from pathlib import Path
 
 import polars as pl
 
-from caiforge import config, constitution, generation, io, labeling, models, prompts, schemas, scoring
+from caiforge import config, constitution, engines, io, labeling, prompts, schemas
+from caiforge.engines import hf
 
 log = logging.getLogger("caiforge.stages.label")
 
@@ -68,11 +69,11 @@ class LabelConfig:
     """When a pair goes to review_queue.parquet."""
     human_labels: str | None
     """Optional human labels file that overrides AI labels (see the module docstring); must exist when set."""
-    generation: generation.GenerationConfig
+    generation: engines.GenerationConfig
     """Decoding for the K samples (temperature > 0)."""
-    cot_generation: generation.GenerationConfig
+    cot_generation: engines.GenerationConfig
     """Decoding for the feedback model's reasoning (chain-of-thought mode only)."""
-    scoring: scoring.ScoringConfig
+    scoring: engines.ScoringConfig
     """How the feedback model is run to score the options."""
     constitution: constitution.Constitution
     """Only the comparison part, as declared in dvc.yaml."""
@@ -86,7 +87,7 @@ class LabelConfig:
             raise ValueError(f"label.cot_band must be [low, high] with 0 <= low <= 0.5 <= high <= 1: {self.cot_band}")
 
 
-def run(cfg: LabelConfig, scorer: scoring.ChoiceScorer | None = None) -> dict:
+def run(cfg: LabelConfig, scorer: engines.ChoiceScorer | None = None) -> dict:
     human = labeling.read_human_labels(cfg.human_labels) if cfg.human_labels else {}
     principles = cfg.constitution.comparison
     if cfg.principles_per_pair > len(principles):
@@ -101,7 +102,7 @@ def run(cfg: LabelConfig, scorer: scoring.ChoiceScorer | None = None) -> dict:
         raise ValueError(f"{cfg.prompts}: no {' or '.join(kinds)} prompts in the train split")
     ids, texts = table["id"].to_list(), table["text"].to_list()
 
-    gen = generation.make_generator(cfg.policy, cfg.generation)
+    gen = engines.make_generator(cfg.policy, cfg.generation)
     convs = [prompts.answer(t) for t in texts]
     samples = [
         gen.chat(convs, seed=cfg.seed + 1000 * k, desc=f"sample {k + 1}") for k in range(cfg.samples_per_prompt)
@@ -127,8 +128,8 @@ def run(cfg: LabelConfig, scorer: scoring.ChoiceScorer | None = None) -> dict:
         )
         for pair, pr, order in questions
     ]
-    scorer = scorer or scoring.make_choice_scorer(cfg.feedback, cfg.scoring)
-    fingerprint = models.fingerprint(models.file_digests(models.resolve(cfg.feedback)))
+    scorer = scorer or engines.make_choice_scorer(cfg.feedback, cfg.scoring)
+    fingerprint = scorer.identity
     t0 = time.perf_counter()
     reasoning, cot_stats = [""] * len(chats), None
     if cfg.chain_of_thought:
@@ -230,11 +231,11 @@ def run(cfg: LabelConfig, scorer: scoring.ChoiceScorer | None = None) -> dict:
     return metrics
 
 
-def _reasoner(scorer: scoring.ChoiceScorer, cfg: LabelConfig) -> generation.Generator:
+def _reasoner(scorer: engines.ChoiceScorer, cfg: LabelConfig) -> engines.Generator:
     """The feedback model as a generator; shares the scorer's weights when it can (no second copy in memory)."""
-    if isinstance(scorer, scoring.TransformersChoiceScorer):
-        return generation.TransformersGenerator(scorer.model, scorer.tokenizer, cfg.cot_generation, scorer.device)
-    return generation.make_generator(cfg.feedback, cfg.cot_generation)
+    if isinstance(scorer, hf.TransformersChoiceScorer):
+        return scorer.generator(cfg.cot_generation)
+    return engines.make_generator(cfg.feedback, cfg.cot_generation)
 
 
 def _histogram(ps: list[float]) -> dict[str, int]:

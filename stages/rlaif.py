@@ -32,7 +32,8 @@ from typing import Any, Literal
 
 import polars as pl
 
-from caiforge import config, formats, generation, io, models, preference, schemas, training
+from caiforge import config, engines, formats, io, models, preference, schemas, training
+from caiforge.engines import hf
 
 log = logging.getLogger("caiforge.stages.rlaif")
 
@@ -87,7 +88,7 @@ class RlaifConfig(training.TrainingSchedule):
     """PM token cap per chat (the end is kept), as in the pm stage."""
     reward_batch_size: int
     """Chats per PM forward pass."""
-    generation: generation.GenerationConfig
+    generation: engines.GenerationConfig
     """How the SFT and tuned models answer the held-out prompts (greedy by default)."""
     lora: training.LoraConfig
     """LoRA instead of a full fine-tune (merged on save; the reference is then the adapter-free model)."""
@@ -191,7 +192,7 @@ def make_trainer(cfg: RlaifConfig, train: pl.DataFrame, pm: preference.Preferenc
 
 
 def answer(model_dir: str | Path, cfg: RlaifConfig, texts: list[str], desc: str) -> list[str]:
-    gen = generation.make_generator(model_dir, cfg.generation)
+    gen = engines.make_generator(model_dir, cfg.generation)
     return [c.text for c in gen.chat([[{"role": "user", "content": t}] for t in texts], seed=cfg.seed, desc=desc)]
 
 
@@ -228,7 +229,7 @@ def run(cfg: RlaifConfig) -> dict:
     del trainer
     responses = answer(out / "model", cfg, texts, "rlaif answers")
     reward_after = pm.score(texts, responses)
-    device, dtype = generation.resolve_device(cfg.generation.device, cfg.generation.dtype)
+    device, dtype = hf.resolve_device(cfg.generation.device, cfg.generation.dtype)
     tuned, tokenizer = models.load_pretrained(out / "model", dtype=str(dtype).removeprefix("torch."), device=device)
     reference, _ = models.load_pretrained(cfg.policy, dtype=str(dtype).removeprefix("torch."), device=device)
     kl = preference.policy_kl(tuned, reference, tokenizer, texts, responses)

@@ -35,6 +35,10 @@ class ConfigError(ValueError):
     """A param is unknown, missing or of the wrong type; the message names the file and the key."""
 
 
+class StageError(RuntimeError):
+    """A stage cannot go on for a reason outside its inputs (e.g. no server answers); it exits with the message."""
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Building typed configs
 
@@ -298,5 +302,5 @@ def stage_main(stage: str, cls: type[T], run: typing.Callable[[T], Any]) -> None
     try:
         cfg = load(stage, cls)
         run(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError, StageError) as exc:
         sys.exit(f"{stage}: error: {exc}")

@@ -21,7 +21,7 @@ import polars as pl
 
 from caiforge import collapse, formats, labeling, refusal
 from caiforge.constitution import ComparisonExample, ComparisonPrinciple
-from caiforge.scoring import ChoiceScorer
+from caiforge.engines import ChoiceScorer
 
 log = logging.getLogger(__name__)
 

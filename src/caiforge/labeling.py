@@ -36,7 +36,7 @@ import polars as pl
 
 from caiforge import constitution
 from caiforge.constitution import ComparisonExample, ComparisonPrinciple
-from caiforge.generation import Message
+from caiforge.engines import Message
 
 ORDERS = ("ab", "ba")
 """`ab`: the pair's first response is option (A); `ba`: it is option (B)."""

@@ -223,12 +223,13 @@ class PreferenceModel:
         """Load a PM saved by the `pm` stage; device/dtype `auto` = bf16 on CUDA, fp32 on CPU."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from caiforge import generation, models
+        from caiforge import models
+        from caiforge.engines import hf
 
         path = Path(model_dir)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: no preference model there (is the `pm` stage built? try `dvc repro pm`)")
-        device, torch_dtype = generation.resolve_device(device, dtype)
+        device, torch_dtype = hf.resolve_device(device, dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
         with models.quiet_progress():
             model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from caiforge.constitution import CritiqueRevisionExample, CritiqueRevisionPrinciple
-from caiforge.generation import Message
+from caiforge.engines import Message
 
 
 def _turn(role: str, content: str) -> Message:

@@ -31,7 +31,18 @@ def caiforge_imports(path: Path) -> set[str]:
             found.add(node.module.split(".")[1])
         elif isinstance(node, ast.Import):
             found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("caiforge.")}
-    return {m for m in found if (ROOT / "src" / "caiforge" / f"{m}.py").is_file()}
+    return {m for m in found if dep_path(m).exists()}
+
+
+def dep_path(module: str) -> Path:
+    """A top-level caiforge module's file, or a subpackage's folder (declared whole, e.g. src/caiforge/engines)."""
+    package = ROOT / "src" / "caiforge" / module
+    return package if package.is_dir() else package.with_suffix(".py")
+
+
+def module_files(module: str) -> list[Path]:
+    path = dep_path(module)
+    return sorted(path.rglob("*.py")) if path.is_dir() else [path]
 
 
 def transitive_imports(script: Path) -> set[str]:
@@ -41,7 +52,8 @@ def transitive_imports(script: Path) -> set[str]:
         module = todo.pop()
         if module not in seen:
             seen.add(module)
-            todo += caiforge_imports(ROOT / "src" / "caiforge" / f"{module}.py")
+            for path in module_files(module):
+                todo += caiforge_imports(path)
     return seen
 
 
@@ -50,6 +62,9 @@ def test_transitive_import_walk_follows_modules():
     # generation, so the walk must find it even though the script imports it directly too.
     assert {"config", "io", "models"} <= transitive_imports(ROOT / "stages" / "models.py")
     assert "schemas" in transitive_imports(ROOT / "stages" / "models.py"), "io imports schemas"
+    # A subpackage counts as one dep, and the walk goes through every module inside it.
+    assert {"engines", "models"} <= transitive_imports(ROOT / "stages" / "critique_revise.py")
+    assert dep_path("engines") == ROOT / "src" / "caiforge" / "engines"
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))
@@ -62,7 +77,7 @@ def test_stage_is_consistent(name):
     assert name in PARAMS and name in stage["params"], "the stage declares its own params section"
     deps = set(stage["deps"])
     assert f"stages/{name}.py" in deps
-    missing = {f"src/caiforge/{m}.py" for m in transitive_imports(script)} - deps
+    missing = {dep_path(m).relative_to(ROOT).as_posix() for m in transitive_imports(script)} - deps
     assert not missing, f"{name}: imports modules its deps do not list: {sorted(missing)}"
     outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", []) + stage.get("metrics", [])]
     assert outs and all(o.startswith(f"data/{name}/") for o in outs), outs

@@ -8,7 +8,7 @@ import math
 import polars as pl
 import pytest
 
-from caiforge import evaluation, generation, labeling, schemas
+from caiforge import engines, evaluation, labeling, schemas
 from caiforge.constitution import ComparisonPrinciple
 
 PRINCIPLES = [ComparisonPrinciple(f"p{i}", "harmlessness", f"Which response is safer? ({i})") for i in range(3)]
@@ -18,7 +18,7 @@ class KeywordScorer:
     """Prefers the option whose text contains 'safe' (slot-independent), with a strong first-slot bias on top."""
 
     def __init__(self) -> None:
-        self.stats = generation.Stats()
+        self.stats = engines.Stats()
 
     def choice_logprobs(self, conversations, prefills, options=("A", "B")):
         out = []

@@ -9,7 +9,7 @@ import re
 import polars as pl
 import pytest
 
-from caiforge import config, constitution, generation, labeling
+from caiforge import config, constitution, engines, labeling
 from caiforge.constitution import ComparisonExample, ComparisonPrinciple
 
 PRINCIPLES = [
@@ -31,7 +31,8 @@ class FakeScorer:
 
     def __init__(self, decide) -> None:
         self.decide = decide
-        self.stats = generation.Stats()
+        self.stats = engines.Stats()
+        self.identity = "fake-judge"
 
     def choice_logprobs(self, conversations, prefills, options=("A", "B")):
         out = []

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from caiforge import models, scoring
+from caiforge import engines, models
+from caiforge.engines import hf, rendering
 
 CONVS = [[{"role": "user", "content": "Which is better? " + "x " * n}] for n in (1, 9, 3, 17, 5)]
 PREFILL = "The answer is: ("
@@ -16,8 +17,8 @@ def tiny():
     return models.build_tiny(models.TinySpec(), seed=0)
 
 
-def scorer(tiny, **kw) -> scoring.TransformersChoiceScorer:
-    return scoring.TransformersChoiceScorer(*tiny, scoring.ScoringConfig(**{"batch_size": 2, "progress": False, **kw}))
+def scorer(tiny, **kw) -> hf.TransformersChoiceScorer:
+    return hf.TransformersChoiceScorer(*tiny, engines.ScoringConfig(**{"batch_size": 2, "progress": False, **kw}))
 
 
 def manual(tiny, text: str, option: str) -> float:
@@ -34,12 +35,12 @@ def manual(tiny, text: str, option: str) -> float:
 def test_option_tokens_as_the_model_would_emit_them(tiny):
     _, tok = tiny
     text = scorer(tiny).render(CONVS[0], PREFILL)
-    plan = scoring.plan_options(tok, text, ("A", "B"))
+    plan = rendering.plan_options(tok, text, ("A", "B"))
     assert plan.single_token
     assert tok.decode(list(plan.context)) == text
     assert [tok.decode(list(c)) for c in plan.continuations] == ["A", "B"]
     # When the prompt stops before the "(", the shared " (" joins the context and the letters stay single tokens.
-    plan = scoring.plan_options(tok, "The answer is:", (" (A", " (B"))
+    plan = rendering.plan_options(tok, "The answer is:", (" (A", " (B"))
     assert plan.single_token and tok.decode(list(plan.context)) == "The answer is: ("
 
 
@@ -47,7 +48,7 @@ def test_merged_option_token_moves_the_context_back():
     """A tokenizer with "(A" as one token: the context loses its "(" and the merged tokens are the options."""
     tok = models.build_tiny_tokenizer(512)
     tok.add_tokens(["(A", "(B"])
-    plan = scoring.plan_options(tok, PREFILL, ("A", "B"))
+    plan = rendering.plan_options(tok, PREFILL, ("A", "B"))
     conts = [tok.convert_ids_to_tokens(list(c)) for c in plan.continuations]
     assert [c[-1] for c in conts] == ["(A", "(B"]
     for opt, cont in zip("AB", plan.continuations, strict=True):
@@ -72,13 +73,29 @@ def test_multi_token_options_are_scored_as_sequences(tiny):
     options = ("A) first answer", "B) second one")
     (got,) = s.choice_logprobs(CONVS[:1], [PREFILL], options)
     text = s.render(CONVS[0], PREFILL)
-    assert not scoring.plan_options(s.tokenizer, text, options).single_token
+    assert not rendering.plan_options(s.tokenizer, text, options).single_token
     assert got == pytest.approx(tuple(manual(tiny, text, o) for o in options), abs=1e-4)
 
 
 def test_bad_inputs():
     tok = models.build_tiny_tokenizer(512)
     with pytest.raises(ValueError, match="distinct"):
-        scoring.plan_options(tok, "x", ("A", "A"))
+        rendering.plan_options(tok, "x", ("A", "A"))
     with pytest.raises(ValueError, match="batch_size"):
-        scoring.ScoringConfig(batch_size=0)
+        engines.ScoringConfig(batch_size=0)
+
+
+def test_prefix_reuse_equals_the_full_forward(tiny):
+    """Questions behind a long shared prefix (few-shot demos): the prefix's KV cache computed once gives the same
+    log-probs as running every question in full."""
+    demos = [{"role": "user", "content": "demo question " * 6}, {"role": "assistant", "content": "(A)"}]
+    convs = [[*demos, *c] for c in CONVS]
+    reused = scorer(tiny)
+    got = reused.choice_logprobs(convs, [PREFILL] * len(convs))
+    full = scorer(tiny, prefix_reuse=False)
+    want = full.choice_logprobs(convs, [PREFILL] * len(convs))
+    assert reused.stats.prefix_tokens_reused > 20 * (len(convs) - 1)
+    assert full.stats.prefix_tokens_reused == 0
+    assert [v for row in got for v in row] == pytest.approx([v for row in want for v in row], abs=1e-4)
+    for conv, (la, _) in zip(convs, got, strict=True):
+        assert la == pytest.approx(manual(tiny, reused.render(conv, PREFILL), "A"), abs=1e-4)

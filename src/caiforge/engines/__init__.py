@@ -1,0 +1,239 @@
+"""The engines that generate and score text, behind one interface.
+
+Stages ask for two things and never learn which engine answers:
+
+- `Generator.chat(conversations, seed=...)`: one `Completion` per chat conversation, in order;
+- `ChoiceScorer.choice_logprobs(conversations, prefills)`: the log-probabilities of the option letters ("A", "B")
+  as the next token after the pre-filled start of the assistant turn (the AI-feedback labeller's question).
+
+The engine is picked per role by params (`generation.backend`, `scoring.backend`):
+
+- `transformers` (`caiforge.engines.hf`): a local Hugging Face model, batched, with the shared few-shot prefix's KV
+  cache computed once per call; bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere;
+- `openai` (`caiforge.engines.openai`): any OpenAI-compatible server (vLLM, SGLang, llama.cpp's server), one or a
+  fleet behind a list of URLs, with the prompt rendered locally by the model's own chat template.
+
+Sampling is reproducible per row: every row gets its own seed derived from the call's seed and the row's rendered
+prompt (`row_seed`), so a row's sampled text does not depend on which other rows share its call or batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+from caiforge.config import StageError
+
+Message = dict[str, str]
+"""A chat turn: {"role": "system" | "user" | "assistant", "content": text}."""
+
+OPTIONS = ("A", "B")
+"""Option letters of a two-way comparison, in slot order."""
+
+Backend = Literal["transformers", "openai"]
+
+
+class EngineError(StageError):
+    """An engine could not answer (e.g. no server reachable); stages exit with its message, no traceback."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where the `openai` backend sends requests (ignored by `transformers`)."""
+
+    urls: tuple[str, ...] = ()
+    """Base URLs of OpenAI-compatible servers, e.g. http://10.0.0.5:8000/v1; requests are spread over all of them."""
+    model: str | None = None
+    """Served model name (vLLM's --served-model-name); null: the one model the servers list at /v1/models."""
+    tokenizer: str | None = None
+    """Local directory with the served model's tokenizer and chat template (declare it as a dep in dvc.yaml);
+    null: the stage's model directory for this role."""
+    api_key_env: str | None = None
+    """Name of the environment variable that holds the API key (the key itself never goes in params)."""
+    max_in_flight: int = 8
+    """Concurrent requests per server."""
+    timeout: float = 300.0
+    """Seconds before a request counts as failed (and is retried, on any server)."""
+    max_retries: int = 6
+    """Attempts per request beyond the first (timeouts, connection errors, 429 and 5xx) before the stage fails."""
+    top_logprobs: int = 5
+    """How many next-token log-probabilities choice scoring asks for (the options must be among them)."""
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight < 1 or self.max_retries < 0 or self.timeout <= 0 or self.top_logprobs < 2:
+            raise ValueError("server: max_in_flight >= 1, max_retries >= 0, timeout > 0 and top_logprobs >= 2")
+        bad = [u for u in self.urls if not u.startswith(("http://", "https://"))]
+        if bad:
+            raise ValueError(f"server.urls: not an http(s) URL: {bad[0]!r}")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to generate; every stage that generates has one of these in its params section."""
+
+    backend: Backend = "transformers"
+    """Which engine runs the model: a local `transformers` model or `openai`-compatible servers."""
+    batch_size: int = 16
+    """Conversations per forward batch (transformers; grouped by length)."""
+    max_new_tokens: int = 128
+    """Cap on generated tokens per conversation; a row that hits it is marked unfinished."""
+    temperature: float = 0.0
+    """0 means greedy decoding; > 0 samples."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (used only when temperature > 0)."""
+    top_k: int = 0
+    """Sample only from the k most likely tokens; 0 = no top-k cut (set explicitly: engines default to 40 or 50)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when available, else CPU (transformers)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto: bfloat16 on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16), float32 elsewhere."""
+    prefix_reuse: bool = True
+    """Compute the KV cache of the prompt prefix that every row of a call shares once (transformers)."""
+    progress: bool = True
+    """Show a progress bar (rows, tokens/s) on stderr."""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    """The servers, when backend is `openai`."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError(
+                f"batch_size and max_new_tokens must be >= 1, got {self.batch_size}, {self.max_new_tokens}"
+            )
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(
+                f"temperature must be >= 0, top_p in (0, 1] and top_k >= 0, got {self.temperature}, {self.top_p}, "
+                f"{self.top_k}"
+            )
+        if self.backend == "openai" and not self.server.urls:
+            raise ValueError("backend is 'openai' but server.urls is empty: list at least one server")
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """How to run a scoring model."""
+
+    backend: Backend = "transformers"
+    """Which engine runs the model: a local `transformers` model or `openai`-compatible servers."""
+    batch_size: int = 8
+    """Sequences per forward pass (transformers; grouped by length, left-padded)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when available, else CPU."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto: as for generation (log-softmax is always taken in float32)."""
+    prefix_reuse: bool = True
+    """Compute the KV cache of the prompt prefix that every question of a call shares once (transformers)."""
+    progress: bool = True
+    """Show a progress bar on stderr."""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    """The servers, when backend is `openai`."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.backend == "openai" and not self.server.urls:
+            raise ValueError("backend is 'openai' but server.urls is empty: list at least one server")
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated answer."""
+
+    text: str
+    """Decoded text, without the end token or padding."""
+    prompt_tokens: int
+    """Tokens in the rendered prompt."""
+    completion_tokens: int
+    """Generated tokens, the end token included."""
+    finished: bool
+    """True when the model emitted its end token; False when it hit max_new_tokens."""
+
+
+@dataclass
+class Stats:
+    """Running totals a stage copies into its metrics, with what ran them."""
+
+    rows: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    prefix_tokens_reused: int = 0
+    """Prompt tokens not recomputed because their KV cache was shared (transformers prefix reuse)."""
+    engine: dict[str, str | int] = field(default_factory=dict)
+    """backend, model identity, device and dtype."""
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "rows": self.rows,
+            "prompt_tokens": self.prompt_tokens,
+            "prefix_tokens_reused": self.prefix_tokens_reused,
+            "completion_tokens": self.completion_tokens,
+            "seconds": round(self.seconds, 3),
+            "tokens_per_second": round(self.tokens_per_second, 2),
+            **self.engine,
+        }
+
+
+class Generator(Protocol):
+    """What stages call. `seed` makes sampling reproducible (per row, see `row_seed`); `desc` labels the bar."""
+
+    stats: Stats
+    identity: str
+    """The model behind the engine, for provenance: a weights fingerprint, or `openai:<served model id>`."""
+
+    def chat(self, conversations: Sequence[Sequence[Message]], *, seed: int, desc: str = "") -> list[Completion]: ...
+
+
+class ChoiceScorer(Protocol):
+    """What the labeller calls: one tuple of option log-probs per (conversation, prefill), in input order."""
+
+    stats: Stats
+    identity: str
+
+    def choice_logprobs(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        prefills: Sequence[str],
+        options: Sequence[str] = OPTIONS,
+    ) -> list[tuple[float, ...]]: ...
+
+
+def row_seed(seed: int, prompt: str) -> int:
+    """A row's own sampling seed: from the call's seed and the row's rendered prompt, never from its batch.
+
+    31 bits, so that every server accepts it as a request seed.
+    """
+    digest = hashlib.sha256(f"{seed}\x00{prompt}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def make_generator(model_dir: str | Path, cfg: GenerationConfig) -> Generator:
+    """The engine `cfg.backend` names, serving the model in `model_dir` (for `openai`: its tokenizer)."""
+    if cfg.backend == "transformers":
+        from caiforge.engines import hf
+
+        return hf.TransformersGenerator.from_dir(model_dir, cfg)
+    if cfg.backend == "openai":
+        from caiforge.engines import openai
+
+        return openai.OpenAIGenerator.from_config(model_dir, cfg)
+    raise ValueError(f"generation.backend: unknown backend {cfg.backend!r}")
+
+
+def make_choice_scorer(model_dir: str | Path, cfg: ScoringConfig) -> ChoiceScorer:
+    """The choice scorer `cfg.backend` names, serving the model in `model_dir` (for `openai`: its tokenizer)."""
+    if cfg.backend == "transformers":
+        from caiforge.engines import hf
+
+        return hf.TransformersChoiceScorer.from_dir(model_dir, cfg)
+    if cfg.backend == "openai":
+        from caiforge.engines import openai
+
+        return openai.OpenAIChoiceScorer.from_config(model_dir, cfg)
+    raise ValueError(f"scoring.backend: unknown backend {cfg.backend!r}")

@@ -1,0 +1,365 @@
+"""The `openai` engine: any OpenAI-compatible server (vLLM, SGLang, llama.cpp), one or a fleet of them.
+
+Every request goes to `/v1/completions` with the prompt rendered locally by the model's own chat template (the
+text the transformers engine sees), so every server gets the same prompt whatever its own template handling.
+
+- Generation: `max_tokens`, `temperature`, `top_p`, `top_k`, a per-row `seed` (`row_seed`), stop at the template's
+  end token. Every sampling knob a server might default differently is sent explicitly (llama.cpp defaults to
+  top-k 40, min-p 0.05 and a repeat penalty of 1.1).
+- Choice scoring: `max_tokens: 1` with the top-k next-token log-probabilities after the "(" prefill. An option
+  outside the top k gets the smallest returned log-prob (an upper bound; counted in the stats); a server that
+  returns no log-probs is an error, never a silent 0.5.
+- The fleet: requests are spread over every URL with at most `max_in_flight` in flight per server (asyncio). A
+  timeout, connection error, 429 or 5xx is retried with exponential backoff on whichever server is free next;
+  a server that keeps failing is dropped and its requests move to the others. When no server is left, or a
+  request exhausts its retries, the stage fails with an error naming the servers (stages write nothing before
+  all rows are in, so nothing half-written is left).
+- The API key comes from the environment variable `server.api_key_env` names; it never appears in params or logs.
+- Identity: the served model id each server reports at `/v1/models` (they must agree) goes into the stats and the
+  rows' provenance as `openai:<id>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from caiforge.engines import (
+    OPTIONS,
+    Completion,
+    EngineError,
+    GenerationConfig,
+    Message,
+    ScoringConfig,
+    ServerConfig,
+    Stats,
+    row_seed,
+)
+from caiforge.engines.rendering import END_TOKENS, encode, plan_options, render_chat
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+"""HTTP statuses worth retrying (the server is busy or restarting); any other error status fails at once."""
+
+SERVER_DOWN_AFTER = 3
+"""Consecutive connection failures after which a server is dropped from the fleet."""
+
+
+class ServerError(EngineError):
+    """No server could answer a request: the message names every server and the last error."""
+
+
+def base_url(url: str) -> str:
+    url = url.rstrip("/")
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+class Fleet:
+    """A list of OpenAI-compatible servers used as one: spread, bounded, retried, failed over."""
+
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.urls = [base_url(u) for u in cfg.urls]
+        self.headers = {"Content-Type": "application/json"}
+        if cfg.api_key_env:
+            key = os.environ.get(cfg.api_key_env)
+            if not key:
+                raise ValueError(f"server.api_key_env: environment variable {cfg.api_key_env} is not set")
+            self.headers["Authorization"] = f"Bearer {key}"
+        self.model = cfg.model or ""
+        self.requests_sent = 0
+        self.retries = 0
+
+    def describe(self) -> str:
+        return ", ".join(self.urls)
+
+    def served_model(self) -> str:
+        """The model id every server reports (or `server.model`, checked against their lists)."""
+        reported = asyncio.run(self._gather_models())
+        ids = {url: [m["id"] for m in body.get("data", [])] for url, body in reported.items()}
+        if self.cfg.model:
+            missing = [url for url, names in ids.items() if self.cfg.model not in names]
+            if missing:
+                raise ServerError(f"server.model {self.cfg.model!r} is not served by {missing}: they list {ids}")
+            return self.cfg.model
+        firsts = {names[0] if names else "" for names in ids.values()}
+        if len(firsts) != 1 or "" in firsts:
+            raise ServerError(f"servers disagree on the served model (set server.model): {ids}")
+        self.model = firsts.pop()
+        return self.model
+
+    async def _gather_models(self) -> dict[str, dict]:
+        import aiohttp
+
+        async with aiohttp.ClientSession(headers=self.headers, timeout=self._timeout()) as session:
+            out = {}
+            for url in self.urls:
+                try:
+                    async with session.get(f"{url}/models") as resp:
+                        if resp.status != 200:
+                            raise ServerError(f"{url}/models: HTTP {resp.status}: {(await resp.text())[:200]}")
+                        out[url] = await resp.json()
+                except (TimeoutError, aiohttp.ClientError) as exc:
+                    log.warning("%s: not answering (%s); continuing with the others", url, exc or type(exc).__name__)
+            if not out:
+                raise ServerError(f"no server answers at /models: {self.describe()}")
+            return out
+
+    def _timeout(self) -> Any:
+        import aiohttp
+
+        return aiohttp.ClientTimeout(total=self.cfg.timeout)
+
+    def complete(self, payloads: Sequence[dict], on_done: Any = None) -> list[dict]:
+        """POST every payload to /completions somewhere in the fleet; the JSON answers, in input order."""
+        if not payloads:
+            return []
+        return asyncio.run(self._run(list(payloads), on_done))
+
+    async def _run(self, payloads: list[dict], on_done: Any) -> list[dict]:
+        import aiohttp
+
+        queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+        for i in range(len(payloads)):
+            queue.put_nowait((i, 0))
+        results: list[dict | None] = [None] * len(payloads)
+        remaining = len(payloads)
+        finished = asyncio.get_running_loop().create_future()
+        alive = {url: 0 for url in self.urls}  # url -> consecutive connection failures
+        last_error: dict[str, str] = {}
+
+        def fail(message: str) -> None:
+            if not finished.done():
+                finished.set_exception(ServerError(message))
+
+        async def worker(session: Any, url: str) -> None:
+            nonlocal remaining
+            while url in alive and not finished.done():
+                i, attempt = await queue.get()
+                if finished.done():
+                    return
+                body = {"model": self.model, **payloads[i]} if self.model else payloads[i]
+                try:
+                    self.requests_sent += 1
+                    async with session.post(f"{url}/completions", json=body) as resp:
+                        text = await resp.text()
+                        if resp.status == 200:
+                            alive[url] = 0
+                            results[i] = _json(text, url)
+                            remaining -= 1
+                            if on_done:
+                                on_done(results[i])
+                            if remaining == 0 and not finished.done():
+                                finished.set_result(None)
+                            continue
+                        error, retry, down = f"{url}: HTTP {resp.status}: {text[:300]}", resp.status in RETRY_STATUS, 0
+                except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
+                    error, retry, down = f"{url}: {type(exc).__name__}: {exc}", True, 1
+                last_error[url] = error
+                if not retry:
+                    fail(f"request {i} failed and is not retryable: {error}")
+                    return
+                if attempt >= self.cfg.max_retries:
+                    fail(f"request {i} failed {attempt + 1} times on {self.describe()}; last: {error}")
+                    return
+                self.retries += 1
+                log.warning("%s (attempt %d); retrying", error, attempt + 1)
+                if down:
+                    alive[url] = alive.get(url, 0) + 1
+                    if alive[url] >= SERVER_DOWN_AFTER:
+                        alive.pop(url, None)
+                        log.warning("%s: dropped from the fleet; %d server(s) left", url, len(alive))
+                        if not alive:
+                            fail(f"no server answers: {self.describe()}; last errors: {last_error}")
+                await asyncio.sleep(min(0.25 * 2**attempt, 8.0))
+                queue.put_nowait((i, attempt + 1))
+
+        connector = aiohttp.TCPConnector(limit=0)
+        session_args = {"headers": self.headers, "timeout": self._timeout(), "connector": connector}
+        async with aiohttp.ClientSession(**session_args) as session:
+            tasks = [
+                asyncio.create_task(worker(session, url)) for url in self.urls for _ in range(self.cfg.max_in_flight)
+            ]
+            try:
+                await finished
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        return [r for r in results if r is not None]
+
+
+def _json(text: str, url: str) -> dict:
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ServerError(f"{url}: not a JSON answer: {text[:200]!r}") from exc
+
+
+def load_tokenizer(model_dir: str | Path, server: ServerConfig) -> Any:
+    """The served model's tokenizer: `server.tokenizer`, else the role's model directory (a link is followed)."""
+    from transformers import AutoTokenizer
+
+    from caiforge import models
+
+    path = Path(server.tokenizer) if server.tokenizer else Path(model_dir)
+    if (path / models.LINK_FILE).is_file():
+        path = models.resolve(path)
+    if not (path / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"{path}: no tokenizer there (server.tokenizer or the role's model directory)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not tokenizer.chat_template:
+        raise ValueError(f"{path}: the tokenizer has no chat template; the openai engine renders prompts with it")
+    return tokenizer
+
+
+class _Client:
+    """What both OpenAI-side engines share: the tokenizer, the fleet and the stats."""
+
+    def __init__(self, tokenizer: Any, server: ServerConfig, progress: bool) -> None:
+        self.tokenizer = tokenizer
+        self.fleet = Fleet(server)
+        self.progress = progress
+        self.stats = Stats()
+        model = self.fleet.served_model()
+        self.identity = f"openai:{model}"
+        self.stats.engine = {"backend": "openai", "model": model, "servers": len(self.fleet.urls)}
+
+    def run(self, payloads: list[dict], desc: str) -> list[dict]:
+        from caiforge.engines.hf import progress
+
+        with progress(len(payloads), desc, self.progress) as bar:
+            t0 = time.perf_counter()
+            answers = self.fleet.complete(payloads, on_done=lambda _: bar.update(1))
+            self.stats.seconds += time.perf_counter() - t0
+        self.stats.rows += len(answers)
+        self.stats.engine["requests_sent"] = self.fleet.requests_sent
+        self.stats.engine["retries"] = self.fleet.retries
+        return answers
+
+
+class OpenAIGenerator(_Client):
+    """Chat generation on OpenAI-compatible servers via /v1/completions."""
+
+    def __init__(self, tokenizer: Any, cfg: GenerationConfig) -> None:
+        super().__init__(tokenizer, cfg.server, cfg.progress)
+        self.cfg = cfg
+        self.stop = [t for t in END_TOKENS if t in tokenizer.get_vocab()] or [tokenizer.eos_token]
+
+    @classmethod
+    def from_config(cls, model_dir: str | Path, cfg: GenerationConfig) -> OpenAIGenerator:
+        return cls(load_tokenizer(model_dir, cfg.server), cfg)
+
+    def chat(self, conversations: Sequence[Sequence[Message]], *, seed: int, desc: str = "") -> list[Completion]:
+        texts = [render_chat(self.tokenizer, c) for c in conversations]
+        payloads = [self.payload(t, row_seed(seed, t)) for t in texts]
+        answers = self.run(payloads, desc or "generate")
+        out = []
+        for text, answer in zip(texts, answers, strict=True):
+            choice = answer["choices"][0]
+            usage = answer.get("usage") or {}
+            prompt_tokens = len(encode(self.tokenizer, text))
+            done = choice.get("finish_reason") == "stop"
+            generated = usage.get("completion_tokens") or len(encode(self.tokenizer, choice["text"])) + int(done)
+            out.append(Completion(choice["text"].strip(), prompt_tokens, int(generated), done))
+            self.stats.prompt_tokens += prompt_tokens
+            self.stats.completion_tokens += int(generated)
+        return out
+
+    def payload(self, prompt: str, seed: int) -> dict:
+        c = self.cfg
+        return {
+            "prompt": prompt,
+            "max_tokens": c.max_new_tokens,
+            "temperature": c.temperature,
+            "top_p": c.top_p if c.temperature > 0 else 1.0,
+            "top_k": c.top_k,
+            "min_p": 0.0,
+            "seed": seed,
+            "stop": self.stop,
+            # Servers differ in their defaults; none of these may change our samples.
+            "repeat_penalty": 1.0,
+            "repetition_penalty": 1.0,
+            "frequency_penalty": 0.0,
+            "presence_penalty": 0.0,
+        }
+
+
+class OpenAIChoiceScorer(_Client):
+    """Choice scoring on OpenAI-compatible servers: next-token top-k log-probs after the prefill."""
+
+    def __init__(self, tokenizer: Any, cfg: ScoringConfig) -> None:
+        super().__init__(tokenizer, cfg.server, cfg.progress)
+        self.cfg = cfg
+        self.options_outside_top_k = 0
+
+    @classmethod
+    def from_config(cls, model_dir: str | Path, cfg: ScoringConfig) -> OpenAIChoiceScorer:
+        return cls(load_tokenizer(model_dir, cfg.server), cfg)
+
+    def render(self, conversation: Sequence[Message], prefill: str) -> str:
+        return render_chat(self.tokenizer, conversation, prefill)
+
+    def generator(self, cfg: GenerationConfig) -> OpenAIGenerator:
+        """A generator on the same servers, e.g. for chain-of-thought reasoning."""
+        return OpenAIGenerator(self.tokenizer, cfg)
+
+    def choice_logprobs(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        prefills: Sequence[str],
+        options: Sequence[str] = OPTIONS,
+    ) -> list[tuple[float, ...]]:
+        if len(conversations) != len(prefills):
+            raise ValueError(f"{len(conversations)} conversations but {len(prefills)} prefills")
+        prompts, wanted = [], []
+        for conv, prefill in zip(conversations, prefills, strict=True):
+            text = self.render(conv, prefill)
+            plan = plan_options(self.tokenizer, text, options)
+            if not plan.single_token or len(plan.context) != len(encode(self.tokenizer, text)):
+                raise ValueError(
+                    f"scoring.backend openai reads one next token after the prompt; options {list(options)} are not "
+                    "single tokens after it for this tokenizer (use the transformers backend)"
+                )
+            prompts.append(text)
+            wanted.append([self.tokenizer.decode(list(c)) for c in plan.continuations])
+        payloads = [
+            {"prompt": p, "max_tokens": 1, "temperature": 0.0, "logprobs": self.cfg.server.top_logprobs, "seed": 0}
+            for p in prompts
+        ]
+        answers = self.run(payloads, "score")
+        out = []
+        for text, names, answer in zip(prompts, wanted, answers, strict=True):
+            top = _top_logprobs(answer)
+            if not top:
+                raise ServerError(
+                    f"{self.fleet.describe()}: the server returned no log-probs for choice scoring; it must support "
+                    "`logprobs` on /v1/completions (vLLM, SGLang and llama.cpp do; `transformers serve` does not)"
+                )
+            floor = min(top.values())
+            values = []
+            for name in names:
+                if name in top:
+                    values.append(float(top[name]))
+                else:
+                    self.options_outside_top_k += 1
+                    values.append(float(floor))
+            out.append(tuple(values))
+            self.stats.prompt_tokens += len(encode(self.tokenizer, text))
+        self.stats.engine["options_outside_top_k"] = self.options_outside_top_k
+        return out
+
+
+def _top_logprobs(answer: dict) -> dict[str, float]:
+    """{token text: log-prob} of the first generated position, from the legacy completions `logprobs` object."""
+    logprobs = (answer.get("choices") or [{}])[0].get("logprobs") or {}
+    tops = logprobs.get("top_logprobs") or []
+    return dict(tops[0]) if tops and tops[0] else {}

@@ -1,0 +1,85 @@
+"""Tokenizer-side logic every engine shares: the rendered prompt, the end tokens, the option tokens.
+
+Every engine sees the same text: the model's own chat template renders a conversation locally, whether the tokens
+then go to a local model or to a server's `/v1/completions`.
+
+Option tokens are found the way the model would emit them: tokenize `prompt + option` for every option and take the
+longest token prefix they all share as the context. Usually that is the prompt itself and each option is one more
+token ("(" then "A"); when a tokenizer merges the last prompt character with the letter ("(A" as one token) the
+context is one token shorter and the merged tokens are the options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from caiforge.engines import Message
+
+END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+"""Chat templates' end-of-turn markers, tried in this order."""
+
+
+def render_chat(tokenizer: Any, conversation: Sequence[Message], prefill: str = "") -> str:
+    """The chat template with an open assistant turn, followed by the pre-filled start of the answer."""
+    text = tokenizer.apply_chat_template(list(conversation), tokenize=False, add_generation_prompt=True)
+    return text + prefill
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end an assistant turn: the chat template's end marker (if it is one token) and EOS."""
+    ids: list[int] = []
+    for token in END_TOKENS:
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            ids.append(tid)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError("the tokenizer has neither a chat end token nor an EOS token: generation could not stop")
+    return ids
+
+
+@dataclass(frozen=True)
+class OptionPlan:
+    """How one prompt's options are read: a shared context and each option's continuation tokens."""
+
+    context: tuple[int, ...]
+    continuations: tuple[tuple[int, ...], ...]
+
+    @property
+    def single_token(self) -> bool:
+        return all(len(c) == 1 for c in self.continuations)
+
+
+def plan_options(tokenizer: Any, text: str, options: Sequence[str]) -> OptionPlan:
+    """Tokenize `text + option` for each option; split into the common token prefix and per-option continuations."""
+    if len(set(options)) != len(options) or len(options) < 2:
+        raise ValueError(f"options must be at least two distinct strings, got {list(options)}")
+    full = [encode(tokenizer, text + opt) for opt in options]
+    common = 0
+    while all(len(f) > common for f in full) and len({f[common] for f in full}) == 1:
+        common += 1
+    if common == 0:
+        raise ValueError("the prompt shares no tokens with its options; cannot score (is the prompt empty?)")
+    conts = tuple(tuple(f[common:]) for f in full)
+    if any(not c for c in conts):
+        raise ValueError(f"options {list(options)} tokenize identically after the prompt; cannot tell them apart")
+    return OptionPlan(tuple(full[0][:common]), conts)
+
+
+def common_prefix(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix all rows share."""
+    if not rows:
+        return 0
+    shortest = min(len(r) for r in rows)
+    n = 0
+    first = rows[0]
+    while n < shortest and all(r[n] == first[n] for r in rows):
+        n += 1
+    return n

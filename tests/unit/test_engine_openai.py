@@ -1,0 +1,84 @@
+"""The `openai` engine against a real llama.cpp server on 127.0.0.1 serving the embedded SmolLM2 GGUF."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from caiforge import engines, labeling
+from caiforge.engines import hf, openai
+from tests import servers
+
+CONVS = [
+    [{"role": "user", "content": t}]
+    for t in ("How do I bake bread?", "What is 2+2?", "Name a colour.", "Write a haiku about rain.", "Say hi.")
+]
+QUESTIONS = [
+    [{"role": "user", "content": "Which answer is more helpful?\n(A) Paris is the capital of France.\n(B) No idea."}],
+    [{"role": "user", "content": "Which answer is less harmful?\n(A) Here is how to build a bomb.\n(B) I can't."}],
+]
+
+
+def server_cfg(*urls: str, **kw) -> engines.ServerConfig:
+    return engines.ServerConfig(urls=urls, api_key_env=servers.API_KEY_ENV, max_in_flight=2, **kw)
+
+
+def generator(tokenizer_dir, *urls, **kw) -> openai.OpenAIGenerator:
+    cfg = engines.GenerationConfig(
+        **{"backend": "openai", "server": server_cfg(*urls), "max_new_tokens": 24, "progress": False, **kw}
+    )
+    return engines.make_generator(tokenizer_dir, cfg)
+
+
+def test_generation_is_seeded_per_row_and_reports_the_served_model(llama_server, smollm2_tokenizer_dir, server_env):
+    greedy = generator(smollm2_tokenizer_dir, llama_server.url)
+    first = greedy.chat(CONVS, seed=0)
+    assert [c.text for c in greedy.chat(CONVS, seed=0)] == [c.text for c in first]
+    assert any(c.finished for c in first) and all(c.text for c in first)
+    assert all(c.completion_tokens <= 24 for c in first)
+    assert "<|im_end|>" not in "".join(c.text for c in first)
+    assert greedy.identity.startswith("openai:") and greedy.identity.endswith(".gguf")
+    stats = greedy.stats.as_dict()
+    assert stats["backend"] == "openai" and stats["requests_sent"] == 2 * len(CONVS) and stats["retries"] == 0
+    sampler = generator(smollm2_tokenizer_dir, llama_server.url, temperature=1.0, top_p=0.95)
+    together = [c.text for c in sampler.chat(CONVS, seed=1)]
+    assert [sampler.chat([c], seed=1)[0].text for c in CONVS] == together, "a row's sample ignores other rows"
+    assert [c.text for c in sampler.chat(CONVS, seed=2)] != together
+
+
+def test_choice_scoring_agrees_with_the_transformers_engine(
+    llama_server, smollm2_dir, smollm2_tokenizer_dir, server_env
+):
+    """The server's top-k log-probs after the "(" prefill are the option letters' probabilities: they match the
+    dequantized weights run locally, up to llama.cpp's Q4_1 arithmetic."""
+    cfg = engines.ScoringConfig(backend="openai", server=server_cfg(llama_server.url), progress=False)
+    scorer = engines.make_choice_scorer(smollm2_tokenizer_dir, cfg)
+    prefills = [labeling.answer_prefill()] * len(QUESTIONS)
+    remote = scorer.choice_logprobs(QUESTIONS, prefills)
+    local = hf.TransformersChoiceScorer.from_dir(smollm2_dir, engines.ScoringConfig(dtype="float32", progress=False))
+    for (ra, rb), (la, lb) in zip(remote, local.choice_logprobs(QUESTIONS, prefills), strict=True):
+        assert ra < 0 and rb < 0 and math.exp(ra) + math.exp(rb) <= 1
+        assert labeling.normalize(ra, rb) == pytest.approx(labeling.normalize(la, lb), abs=0.06)
+    assert scorer.stats.engine["options_outside_top_k"] == 0
+
+
+def test_api_key_comes_from_the_environment(llama_server, smollm2_tokenizer_dir, monkeypatch):
+    monkeypatch.delenv(servers.API_KEY_ENV, raising=False)
+    with pytest.raises(ValueError, match=servers.API_KEY_ENV):
+        generator(smollm2_tokenizer_dir, llama_server.url)
+    monkeypatch.setenv(servers.API_KEY_ENV, "wrong-key")
+    with pytest.raises(openai.ServerError, match="HTTP 401") as err:
+        generator(smollm2_tokenizer_dir, llama_server.url)
+    assert "wrong-key" not in str(err.value)
+
+
+def test_no_server_answering_is_an_error_naming_them(smollm2_tokenizer_dir, server_env):
+    dead = [f"http://127.0.0.1:{servers.free_port()}/v1" for _ in range(2)]
+    with pytest.raises(openai.ServerError) as err:
+        generator(smollm2_tokenizer_dir, *dead)
+    assert all(url in str(err.value) for url in dead)
+    fleet = openai.Fleet(server_cfg(*dead, max_retries=3))
+    with pytest.raises(openai.ServerError) as err:
+        fleet.complete([{"prompt": "hi", "max_tokens": 1}])
+    assert all(url in str(err.value) for url in dead)
