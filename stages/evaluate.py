@@ -22,7 +22,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import polars as pl
@@ -87,7 +87,8 @@ class EvaluateConfig:
     report_examples: int
     """Prompts per kind shown side by side in the report."""
     generation: engines.GenerationConfig
-    """Decoding for the models' answers (greedy by default)."""
+    """Decoding for the models' answers (greedy by default). With the openai backend each model's requests name
+    it (`base`, `sft`, `rl`, `student`): the servers must list every one of them (e.g. a multi-model router)."""
     scoring: engines.ScoringConfig
     """Judge scoring settings."""
     pm_batch_size: int
@@ -110,12 +111,19 @@ class EvaluateConfig:
             )
 
 
+def model_generation(gen: engines.GenerationConfig, name: str) -> engines.GenerationConfig:
+    """One model's decoding config: on servers, its requests name it, so one URL list can serve every model."""
+    return replace(gen, server=replace(gen.server, model=name)) if gen.backend == "openai" else gen
+
+
 def answer_all(cfg: EvaluateConfig, chosen: pl.DataFrame) -> pl.DataFrame:
     """Every model's answer to every chosen prompt (one model in memory at a time)."""
     convs = [[{"role": "user", "content": t}] for t in chosen["text"]]
     rows = []
     for name, model_dir in cfg.models.items():
-        outs = engines.make_generator(model_dir, cfg.generation).chat(convs, seed=cfg.seed, desc=name)
+        outs = engines.make_generator(model_dir, model_generation(cfg.generation, name)).chat(
+            convs, seed=cfg.seed, desc=name
+        )
         for prompt, answer in zip(chosen.iter_rows(named=True), outs, strict=True):
             rows.append(
                 {

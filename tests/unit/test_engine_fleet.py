@@ -1,0 +1,133 @@
+"""The openai engine's fleet logic against a scripted HTTP server on 127.0.0.1: which failures are retried, when
+it gives up, and what a server without log-probs gets. (The real-server path is tests/unit/test_engine_openai.py
+and tests/stages/test_server_backend.py, against llama.cpp.)"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from caiforge import engines
+from caiforge.engines import openai
+from tests import servers
+
+
+class Scripted:
+    """An OpenAI-shaped HTTP server whose /v1/completions answers with the statuses in `script`, then 200."""
+
+    def __init__(self, script: list[int], logprobs: bool = True) -> None:
+        self.script, self.logprobs, self.seen = list(script), logprobs, 0
+        self.port = servers.free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+
+    async def completions(self, request):
+        from aiohttp import web
+
+        body = await request.json()
+        self.seen += 1
+        if self.script:
+            return web.json_response({"error": "scripted"}, status=self.script.pop(0))
+        top = [{"(": -3.0, "A": -0.5, "B": -1.5}] if self.logprobs else None
+        choice = {"text": f"echo {body['prompt'][-5:]}", "finish_reason": "stop", "logprobs": None}
+        if top:
+            choice["logprobs"] = {"top_logprobs": top}
+        return web.json_response({"choices": [choice], "usage": {"completion_tokens": 3}})
+
+    async def models(self, request):
+        from aiohttp import web
+
+        return web.json_response({"data": [{"id": "scripted-model"}]})
+
+    def serve(self) -> Iterator[Scripted]:
+        from aiohttp import web
+
+        loop = asyncio.new_event_loop()
+        app = web.Application()
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/v1/models", self.models)
+        runner = web.AppRunner(app)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=5)
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+
+
+@pytest.fixture
+def scripted(request):
+    script, logprobs = request.param if isinstance(request.param, tuple) else (request.param, True)
+    yield from Scripted(script, logprobs).serve()
+
+
+def fleet(*urls: str, **kw) -> openai.Fleet:
+    return openai.Fleet(engines.ServerConfig(urls=urls, max_in_flight=1, **kw))
+
+
+@pytest.mark.parametrize("scripted", [[503, 429, 502]], indirect=True)
+def test_busy_answers_are_retried(scripted):
+    f = fleet(scripted.url)
+    answers = f.complete([{"prompt": "one"}, {"prompt": "two"}])
+    assert [a["choices"][0]["text"] for a in answers] == ["echo one", "echo two"], "input order kept"
+    assert f.retries == 3 and scripted.seen == 5
+
+
+@pytest.mark.parametrize("scripted", [[400]], indirect=True)
+def test_a_client_error_is_not_retried(scripted):
+    with pytest.raises(openai.ServerError, match="not retryable.*HTTP 400"):
+        fleet(scripted.url).complete([{"prompt": "x"}])
+    assert scripted.seen == 1
+
+
+@pytest.mark.parametrize("scripted", [[503] * 10], indirect=True)
+def test_retries_are_bounded(scripted):
+    with pytest.raises(openai.ServerError, match="failed 3 times"):
+        fleet(scripted.url, max_retries=2).complete([{"prompt": "x"}])
+
+
+@pytest.mark.parametrize("scripted", [[]], indirect=True)
+def test_requests_move_off_a_dead_server(scripted):
+    dead = f"http://127.0.0.1:{servers.free_port()}/v1"
+    f = fleet(dead, scripted.url)
+    answers = f.complete([{"prompt": f"p{i}"} for i in range(6)])
+    assert len(answers) == 6 and scripted.seen == 6 and f.retries >= 1
+
+
+@pytest.mark.parametrize("scripted", [([], False)], indirect=True)
+def test_choice_scoring_without_logprobs_is_an_error(scripted, tiny_model_dir):
+    cfg = engines.ScoringConfig(backend="openai", server=engines.ServerConfig(urls=(scripted.url,)), progress=False)
+    scorer = engines.make_choice_scorer(tiny_model_dir, cfg)
+    assert scorer.identity == "openai:scripted-model"
+    with pytest.raises(openai.ServerError, match="no log-probs"):
+        scorer.choice_logprobs([[{"role": "user", "content": "A or B?"}]], ["The answer is: ("])
+
+
+@pytest.mark.parametrize("scripted", [[]], indirect=True)
+def test_choice_scoring_reads_the_option_letters(scripted, tiny_model_dir):
+    cfg = engines.ScoringConfig(backend="openai", server=engines.ServerConfig(urls=(scripted.url,)), progress=False)
+    scorer = engines.make_choice_scorer(tiny_model_dir, cfg)
+    assert scorer.choice_logprobs([[{"role": "user", "content": "A or B?"}]], ["The answer is: ("]) == [(-0.5, -1.5)]
+
+
+@pytest.mark.parametrize("scripted", [[]], indirect=True)
+def test_evaluate_names_each_model_on_shared_servers(scripted, tiny_model_dir):
+    """evaluate's answers from servers: each model's requests carry its name, and a model the servers do not list
+    is an error naming it (never answers from whatever model happens to be served)."""
+    from tests.conftest import load_stage
+
+    evaluate = load_stage("evaluate")
+    cfg = engines.GenerationConfig(backend="openai", server=engines.ServerConfig(urls=(scripted.url,)))
+    with pytest.raises(openai.ServerError, match="'sft' is not served"):
+        engines.make_generator(tiny_model_dir, evaluate.model_generation(cfg, "sft"))
+    served = engines.make_generator(tiny_model_dir, evaluate.model_generation(cfg, "scripted-model"))
+    assert served.identity == "openai:scripted-model"
+    local = engines.GenerationConfig()
+    assert evaluate.model_generation(local, "sft") is local
