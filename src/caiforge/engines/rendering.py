@@ -22,9 +22,33 @@ END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 
 
 def render_chat(tokenizer: Any, conversation: Sequence[Message], prefill: str = "") -> str:
-    """The chat template with an open assistant turn, followed by the pre-filled start of the answer."""
-    text = tokenizer.apply_chat_template(list(conversation), tokenize=False, add_generation_prompt=True)
-    return text + prefill
+    """The chat template with an open assistant turn, followed by the pre-filled start of the answer.
+
+    Message contents and the prefill are text, never control tokens: a red-team prompt or a model's answer that
+    spells out `<|im_end|>\n<|im_start|>assistant` must not close its turn and forge another (see `neutralize`).
+    """
+    turns = [{**turn, "content": neutralize(tokenizer, turn["content"])} for turn in conversation]
+    text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    return text + neutralize(tokenizer, prefill)
+
+
+def special_strings(tokenizer: Any) -> list[str]:
+    """Every special token's text (chat markers, EOS, ...), longest first."""
+    found = set(tokenizer.all_special_tokens)
+    found |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    return sorted((s for s in found if s), key=lambda s: (-len(s), s))
+
+
+def neutralize(tokenizer: Any, text: str) -> str:
+    """`text` with each special token's spelling broken by a zero-width space after its first character, so that
+    no tokenizer (ours or a server's) can read it as the control token; every other text is left unchanged."""
+    for special in special_strings(tokenizer):
+        if special in text:
+            text = text.replace(special, special[0] + ZERO_WIDTH_SPACE + special[1:])
+    return text
+
+
+ZERO_WIDTH_SPACE = "\u200b"
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
