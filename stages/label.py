@@ -59,6 +59,9 @@ class LabelConfig:
     """Cap on prompts (a seeded subset); null = all."""
     principles_per_pair: int
     """M distinct comparison principles per pair (the ensemble)."""
+    principle_categories: dict[str, tuple[str, ...]]
+    """Prompt kind -> the comparison-principle categories its pairs are judged under (red-team pairs under
+    helpfulness principles would reward complying)."""
     few_shot: int
     """How many of the constitution's comparison demos go in front of each question."""
     chain_of_thought: bool
@@ -83,15 +86,34 @@ class LabelConfig:
             raise ValueError("label: samples_per_prompt must be >= 2, principles_per_pair >= 1 and few_shot >= 0")
         if self.generation.temperature <= 0:
             raise ValueError("label.generation.temperature must be > 0: greedy decoding gives K identical samples")
+        kinds = ("red_team", "helpful") if self.include_helpful else ("red_team",)
+        for kind in kinds:
+            if kind not in self.principle_categories:
+                raise ValueError(f"label.principle_categories: no entry for prompt kind {kind!r}")
+            unknown = set(self.principle_categories[kind]) - set(constitution.CATEGORIES)
+            if unknown:
+                raise ValueError(
+                    f"label.principle_categories.{kind}: unknown categories {sorted(unknown)} "
+                    f"(known: {list(constitution.CATEGORIES)})"
+                )
+            pool = self.pool(kind)
+            if len(pool) < self.principles_per_pair:
+                raise ValueError(
+                    f"label.principles_per_pair={self.principles_per_pair}, but the constitution has only "
+                    f"{len(pool)} comparison principles in {list(self.principle_categories[kind])} for {kind} prompts"
+                )
         if len(self.cot_band) != 2 or not 0 <= self.cot_band[0] <= 0.5 <= self.cot_band[1] <= 1:
             raise ValueError(f"label.cot_band must be [low, high] with 0 <= low <= 0.5 <= high <= 1: {self.cot_band}")
+
+    def pool(self, kind: str) -> list[constitution.ComparisonPrinciple]:
+        """The comparison principles a pair of `kind` prompts is judged under."""
+        wanted = set(self.principle_categories[kind])
+        return [p for p in self.constitution.comparison if p.category in wanted]
 
 
 def run(cfg: LabelConfig, scorer: engines.ChoiceScorer | None = None) -> dict:
     human = labeling.read_human_labels(cfg.human_labels) if cfg.human_labels else {}
     principles = cfg.constitution.comparison
-    if cfg.principles_per_pair > len(principles):
-        raise ValueError(f"label.principles_per_pair={cfg.principles_per_pair}: only {len(principles)} principles")
     kinds = ["red_team", "helpful"] if cfg.include_helpful else ["red_team"]
     table = io.read_parquet(cfg.prompts, schemas.PROMPTS)
     table = table.filter((pl.col("split") == "train") & pl.col("kind").is_in(kinds)).sort("id")
@@ -101,6 +123,7 @@ def run(cfg: LabelConfig, scorer: engines.ChoiceScorer | None = None) -> dict:
     if table.is_empty():
         raise ValueError(f"{cfg.prompts}: no {' or '.join(kinds)} prompts in the train split")
     ids, texts = table["id"].to_list(), table["text"].to_list()
+    kind_of = dict(zip(ids, table["kind"].to_list(), strict=True))
 
     gen = engines.make_generator(cfg.policy, cfg.generation)
     convs = [prompts.answer(t) for t in texts]
@@ -118,7 +141,10 @@ def run(cfg: LabelConfig, scorer: engines.ChoiceScorer | None = None) -> dict:
     if not pairs:
         raise ValueError(f"all {cfg.samples_per_prompt} samples of every prompt were identical: nothing to label")
 
-    drawn = {p.pair_id: labeling.draw_principles(p, principles, cfg.principles_per_pair, cfg.seed) for p in pairs}
+    drawn = {
+        p.pair_id: labeling.draw_principles(p, cfg.pool(kind_of[p.prompt_id]), cfg.principles_per_pair, cfg.seed)
+        for p in pairs
+    }
     by_id = {p.id: p for p in principles}
     examples = cfg.constitution.comparison_examples[: cfg.few_shot]
     questions = [(pair, pr, order) for pair in pairs for pr in drawn[pair.pair_id] for order in labeling.ORDERS]

@@ -126,6 +126,26 @@ def test_bad_params_fail_clearly(tmp_path, tiny_model_dir):
         make_cfg(tmp_path, tiny_model_dir, ["label.generation.temperature=0.0"])
     with pytest.raises(ValueError, match="samples_per_prompt"):
         make_cfg(tmp_path, tiny_model_dir, ["label.samples_per_prompt=1"])
-    cfg = make_cfg(tmp_path, tiny_model_dir, ["label.principles_per_pair=99"])
     with pytest.raises(ValueError, match="principles_per_pair=99"):
-        stage.run(cfg)
+        make_cfg(tmp_path, tiny_model_dir, ["label.principles_per_pair=99"])
+
+
+def test_pairs_are_judged_only_under_principles_of_their_prompts_kind(tmp_path, tiny_model_dir):
+    """Red-team pairs never under helpfulness principles (they would reward complying), helpful pairs never under
+    harmlessness ones; a mapping that leaves too few principles fails before anything runs."""
+    cfg = make_cfg(tmp_path, tiny_model_dir, ["label.max_prompts=12", "label.principles_per_pair=2"])
+    stage.run(cfg, scorer=FakeScorer(lambda a, b: (0.6, 0.4)))
+    comparisons = read(tmp_path, "comparisons.parquet")
+    category = {p.id: p.category for p in cfg.constitution.comparison}
+    for kind, allowed in (("r", {"harmlessness", "ethics", "honesty"}), ("h", {"helpfulness", "honesty"})):
+        mine = comparisons.filter(pl.col("prompt_id").str.starts_with(kind))
+        assert mine.height > 0
+        assert {category[p] for p in mine["principle_id"]} <= allowed
+    with pytest.raises(config.ConfigError, match="principle_categories.helpful: unknown categories"):
+        make_cfg(tmp_path, tiny_model_dir, ["label.principle_categories.helpful=[kindness]"])
+    with pytest.raises(config.ConfigError, match="only 4 comparison principles in \\['helpfulness'\\] for helpful"):
+        make_cfg(
+            tmp_path,
+            tiny_model_dir,
+            ["label.principle_categories.helpful=[helpfulness]", "label.principles_per_pair=5"],
+        )
