@@ -84,6 +84,9 @@ class RlaifConfig(training.TrainingSchedule):
     """DPO loss (TRL names: sigmoid, ipo, robust, ...)."""
     dpo_max_length: int
     """DPO: token cap per prompt + answer."""
+    dpo_min_confidence: float
+    """DPO: pairs whose label confidence |2p - 1| is below this are left out: a near-0.5 soft label is no
+    preference, and DPO would train it as a hard one (human labels have confidence 1)."""
     reward_max_length: int
     """PM token cap per chat (the end is kept), as in the pm stage."""
     reward_batch_size: int
@@ -96,6 +99,24 @@ class RlaifConfig(training.TrainingSchedule):
     def __post_init__(self) -> None:
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0 (a KL leash to the SFT model), got {self.beta}")
+        if not 0 <= self.dpo_min_confidence < 1:
+            raise ValueError(f"dpo_min_confidence must be in [0, 1), got {self.dpo_min_confidence}")
+
+
+def dpo_pairs(cfg: RlaifConfig) -> tuple[pl.DataFrame, int]:
+    """The labelled pairs DPO trains on (outside the held-out prompts, confident enough) and how many fell short."""
+    pairs = io.read_parquet(cfg.preferences, schemas.PREFERENCES)
+    # Pairs on held-out prompts stay out, so the reward before/after is measured on prompts DPO never saw.
+    pairs = pairs.filter(~formats.stable_mask(pairs["prompt_id"], cfg.heldout_fraction, salt="rlaif-heldout"))
+    if pairs.is_empty():
+        raise ValueError(f"{cfg.preferences}: no preference pairs outside the held-out prompts")
+    kept = pairs.filter(pl.col("confidence") >= cfg.dpo_min_confidence)
+    if kept.is_empty():
+        raise ValueError(
+            f"{cfg.preferences}: none of {pairs.height} pairs reaches rlaif.dpo_min_confidence="
+            f"{cfg.dpo_min_confidence} (confidence = |2 p_chosen - 1|)"
+        )
+    return kept, pairs.height - kept.height
 
 
 def split_prompts(cfg: RlaifConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -151,11 +172,7 @@ def make_trainer(cfg: RlaifConfig, train: pl.DataFrame, pm: preference.Preferenc
     if cfg.algorithm == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        pairs = io.read_parquet(cfg.preferences, schemas.PREFERENCES)
-        # Pairs on held-out prompts stay out, so the reward before/after is measured on prompts DPO never saw.
-        pairs = pairs.filter(~formats.stable_mask(pairs["prompt_id"], cfg.heldout_fraction, salt="rlaif-heldout"))
-        if pairs.is_empty():
-            raise ValueError(f"{cfg.preferences}: no preference pairs outside the held-out prompts")
+        pairs, _ = dpo_pairs(cfg)
         data = Dataset.from_dict(
             {
                 "prompt": [[{"role": "user", "content": t}] for t in pairs["prompt"]],
@@ -238,6 +255,7 @@ def run(cfg: RlaifConfig) -> dict:
         "algorithm": cfg.algorithm,
         "beta": cfg.beta,
         "train_rows": train_rows,
+        "dpo_pairs_below_min_confidence": dpo_pairs(cfg)[1] if cfg.algorithm == "dpo" else None,
         "heldout_prompts": len(texts),
         "steps": result.global_step,
         "final_train_loss": training.final_train_loss(history),

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
+import polars as pl
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from caiforge import config
+from caiforge import config, formats
 from tests.conftest import load_stage, smoke_section, write_prompts
 from tests.stages.test_pm import make_cfg as make_pm_cfg
 
@@ -63,6 +64,11 @@ def test_rlaif_trains_and_reports_reward_and_kl(tmp_path, tiny_model_dir, pm_dir
     assert metrics["kl_heldout"]["decoding"] == "sampled"  # smoke samples: a random model's greedy answers are empty
     if algorithm == "dpo":
         assert metrics["dpo_reward_margin_mean"] is not None
+        # The synthetic labels' confidence cycles through 0, 0.25, 0.5, 0.75, 1: the 0s stay out of training.
+        prefs = pl.read_parquet(pm_dir / "preferences.parquet")
+        outside = prefs.filter(~formats.stable_mask(prefs["prompt_id"], cfg.heldout_fraction, salt="rlaif-heldout"))
+        assert metrics["train_rows"] == (outside["confidence"] >= cfg.dpo_min_confidence).sum() < outside.height
+        assert metrics["dpo_pairs_below_min_confidence"] == outside.height - metrics["train_rows"]
     else:
         assert metrics["kl_train_mean"] is not None, "beta > 0 must log TRL's KL"
         assert metrics["train_reward_mean"] is not None
@@ -79,3 +85,13 @@ def test_missing_pm_names_the_stage(tmp_path, tiny_model_dir):
     with pytest.raises(FileNotFoundError, match="dvc repro pm"):
         stage.run(cfg)
     assert not (tmp_path / "rlaif").exists()
+
+
+def test_dpo_confidence_filter_and_its_bounds(tmp_path, tiny_model_dir, pm_dir):
+    cfg = make_cfg(tmp_path, tiny_model_dir, pm_dir, ["rlaif.algorithm=dpo", "rlaif.dpo_min_confidence=0.99999"])
+    cfg_none = make_cfg(tmp_path, tiny_model_dir, pm_dir, ["rlaif.algorithm=dpo"])
+    assert cfg_none.dpo_min_confidence == 0.2
+    kept, dropped = stage.dpo_pairs(cfg)
+    assert (kept["confidence"] >= 0.99999).all() and dropped > 0
+    with pytest.raises(config.ConfigError, match="dpo_min_confidence must be in"):
+        make_cfg(tmp_path, tiny_model_dir, pm_dir, ["rlaif.dpo_min_confidence=1.0"])
