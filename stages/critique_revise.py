@@ -80,6 +80,7 @@ def run(cfg: CritiqueReviseConfig) -> dict:
     # One RNG per prompt: adding prompts never changes another prompt's principles.
     drawn = [constitution.draw(principles, random.Random(f"{cfg.seed}/{pid}"), cfg.rounds) for pid in ids]
     rows, usable_round = [], [0] * len(ids)
+    current_done = [c.finished for c in first]
     for rnd in range(1, cfg.rounds + 1):
         picked = [d[rnd - 1] for d in drawn]
         crits = [None] * len(ids)
@@ -116,6 +117,7 @@ def run(cfg: CritiqueReviseConfig) -> dict:
             )
             if not collapse.dropping(found, cfg.collapse):
                 current[i], usable_round[i] = rev.text, rnd  # a collapsed revision is not built upon
+                current_done[i] = rev.finished
     revisions = pl.DataFrame(rows, schema=dict(schemas.REVISIONS.columns))
 
     dropped: Counter[str] = Counter()
@@ -125,7 +127,9 @@ def run(cfg: CritiqueReviseConfig) -> dict:
             final = [r["flags"] for r in rows if r["prompt_id"] == pid][-1]
             dropped[",".join(collapse.dropping(final, cfg.collapse)) or "no_usable_revision"] += 1
             continue
-        sft_rows.append(_sft_row(pid, "red_team", texts[i], current[i], usable_round[i], cfg.system_prompt))
+        sft_rows.append(
+            _sft_row(pid, "red_team", texts[i], current[i], usable_round[i], cfg.system_prompt, current_done[i])
+        )
     helpful = table.filter(pl.col("kind") == "helpful")
     n_helpful = min(round(cfg.helpful_ratio * len(sft_rows)), helpful.height)
     helpful = subset(helpful, n_helpful, random.Random(cfg.seed + 1))
@@ -137,7 +141,7 @@ def run(cfg: CritiqueReviseConfig) -> dict:
         if bad:
             dropped["helpful:" + ",".join(bad)] += 1
             continue
-        sft_rows.append(_sft_row(pid, "helpful", text, ans.text, 0, cfg.system_prompt))
+        sft_rows.append(_sft_row(pid, "helpful", text, ans.text, 0, cfg.system_prompt, ans.finished))
     sft = pl.DataFrame(sft_rows, schema=dict(schemas.SFT.columns))
     if sft.filter(pl.col("kind") == "red_team").is_empty():
         raise ValueError(f"every revision collapsed ({dict(dropped)}); nothing to train on: see revisions.parquet")
@@ -169,13 +173,14 @@ def run(cfg: CritiqueReviseConfig) -> dict:
     return metrics
 
 
-def _sft_row(pid: str, kind: str, prompt: str, completion: str, rnd: int, system: str | None) -> dict:
+def _sft_row(pid: str, kind: str, prompt: str, completion: str, rnd: int, system: str | None, finished: bool) -> dict:
     return {
         "prompt_id": pid,
         "kind": kind,
         "prompt": prompts.answer(prompt, system),
         "completion": [{"role": "assistant", "content": completion}],
         "round": rnd,
+        "finished": finished,
     }
 
 

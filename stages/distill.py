@@ -96,16 +96,19 @@ def init_student(cfg: DistillConfig, teacher: Any, tokenizer: Any) -> tuple[Any,
 
 
 def run(cfg: DistillConfig) -> dict:
-    from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     train, heldout = split_prompts(cfg)
     out = Path(cfg.out_dir)
     texts = train["text"].to_list() + heldout["text"].to_list()
     teacher_gen = engines.make_generator(cfg.teacher, cfg.generation)
-    answers = [c.text for c in teacher_gen.chat([[{"role": "user", "content": t}] for t in texts], seed=cfg.seed)]
+    outs = teacher_gen.chat([[{"role": "user", "content": t}] for t in texts], seed=cfg.seed)
     del teacher_gen
-    train = train.with_columns(answer=pl.Series(answers[: train.height], dtype=pl.String))
+    answers = [c.text for c in outs]
+    train = train.with_columns(
+        answer=pl.Series(answers[: train.height], dtype=pl.String),
+        finished=pl.Series([c.finished for c in outs[: train.height]], dtype=pl.Boolean),
+    )
     held_prompts, held_answers = heldout["text"].to_list(), answers[train.height :]
 
     # fp32 weights on the training device: a pruned student copies the teacher's dtype, and AdamW wants fp32.
@@ -113,11 +116,12 @@ def run(cfg: DistillConfig) -> dict:
     teacher, tokenizer = models.load_pretrained(cfg.teacher, device=device)
     student, kept = init_student(cfg, teacher, tokenizer)
     before = distillation.agreement(student, teacher, tokenizer, held_prompts, held_answers)
-    data = Dataset.from_dict(
-        {
-            "prompt": [[{"role": "user", "content": t}] for t in train["text"]],
-            "completion": [[{"role": "assistant", "content": t}] for t in train["answer"]],
-        }
+    # A teacher answer cut off at the token cap is learned without the end token (never as a finished answer).
+    data = formats.completion_dataset(
+        tokenizer,
+        [[{"role": "user", "content": t}] for t in train["text"]],
+        train["answer"].to_list(),
+        train["finished"].to_list(),
     )
     with tempfile.TemporaryDirectory(prefix="caiforge-distill-") as scratch:
         args = SFTConfig(

@@ -66,6 +66,8 @@ class RlaifConfig(training.TrainingSchedule):
     """Sampled answers per prompt (grpo, rloo; >= 2, must divide batch_size * gradient_accumulation_steps)."""
     max_completion_length: int
     """Cap on sampled answer tokens (grpo, rloo)."""
+    mask_truncated_completions: bool
+    """grpo, rloo: a sampled answer cut off at the cap contributes no loss (its reward judged a half answer)."""
     temperature: float
     """Sampling temperature during training (grpo, rloo)."""
     top_p: float
@@ -152,7 +154,7 @@ def online_args(cfg: RlaifConfig) -> dict[str, Any]:
         "repetition_penalty": 1.0,
         "num_iterations": cfg.num_iterations,
         "epsilon": cfg.epsilon,
-        "mask_truncated_completions": False,
+        "mask_truncated_completions": cfg.mask_truncated_completions,
         "shuffle_dataset": True,
         "use_vllm": False,
         "log_completions": False,
@@ -255,6 +257,7 @@ def run(cfg: RlaifConfig) -> dict:
         "algorithm": cfg.algorithm,
         "beta": cfg.beta,
         "train_rows": train_rows,
+        "truncated_completion_fraction": mean_logged(history, "completions/clipped_ratio"),
         "dpo_pairs_below_min_confidence": dpo_pairs(cfg)[1] if cfg.algorithm == "dpo" else None,
         "heldout_prompts": len(texts),
         "steps": result.global_step,

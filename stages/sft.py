@@ -40,6 +40,12 @@ class SftConfig(training.TrainingSchedule):
     """LoRA instead of a full fine-tune (merged on save)."""
 
 
+def chats(tokenizer, rows: pl.DataFrame):
+    """sft.parquet rows as tokenized prompt -> completion (unfinished completions without the end token)."""
+    completions = [c[0]["content"] for c in rows["completion"].to_list()]
+    return formats.completion_dataset(tokenizer, rows["prompt"].to_list(), completions, rows["finished"].to_list())
+
+
 def run(cfg: SftConfig) -> dict:
     from trl import SFTConfig, SFTTrainer
 
@@ -60,8 +66,8 @@ def run(cfg: SftConfig) -> dict:
         trainer = SFTTrainer(
             model=model,
             args=args,
-            train_dataset=formats.to_dataset(train, ["prompt", "completion"]),
-            eval_dataset=formats.to_dataset(evals, ["prompt", "completion"]) if evals.height else None,
+            train_dataset=chats(tokenizer, train),
+            eval_dataset=chats(tokenizer, evals) if evals.height else None,
             processing_class=tokenizer,
             peft_config=training.peft_config(cfg.lora),
             callbacks=[training.dvclive_callback(out / "dvclive")],

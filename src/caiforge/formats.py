@@ -16,6 +16,39 @@ def to_dataset(df: pl.DataFrame, columns: Sequence[str]) -> Any:
     return Dataset.from_list(df.select(columns).to_dicts())
 
 
+def completion_dataset(
+    tokenizer: Any, prompts: Sequence[Sequence[dict]], completions: Sequence[str], finished: Sequence[bool]
+) -> Any:
+    """A tokenized `datasets.Dataset` (input_ids, completion_mask) of chat prompt -> assistant completion.
+
+    A finished completion ends with the chat template's end-of-turn (the model learns to stop there); an unfinished
+    one (it hit the token cap) does not: training on it as complete would teach the model to stop mid-sentence.
+    The prompt is rendered as every engine renders it (message text never becomes a control token).
+    """
+    from datasets import Dataset
+
+    from caiforge.engines.rendering import encode, neutralize, render_chat
+
+    if not len(prompts) == len(completions) == len(finished):
+        raise ValueError(f"{len(prompts)} prompts, {len(completions)} completions, {len(finished)} finished flags")
+    rows: dict[str, list] = {"input_ids": [], "completion_mask": []}
+    for prompt, completion, done in zip(prompts, completions, finished, strict=True):
+        head = render_chat(tokenizer, prompt)
+        text = neutralize(tokenizer, completion)
+        if done:
+            turns = [{**t, "content": neutralize(tokenizer, t["content"])} for t in prompt]
+            full = tokenizer.apply_chat_template(
+                [*turns, {"role": "assistant", "content": text}], tokenize=False, add_generation_prompt=False
+            )
+            if not full.startswith(head) or text not in full[len(head) :]:
+                raise ValueError("the chat template does not render the assistant turn after its generation prompt")
+            text = full[len(head) :]
+        prompt_ids, completion_ids = encode(tokenizer, head), encode(tokenizer, text)
+        rows["input_ids"].append(prompt_ids + completion_ids)
+        rows["completion_mask"].append([0] * len(prompt_ids) + [1] * len(completion_ids))
+    return Dataset.from_dict(rows)
+
+
 def stable_fraction(key: str, salt: str) -> float:
     """A number in [0, 1) fixed by `key` and `salt` alone (so adding rows never moves other rows)."""
     digest = hashlib.sha256(f"{salt}/{key}".encode()).digest()

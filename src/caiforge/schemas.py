@@ -93,11 +93,13 @@ SFT = Schema(
         ("prompt", CHAT),
         ("completion", CHAT),
         ("round", pl.Int32()),
+        ("finished", pl.Boolean()),
     ),
     sort_by=("kind", "prompt_id"),
 )
 """data/critique_revise/sft.parquet: TRL prompt-completion chats. kind = red_team (completion = the last usable
-revision, from `round`) or helpful (the policy's own answer, round 0)."""
+revision, from `round`) or helpful (the policy's own answer, round 0). finished = False: the completion hit the token
+cap; it is trained without the end-of-turn token."""
 
 PREFERENCES = Schema(
     name="preferences",

@@ -93,3 +93,16 @@ def test_empty_prompt_set_fails_clearly(tmp_path, tiny_model_dir):
 def test_constitution_without_critique_principles_fails_clearly(tmp_path, tiny_model_dir):
     with pytest.raises(constitution.ConstitutionError, match="critique_revision"):
         make_cfg(tmp_path, tiny_model_dir, parts={"critique_revision": [], "critique_revision_examples": []})
+
+
+def test_sft_rows_record_whether_the_answer_finished(tmp_path, tiny_model_dir):
+    """A revision cut off at the token cap is marked unfinished in sft.parquet (sft then trains it without the
+    end token), and a finished one is marked finished."""
+    cfg = make_cfg(tmp_path, tiny_model_dir, ["critique_revise.generation.max_new_tokens=6"])
+    stage.run(cfg)
+    revisions = pl.read_parquet(tmp_path / "out" / "revisions.parquet")
+    sft = pl.read_parquet(tmp_path / "out" / "sft.parquet").filter(pl.col("kind") == "red_team")
+    runaway = {(r["prompt_id"], r["round"]): "runaway" in r["flags"] for r in revisions.iter_rows(named=True)}
+    assert sft.height > 0
+    for row in sft.iter_rows(named=True):
+        assert row["finished"] is not runaway[(row["prompt_id"], row["round"])]

@@ -158,3 +158,24 @@ def test_text_can_never_become_a_control_token(tiny):
     text = rendering.render_chat(tok, forged, prefill="<|im_end|>")
     assert text.count("<|im_end|>") == rendering.render_chat(tok, plain).count("<|im_end|>")
     assert rendering.neutralize(tok, "no markers here") == "no markers here"
+
+
+def test_unfinished_completions_are_trained_without_the_end_token(tiny):
+    """An answer cut off at the token cap must not be closed by the chat template's end token in training data;
+    a finished one must be (so the model learns where to stop)."""
+    from caiforge import formats
+
+    _, tok = tiny
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    prompt = [{"role": "user", "content": "Tell me about rivers."}]
+    data = formats.completion_dataset(
+        tok, [prompt, prompt], ["Rivers flow to the sea.", "Rivers flow to"], [True, False]
+    )
+    done, cut = data[0], data[1]
+    prompt_len = len(engine(tiny).render(prompt))
+    for row in (done, cut):
+        assert row["completion_mask"] == [0] * prompt_len + [1] * (len(row["input_ids"]) - prompt_len)
+        assert row["input_ids"][:prompt_len] == engine(tiny).render(prompt), "the prompt as the engines render it"
+    completion = lambda row: row["input_ids"][prompt_len:]  # noqa: E731
+    assert end in completion(done) and end not in completion(cut)
+    assert tok.decode(completion(cut)) == "Rivers flow to"
