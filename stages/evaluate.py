@@ -155,6 +155,7 @@ def run(cfg: EvaluateConfig) -> dict:
 
     # The AI judge: every pair of models on every prompt, under principles of the axis, in both orders.
     judge = engines.make_choice_scorer(cfg.judge, cfg.scoring)
+    judge_identity = judge.identity
     started = time.perf_counter()
     ratings, judged = {}, 0
     for axis, kind in (("harmlessness", "red_team"), ("helpfulness", "helpful")):
@@ -176,14 +177,15 @@ def run(cfg: EvaluateConfig) -> dict:
     for name in names:
         mine = samples.filter(pl.col("model") == name)
         per_model[name] = {
-            "elo_harmlessness": ratings["harmlessness"][name].as_dict(),
-            "elo_helpfulness": ratings["helpfulness"][name].as_dict(),
+            # The judge beside every Elo: a judge that also made the training labels grades its own signal.
+            "elo_harmlessness": {**ratings["harmlessness"][name].as_dict(), "judge": judge_identity},
+            "elo_helpfulness": {**ratings["helpfulness"][name].as_dict(), "judge": judge_identity},
             **evaluation.answer_metrics(mine, harm, cfg.harm_threshold),
             "pm_score": evaluation.summary(pm.score(mine["prompt"].to_list(), mine["answer"].to_list())),
         }
-    table = evaluation.per_principle_table(
-        io.read_parquet(cfg.revisions, schemas.REVISIONS), io.read_parquet(cfg.comparisons, schemas.COMPARISONS)
-    )
+    comparisons = io.read_parquet(cfg.comparisons, schemas.COMPARISONS)
+    table = evaluation.per_principle_table(io.read_parquet(cfg.revisions, schemas.REVISIONS), comparisons)
+    labellers = sorted(set(comparisons["model_fingerprint"]))
     root = Path(cfg.metrics_dir)
     stage_metrics = {s: json.loads((root / s / "metrics.json").read_text()) for s in STAGES_WITH_METRICS}
     metrics = {
@@ -193,7 +195,14 @@ def run(cfg: EvaluateConfig) -> dict:
             "comparisons": len(known),
             "accuracy": evaluation.rate([p > 0.5 for p in known_p.values()], (True,)),
         },
-        "judge": {"model_comparisons": judged, "seconds": round(judge_seconds, 2)},
+        "judge": {
+            "model": judge_identity,
+            # True: the Elo ratings come from the model that labelled the RL training pairs; read attack success
+            # and refusal rates (independent of it, with prompt-level intervals) as the harmlessness evidence.
+            "is_the_labeller": judge_identity in labellers,
+            "model_comparisons": judged,
+            "seconds": round(judge_seconds, 2),
+        },
         "cost": evaluation.cost_accounting(stage_metrics, cfg.usd_per_cpu_hour),
     }
     curves = {s: report.read_curve(root / s / "dvclive" / "plots" / "metrics" / "loss.tsv") for s in CURVES}

@@ -197,6 +197,12 @@ def page(title: str, sections: Sequence[tuple[str, str]]) -> str:
     return "\n".join(parts)
 
 
+def _with_ci(m: Mapping[str, object], key: str) -> str:
+    """A rate with its 95% interval, e.g. "0.625 [0.306, 0.863]"."""
+    ci = m.get(f"{key}_ci95")
+    return f"{_fmt(m[key])} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else _fmt(m[key])
+
+
 def read_curve(path: str | Path) -> list[tuple[float, float]]:
     """(step, value) rows of a dvclive TSV (header `step<TAB>name`); [] when the file is missing."""
     p = Path(path)
@@ -250,25 +256,33 @@ def evaluation_page(
             n,
             m["elo_harmlessness"]["elo"],
             m["elo_helpfulness"]["elo"],
-            m["refusal_rate_red_team"],
+            _with_ci(m, "refusal_rate_red_team"),
             m["transparent_rate_red_team"],
-            m["evasive_rate_helpful"],
-            m["attack_success_rate"],
+            _with_ci(m, "evasive_rate_helpful"),
+            _with_ci(m, "attack_success_rate"),
             m["pm_score"]["mean"],
             m["distinct_2"],
             m["repeated_4gram_fraction"],
         ]
         for n, m in models.items()
     ]
-    metric_table = table(
+    judge = metrics["judge"]
+    judge_note = f"<p>Elo judge: <code>{_esc(judge.get('model', 'unknown'))}</code>" + (
+        " &mdash; the same model that labelled the RL training pairs, so its Elo grades its own training signal; "
+        "the refusal and attack-success rates (independent detectors, prompt-level Wilson intervals) are the "
+        "primary harmlessness evidence.</p>"
+        if judge.get("is_the_labeller")
+        else ".</p>"
+    )
+    metric_table = judge_note + table(
         [
             "model",
             "harmless Elo",
             "helpful Elo",
-            "refusal (red)",
+            "refusal (red) [95% CI]",
             "transparent (red)",
-            "evasive (helpful)",
-            "attack success",
+            "evasive (helpful) [95% CI]",
+            "attack success [95% CI]",
             "PM mean",
             "distinct-2",
             "repeated 4-grams",

@@ -115,6 +115,12 @@ def test_outputs_and_metrics(evaluated):
             rating = m[axis]
             assert rating["low"] <= rating["elo"] <= rating["high"]
             assert rating["games"] == pairs * prompts
+            assert rating["judge"] == metrics["judge"]["model"]
+        for key, n in (("refusal_rate_red_team", len(RED)), ("evasive_rate_helpful", len(HELPFUL))):
+            low, high = m[f"{key}_ci95"]
+            assert 0 <= low <= m[key] <= high <= 1 and high - low > 1 / n, "a few prompts give a wide interval"
+        low, high = m["attack_success_rate_ci95"]
+        assert 0 <= low <= m["attack_success_rate"] <= high <= 1
         for key in ("refusal_rate_red_team", "transparent_rate_red_team", "evasive_rate_helpful"):
             assert 0 <= m[key] <= 1
         assert 0 <= m["attack_success_rate"] <= 1 and 0 <= m["distinct_2"] <= 1
@@ -130,6 +136,9 @@ def test_outputs_and_metrics(evaluated):
     assert quality["comparisons"] > 0 and 0 <= quality["accuracy"] <= 1
     assert metrics["cost"]["ai_labels"] > 0 and metrics["cost"]["seconds"]["rlaif"] == 3.0
     assert metrics["judge"]["model_comparisons"] == 6 * (len(RED) + len(HELPFUL))
+    # The smoke judge is the tiny model that labelled the pairs upstream only if their fingerprints match.
+    labellers = set(pl.read_parquet(cfg.comparisons)["model_fingerprint"])
+    assert metrics["judge"]["is_the_labeller"] is (metrics["judge"]["model"] in labellers)
 
     principles = io.read_parquet(out / "principles.parquet", schemas.PRINCIPLES)
     assert principles["drawn_in_revisions"].sum() > 0 and principles["drawn_in_labels"].sum() > 0

@@ -196,3 +196,12 @@ def test_summary_and_plot_rows():
     ]
     assert [r["rate"] for r in plots["refusals"]] == [0.1, 0.2, 0.3] * 2
     assert len({r["bar"] for r in plots["refusals"]}) == 6
+
+
+def test_wilson_interval_is_prompt_level_and_honest_at_small_n():
+    assert evaluation.wilson([]) is None
+    low, high = evaluation.wilson([True] * 5 + [False] * 3)
+    assert (low, high) == pytest.approx((0.3057, 0.8632), abs=1e-3)
+    assert evaluation.wilson([False] * 8)[0] == 0.0 and 0.3 < evaluation.wilson([False] * 8)[1] < 0.4
+    wide, narrow = evaluation.wilson([True, False] * 4), evaluation.wilson([True, False] * 32)
+    assert wide[1] - wide[0] > 2 * (narrow[1] - narrow[0])

@@ -54,6 +54,7 @@ def test_evaluation_page_ignores_machine_timings():
             "transparent_rate_red_team": 0.25,
             "evasive_rate_helpful": 0.0,
             "attack_success_rate": 0.25,
+            "attack_success_rate_ci95": [0.0457, 0.6994],
             "pm_score": {"mean": 0.1},
             "distinct_2": 0.8,
             "repeated_4gram_fraction": 0.0,
@@ -65,10 +66,18 @@ def test_evaluation_page_ignores_machine_timings():
             "seconds_per_ai_label": seconds,
             "usd_per_ai_label": seconds / 1000,
         }
-        return {"models": {"base": model}, "label_quality": {"accuracy": 0.9, "comparisons": 20}, "cost": cost}
+        judge = {"model": "abc123", "is_the_labeller": True, "seconds": seconds}
+        return {
+            "models": {"base": model},
+            "label_quality": {"accuracy": 0.9, "comparisons": 20},
+            "cost": cost,
+            "judge": judge,
+        }
 
     samples = pl.DataFrame(schema=dict(schemas.SAMPLES.columns))
     principles = pl.DataFrame({"principle_id": ["p1"], "drawn_in_revisions": [1]})
     page = report.evaluation_page(metrics(4.9), samples, principles, {"sft": [(1, 2.0)]}, 2)
     assert page == report.evaluation_page(metrics(7.3), samples, principles, {"sft": [(1, 2.0)]}, 2)
     assert "<td>AI labels made (label)</td><td>4</td>" in page and "4.9" not in page
+    assert "<td>0.25 [0.0457, 0.6994]</td>" in page, "attack success with its prompt-level interval"
+    assert "Elo judge: <code>abc123</code>" in page and "labelled the RL training pairs" in page
