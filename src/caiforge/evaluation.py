@@ -91,7 +91,9 @@ def read_known_answers(path: str | Path) -> list[tuple[str, str, str]]:
 
 def per_principle_table(revisions: pl.DataFrame, comparisons: pl.DataFrame) -> pl.DataFrame:
     """Per principle: how often it was drawn, how much its revisions changed the text, how often they collapsed,
-    and how often its (order-debiased) verdict agreed with the pair's ensemble label."""
+    and how often its (order-debiased) verdict agreed with the rest of the pair's ensemble (leave-one-out: an
+    ensemble that includes the principle itself would inflate its agreement; a pair judged under one principle
+    has nothing to agree with and does not count)."""
     rows: dict[str, dict[str, Any]] = defaultdict(lambda: {"drawn": 0, "edit": 0.0, "collapsed": 0})
     for r in revisions.iter_rows(named=True):
         entry = rows[r["principle_id"]]
@@ -104,8 +106,13 @@ def per_principle_table(revisions: pl.DataFrame, comparisons: pl.DataFrame) -> p
     ]
     agree: dict[str, list[bool]] = defaultdict(list)
     for label in labeling.combine(judgements).values():
-        for principle_id, p in label.per_principle:
-            agree[principle_id].append((p >= 0.5) == (label.p_first >= 0.5))
+        verdicts = list(label.per_principle)
+        if len(verdicts) < 2:
+            continue
+        total = sum(p for _, p in verdicts)
+        for principle_id, p in verdicts:
+            others = (total - p) / (len(verdicts) - 1)
+            agree[principle_id].append((p >= 0.5) == (others >= 0.5))
     out = []
     for pid in sorted(set(rows) | set(agree)):
         r = rows.get(pid, {"drawn": 0, "edit": 0.0, "collapsed": 0})

@@ -80,8 +80,9 @@ def test_per_principle_table():
         schema=dict(schemas.REVISIONS.columns),
     )
     rows = []
-    for pair, (p0, p1) in {"x": (0.9, 0.8), "y": (0.8, 0.3)}.items():
-        for prin, p in (("p0", p0), ("p1", p1)):
+    verdicts = {"x": (("p0", 0.9), ("p1", 0.8)), "y": (("p0", 0.8), ("p1", 0.3)), "z": (("p0", 0.7),)}
+    for pair, judged in verdicts.items():
+        for prin, p in judged:
             for order in labeling.ORDERS:
                 pa = p if order == "ab" else 1 - p
                 rows.append(
@@ -97,7 +98,10 @@ def test_per_principle_table():
     p0, p1 = table
     assert p0["drawn_in_revisions"] == 2 and p0["collapse_rate"] == 0.5
     assert p0["mean_edit_distance"] == pytest.approx((0.0 + (1 - 2 / 3)) / 2, abs=1e-4)
-    assert p0["label_agreement"] == 1.0 and p1["label_agreement"] == 0.5
+    # Leave-one-out: in pair y, p0 (0.8) and p1 (0.3) disagree with each other, so both count a disagreement
+    # (against an ensemble that includes itself, p0 would have agreed with 0.55). Pair z has one principle only.
+    assert p0["label_agreement"] == 0.5 and p1["label_agreement"] == 0.5
+    assert p0["drawn_in_labels"] == 2
 
 
 def test_cost_accounting():
