@@ -67,7 +67,8 @@ class EvaluateConfig:
     harm_judge: str
     """The independent harm judge (JSON weights; `caiforge harm-judge fit` writes the shipped one)."""
     hhh: str | None
-    """Optional extra HHH-style JSONL (declare it in dvc.yaml deps when you set it)."""
+    """Optional extra known-answer JSONL: Anthropic's HHH evaluations format or caiforge's (declare it in dvc.yaml
+    deps when you set it)."""
     metrics_dir: str
     """Folder holding every stage's <stage>/metrics.json (cost accounting)."""
     out_dir: str

@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import math
+import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -68,8 +69,32 @@ def judge(
     return {pair.prompt_id: labels[pair.pair_id].p_first for pair in pairs}
 
 
+_TURN = re.compile(r"\n\n(Human|Assistant):")
+_OPTION_LETTER = re.compile(r"\s*\(?[A-Z]\)?\s*")
+
+
+def _hhh_conversation(text: str, where: str) -> tuple[str, str]:
+    """Anthropic's `\n\nHuman: ...\n\nAssistant: ...` transcript -> (conversation before the last answer, answer).
+
+    The conversation keeps earlier turns, rendered as the labeller's question shows a conversation
+    ("first message\n\nAssistant: ...\n\nHuman: ..." after its own leading "Human: ")."""
+    parts = _TURN.split("\n\n" + text.lstrip("\n"))
+    turns = [(parts[i], parts[i + 1].strip()) for i in range(1, len(parts) - 1, 2)]
+    if len(turns) < 2 or turns[0][0] != "Human" or turns[-1][0] != "Assistant":
+        raise ValueError(f"{where}: expected a '\\n\\nHuman: ...\\n\\nAssistant: ...' transcript ending in an answer")
+    head = [turns[0][1]] + [f"{role}: {content}" for role, content in turns[1:-1]]
+    return "\n\n".join(head), turns[-1][1]
+
+
 def read_known_answers(path: str | Path) -> list[tuple[str, str, str]]:
-    """HHH-style `{prompt, corrects, incorrects}` JSONL -> (prompt, correct, incorrect) for every combination."""
+    """Comparisons with a known better answer -> (conversation, correct answer, incorrect answer).
+
+    Two JSONL formats:
+    - caiforge's: `{prompt, corrects, incorrects}` with answer texts (every correct x incorrect combination);
+    - Anthropic's HHH evaluations (ConstitutionalHarmlessnessPaper `evals/438HHHEvaluations.jsonl`): `prompt` holds
+      both answers and `corrects` is an option letter (" (B)"); the answers and the (possibly multi-turn)
+      conversation are read from `text_correct` / `text_incorrect`.
+    """
     items = []
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -78,11 +103,27 @@ def read_known_answers(path: str | Path) -> list[tuple[str, str, str]]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: line {n}: not JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: line {n}: expected a JSON object")
+        if "text_correct" in row or "text_incorrect" in row:
+            where = f"{path}: line {n}"
+            good = _hhh_conversation(str(row.get("text_correct", "")), f"{where}: text_correct")
+            bad = _hhh_conversation(str(row.get("text_incorrect", "")), f"{where}: text_incorrect")
+            if good[0] != bad[0]:
+                raise ValueError(f"{where}: text_correct and text_incorrect continue different conversations")
+            items.append((good[0], good[1], bad[1]))
+            continue
         for field in ("prompt", "corrects", "incorrects"):
             if field not in row:
                 raise ValueError(f"{path}: line {n}: missing field '{field}'")
         if not isinstance(row["corrects"], list) or not isinstance(row["incorrects"], list):
             raise ValueError(f"{path}: line {n}: 'corrects' and 'incorrects' must be lists of strings")
+        letters = [a for a in row["corrects"] + row["incorrects"] if _OPTION_LETTER.fullmatch(str(a))]
+        if letters:
+            raise ValueError(
+                f"{path}: line {n}: 'corrects'/'incorrects' hold option letters ({letters[0]!r}), not answers: an "
+                "HHH file in Anthropic's format needs its 'text_correct' and 'text_incorrect' fields"
+            )
         items += [(row["prompt"], c, i) for c in row["corrects"] for i in row["incorrects"]]
     if not items:
         raise ValueError(f"{path}: no comparisons with known answers")

@@ -209,3 +209,46 @@ def test_wilson_interval_is_prompt_level_and_honest_at_small_n():
     assert evaluation.wilson([False] * 8)[0] == 0.0 and 0.3 < evaluation.wilson([False] * 8)[1] < 0.4
     wide, narrow = evaluation.wilson([True, False] * 4), evaluation.wilson([True, False] * 32)
     assert wide[1] - wide[0] > 2 * (narrow[1] - narrow[0])
+
+
+PARTY = "\n\nHuman: Plan a party.\n\nAssistant:  Which kind?\n\nHuman: A quiet one."
+
+
+def test_read_anthropic_hhh_format_with_multi_turn_conversations(tmp_path):
+    """Anthropic's HHH evaluations put both answers inside `prompt` and an option letter in `corrects`: the
+    answers and the conversation come from text_correct / text_incorrect (our own example text below)."""
+    path = tmp_path / "hhh.jsonl"
+    rows = [
+        {
+            "prompt": "Consider ... Options:\n (A) [[[Use a map.]]]\n (B) [[[No.]]]\n\nThe answer is:",
+            "corrects": [" (A)"],
+            "incorrects": [" (B)"],
+            "text_correct": "\n\nHuman: How do I find the station?\n\nAssistant: Use a map.",
+            "text_incorrect": "\n\nHuman: How do I find the station?\n\nAssistant: No.",
+        },
+        {
+            "prompt": "...",
+            "corrects": [" (B)"],
+            "incorrects": [" (A)"],
+            "text_correct": PARTY + "\n\nAssistant: Tea.",
+            "text_incorrect": PARTY + "\n\nAssistant: Loud.",
+        },
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert evaluation.read_known_answers(path) == [
+        ("How do I find the station?", "Use a map.", "No."),
+        ("Plan a party.\n\nAssistant: Which kind?\n\nHuman: A quiet one.", "Tea.", "Loud."),
+    ]
+    # Shown to the labeller as the whole conversation, ending before the answers.
+    assert "Human: Plan a party.\n\nAssistant: Which kind?\n\nHuman: A quiet one.\n\n" in labeling.question(
+        evaluation.read_known_answers(path)[1][0], "Tea.", "Loud.", "Which is better?"
+    )
+    path.write_text(json.dumps({"prompt": "p", "corrects": [" (B)"], "incorrects": [" (A)"]}) + "\n")
+    with pytest.raises(ValueError, match="line 1: .*option letters.*text_correct"):
+        evaluation.read_known_answers(path)
+    path.write_text(json.dumps({**rows[0], "text_incorrect": "\n\nHuman: Other?\n\nAssistant: No."}) + "\n")
+    with pytest.raises(ValueError, match="line 1: text_correct and text_incorrect continue different"):
+        evaluation.read_known_answers(path)
+    path.write_text(json.dumps({**rows[0], "text_correct": "just text"}) + "\n")
+    with pytest.raises(ValueError, match="line 1: text_correct: expected"):
+        evaluation.read_known_answers(path)
