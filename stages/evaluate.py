@@ -161,8 +161,9 @@ def run(cfg: EvaluateConfig) -> dict:
     ratings, judged = {}, 0
     for axis, kind in (("harmlessness", "red_team"), ("helpfulness", "helpful")):
         matchups = evaluation.model_matchups(samples, kind, names)
-        verdicts = evaluation.judge(judge, matchups, principles[axis], per_matchup=cfg.judge_principles, seed=cfg.seed)
-        games = [elo.Game(*key.split("|")[:2], p) for key, p in sorted(verdicts.items())]
+        games = evaluation.judge_games(
+            judge, matchups, principles[axis], per_matchup=cfg.judge_principles, seed=cfg.seed
+        )
         ratings[axis] = elo.rate(games, names, bootstrap=cfg.bootstrap, rng=random.Random(f"{cfg.seed}/{axis}"))
         judged += len(matchups)
     overall = principles["harmlessness"] + principles["helpfulness"]

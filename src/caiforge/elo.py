@@ -7,8 +7,12 @@ maximizing sum p log sigma(s_a - s_b) + (1 - p) log sigma(s_b - s_a) by Newton's
 The fit is deterministic (no order dependence, unlike sequential Elo updates) and the prior centres the strengths on 0,
 so the ratings have mean `base`. Strengths convert to Elo points with 400 / ln(10): a 400-point gap means 10:1 odds.
 
-Intervals come from the percentile bootstrap over games: resample the games with replacement `bootstrap` times with
-the caller's `random.Random`, refit, take the (1 - level) / 2 and (1 + level) / 2 quantiles of each player's rating.
+Intervals come from a percentile cluster bootstrap: games that share a `cluster` (the prompt they were played on)
+are correlated, so each of `bootstrap` replicates resamples whole clusters with replacement (a game without a
+cluster is its own); a game judged under several principles (`verdicts`) also redraws its principles with
+replacement in every replicate, so the interval covers the judge's principle draw too. Refit, and take the
+(1 - level) / 2 and (1 + level) / 2 quantiles of each player's rating. All draws come from the caller's
+`random.Random`.
 """
 
 from __future__ import annotations
@@ -31,10 +35,16 @@ class Game:
     a: str
     b: str
     p: float
+    cluster: str = ""
+    """What the game's outcome is correlated with (the prompt); "" = independent of every other game."""
+    verdicts: tuple[float, ...] = ()
+    """Per-principle outcomes whose mean is `p` (redrawn in bootstrap replicates); () = `p` is fixed."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.p <= 1 or math.isnan(self.p):
             raise ValueError(f"game {self.a} vs {self.b}: outcome must be in [0, 1], got {self.p}")
+        if any(not 0 <= v <= 1 for v in self.verdicts):
+            raise ValueError(f"game {self.a} vs {self.b}: verdicts must be in [0, 1], got {self.verdicts}")
         if self.a == self.b:
             raise ValueError(f"game {self.a} vs {self.b}: a player cannot play itself")
 
@@ -100,7 +110,7 @@ def rate(
     prior: float = 0.01,
     base: float = 1000.0,
 ) -> dict[str, Rating]:
-    """Fitted ratings of `players` with percentile-bootstrap intervals over `bootstrap` resamples of the games."""
+    """Fitted ratings of `players` with percentile cluster-bootstrap intervals over `bootstrap` replicates."""
     if bootstrap < 0 or not 0 < level < 1:
         raise ValueError(f"bootstrap must be >= 0 and level in (0, 1), got {bootstrap}, {level}")
     if bootstrap and rng is None:
@@ -111,8 +121,12 @@ def rate(
         return {name: Rating(point[name], point[name], point[name], counts[name]) for name in players}
     assert rng is not None
     samples: dict[str, list[float]] = {name: [] for name in players}
+    clusters: dict[str, list[Game]] = {}
+    for i, game in enumerate(games):
+        clusters.setdefault(game.cluster or f"\x00game{i}", []).append(game)
+    keys = sorted(clusters)
     for _ in range(bootstrap):
-        resampled = [games[rng.randrange(len(games))] for _ in games]
+        resampled = [_redraw(game, rng) for _ in keys for game in clusters[keys[rng.randrange(len(keys))]]]
         for name, value in fit(resampled, players, prior=prior, base=base).items():
             samples[name].append(value)
     lo, hi = (1 - level) / 2, (1 + level) / 2
@@ -120,6 +134,14 @@ def rate(
         name: Rating(point[name], quantile(samples[name], lo), quantile(samples[name], hi), counts[name])
         for name in players
     }
+
+
+def _redraw(game: Game, rng: random.Random) -> Game:
+    """The game with its principles redrawn with replacement (itself when it has no per-principle verdicts)."""
+    if len(game.verdicts) < 2:
+        return game
+    drawn = [game.verdicts[rng.randrange(len(game.verdicts))] for _ in game.verdicts]
+    return Game(game.a, game.b, sum(drawn) / len(drawn), game.cluster)
 
 
 def quantile(values: Sequence[float], q: float) -> float:

@@ -21,7 +21,7 @@ from typing import Any
 
 import polars as pl
 
-from caiforge import collapse, formats, labeling, refusal
+from caiforge import collapse, elo, formats, labeling, refusal
 from caiforge.constitution import ComparisonExample, ComparisonPrinciple
 from caiforge.engines import ChoiceScorer
 
@@ -50,6 +50,38 @@ def judge(
     examples: Sequence[ComparisonExample] = (),
 ) -> dict[str, float]:
     """P(first answer is better) per matchup key: `per_matchup` drawn principles x both orders, averaged."""
+    labels = _ask(scorer, matchups, principles, per_matchup, seed, examples)
+    return {m.key: labels[m.key].p_first for m in matchups}
+
+
+def judge_games(
+    scorer: ChoiceScorer,
+    matchups: Sequence[Matchup],
+    principles: Sequence[ComparisonPrinciple],
+    *,
+    per_matchup: int,
+    seed: int,
+) -> list[elo.Game]:
+    """One Elo game per model matchup (key `model_a|model_b|prompt_id`), clustered by prompt, carrying the verdict
+    of each drawn principle so that the bootstrap can redraw principles."""
+    labels = _ask(scorer, matchups, principles, per_matchup, seed, ())
+    games = []
+    for key in sorted(m.key for m in matchups):
+        a, b, prompt_id = key.split("|")
+        verdicts = tuple(p for _, p in labels[key].per_principle)
+        games.append(elo.Game(a, b, labels[key].p_first, cluster=prompt_id, verdicts=verdicts))
+    return games
+
+
+def _ask(
+    scorer: ChoiceScorer,
+    matchups: Sequence[Matchup],
+    principles: Sequence[ComparisonPrinciple],
+    per_matchup: int,
+    seed: int,
+    examples: Sequence[ComparisonExample],
+) -> dict[str, labeling.PairLabel]:
+    """Every matchup under its drawn principles in both orders, combined into one label per matchup key."""
     if not principles:
         raise ValueError("the judge needs at least one comparison principle of the requested category")
     lookup = {p.id: p for p in principles}
@@ -58,15 +90,16 @@ def judge(
     for pair in pairs:
         for principle in labeling.draw_principles(pair, principles, min(per_matchup, len(principles)), seed):
             for order in labeling.ORDERS:
-                a, b = pair.slots(order)
-                questions.append(labeling.comparison_turns(pair.prompt, a, b, principle, examples, lookup))
+                questions.append(
+                    labeling.comparison_turns(pair.prompt, *pair.slots(order), principle, examples, lookup)
+                )
                 meta.append((pair.pair_id, principle.id, order))
     logprobs = scorer.choice_logprobs(questions, [labeling.answer_prefill()] * len(questions))
     judgements = [
         labeling.Judgement(pid, prin, order, *lp) for (pid, prin, order), lp in zip(meta, logprobs, strict=True)
     ]
     labels = labeling.combine(judgements)
-    return {pair.prompt_id: labels[pair.pair_id].p_first for pair in pairs}
+    return {pair.prompt_id: labels[pair.pair_id] for pair in pairs}  # Pair's prompt_id holds the matchup key
 
 
 _TURN = re.compile(r"\n\n(Human|Assistant):")

@@ -81,3 +81,37 @@ def test_bad_input_is_rejected():
         elo.fit([elo.Game("a", "c", 1.0)], ["a", "b"])
     with pytest.raises(ValueError, match="explicit rng"):
         elo.rate([elo.Game("a", "b", 1.0)], ["a", "b"], bootstrap=5)
+
+
+def test_correlated_games_of_one_prompt_widen_the_interval():
+    """Three games per prompt with the same outcome are one piece of evidence, not three: resampling prompts gives
+    a wider interval than resampling games as if they were independent."""
+    outcomes = [0.9, 0.2, 0.8, 0.7, 0.3, 0.9, 0.6, 0.8]
+
+    def games(clustered: bool) -> list[elo.Game]:
+        return [
+            elo.Game("x", "y", p, cluster=f"prompt{i}" if clustered else "")
+            for i, p in enumerate(outcomes)
+            for _ in range(3)
+        ]
+
+    width = {}
+    for clustered in (False, True):
+        r = elo.rate(games(clustered), ["x", "y"], bootstrap=400, rng=random.Random(0))["x"]
+        width[clustered] = r.high - r.low
+    assert width[True] > 1.4 * width[False]
+
+
+def test_principle_draws_are_redrawn_in_each_replicate():
+    """Two games that average to the same p: principles that disagree (0.95 vs 0.05) leave more doubt than
+    principles that agree, so the interval is wider."""
+
+    def games(verdicts: tuple[float, float]) -> list[elo.Game]:
+        return [elo.Game("x", "y", sum(verdicts) / 2, cluster=f"p{i}", verdicts=verdicts) for i in range(6)]
+
+    agree = elo.rate(games((0.6, 0.6)), ["x", "y"], bootstrap=300, rng=random.Random(1))["x"]
+    split = elo.rate(games((0.95, 0.25)), ["x", "y"], bootstrap=300, rng=random.Random(1))["x"]
+    assert agree.elo == pytest.approx(split.elo)
+    assert split.high - split.low > agree.high - agree.low + 10
+    with pytest.raises(ValueError, match="verdicts must be in"):
+        elo.Game("x", "y", 0.5, verdicts=(1.5, -0.5))
