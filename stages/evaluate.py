@@ -49,6 +49,23 @@ CURVES = ("sft", "pm", "rlaif", "distill")
 
 
 @dataclass(frozen=True)
+class LabellerConfig:
+    """How `label` asks the feedback model (conf/ copies these from label's params): label quality is measured on
+    the labeller exactly as it labels."""
+
+    few_shot: int
+    """Comparison demos in front of each question."""
+    principles_per_pair: int
+    """Principles drawn per comparison (both orders each)."""
+    chain_of_thought: bool
+    """Reason first, then read the option probabilities (clamped to cot_band)."""
+    cot_band: tuple[float, float]
+    """Clamp for chain-of-thought probabilities."""
+    cot_generation: engines.GenerationConfig
+    """Decoding of the reasoning."""
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     prompts: str
     """prompts.parquet from curate (the eval split is used)."""
@@ -87,6 +104,8 @@ class EvaluateConfig:
     """Harm classifier probability above which an answer counts as a successful attack."""
     report_examples: int
     """Prompts per kind shown side by side in the report."""
+    labeller: LabellerConfig
+    """The labeller's settings, for label quality."""
     generation: engines.GenerationConfig
     """Decoding for the models' answers (greedy by default). With the openai backend each model's requests name
     it (`base`, `sft`, `rl`, `student`): the servers must list every one of them (e.g. a multi-model router)."""
@@ -146,9 +165,10 @@ def run(cfg: EvaluateConfig) -> dict:
     chosen = pl.concat(
         [evaluation.pick_eval_prompts(prompts, k, cfg.prompts_per_kind, cfg.seed) for k in ("red_team", "helpful")]
     )
-    known = evaluation.read_known_answers(cfg.known_answers) + (
-        evaluation.read_known_answers(cfg.hhh) if cfg.hhh else []
-    )
+    known_sets = {"seed": evaluation.read_known_answers(cfg.known_answers)}
+    if cfg.hhh:
+        known_sets["hhh"] = evaluation.read_known_answers(cfg.hhh)
+    known = [(name, *item) for name, items in known_sets.items() for item in items]
     harm = harm_judge.HarmJudge.load(cfg.harm_judge)
     samples = answer_all(cfg, chosen)
     names = list(cfg.models)
@@ -166,9 +186,22 @@ def run(cfg: EvaluateConfig) -> dict:
         )
         ratings[axis] = elo.rate(games, names, bootstrap=cfg.bootstrap, rng=random.Random(f"{cfg.seed}/{axis}"))
         judged += len(matchups)
-    overall = principles["harmlessness"] + principles["helpfulness"]
-    known_matchups = [evaluation.Matchup(f"k{i:04d}", p, c, w) for i, (p, c, w) in enumerate(known)]
-    known_p = evaluation.judge(judge, known_matchups, overall, per_matchup=cfg.judge_principles, seed=cfg.seed)
+    # Label quality: the labeller as `label` runs it (demos, principle draws, chain of thought), on known answers.
+    lab = cfg.labeller
+    known_matchups = [evaluation.Matchup(f"k{i:04d}", p, c, w) for i, (_, p, c, w) in enumerate(known)]
+    known_p = evaluation.judge(
+        judge,
+        known_matchups,
+        cfg.constitution.comparison,
+        per_matchup=lab.principles_per_pair,
+        seed=cfg.seed,
+        examples=cfg.constitution.comparison_examples[: lab.few_shot],
+        reasoner=judge.generator(lab.cot_generation) if lab.chain_of_thought else None,
+        band=lab.cot_band,
+    )
+    hits = {name: [] for name in known_sets}
+    for matchup, (name, *_) in zip(known_matchups, known, strict=True):
+        hits[name].append(known_p[matchup.key] > 0.5)
     judge_seconds = time.perf_counter() - started
     del judge
 
@@ -196,6 +229,18 @@ def run(cfg: EvaluateConfig) -> dict:
         "label_quality": {
             "comparisons": len(known),
             "accuracy": evaluation.rate([p > 0.5 for p in known_p.values()], (True,)),
+            "accuracy_ci95": evaluation.wilson([p > 0.5 for p in known_p.values()]),
+            # seed: data/seed/label_quality.jsonl, clear-cut comparisons written for caiforge (easy);
+            # hhh: the evaluate.hhh file when set (Anthropic's HHH set is much harder).
+            "by_set": {
+                name: {"comparisons": len(h), "accuracy": evaluation.rate(h, (True,)), "ci95": evaluation.wilson(h)}
+                for name, h in hits.items()
+            },
+            "labeller": {
+                "few_shot": lab.few_shot,
+                "principles_per_pair": lab.principles_per_pair,
+                "chain_of_thought": lab.chain_of_thought,
+            },
         },
         "judge": {
             "model": judge_identity,

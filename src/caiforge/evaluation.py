@@ -23,7 +23,7 @@ import polars as pl
 
 from caiforge import collapse, elo, formats, labeling, refusal
 from caiforge.constitution import ComparisonExample, ComparisonPrinciple
-from caiforge.engines import ChoiceScorer
+from caiforge.engines import ChoiceScorer, Generator
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,13 @@ def judge(
     per_matchup: int,
     seed: int,
     examples: Sequence[ComparisonExample] = (),
+    reasoner: Generator | None = None,
+    band: tuple[float, float] | None = None,
 ) -> dict[str, float]:
-    """P(first answer is better) per matchup key: `per_matchup` drawn principles x both orders, averaged."""
-    labels = _ask(scorer, matchups, principles, per_matchup, seed, examples)
+    """P(first answer is better) per matchup key: `per_matchup` drawn principles x both orders, averaged, asked as
+    `label` asks (few-shot `examples`; with a `reasoner`, chain of thought first and probabilities clamped to
+    `band`)."""
+    labels = _ask(scorer, matchups, principles, per_matchup, seed, examples, reasoner, band)
     return {m.key: labels[m.key].p_first for m in matchups}
 
 
@@ -80,6 +84,8 @@ def _ask(
     per_matchup: int,
     seed: int,
     examples: Sequence[ComparisonExample],
+    reasoner: Generator | None = None,
+    band: tuple[float, float] | None = None,
 ) -> dict[str, labeling.PairLabel]:
     """Every matchup under its drawn principles in both orders, combined into one label per matchup key."""
     if not principles:
@@ -90,15 +96,21 @@ def _ask(
     for pair in pairs:
         for principle in labeling.draw_principles(pair, principles, min(per_matchup, len(principles)), seed):
             for order in labeling.ORDERS:
-                questions.append(
-                    labeling.comparison_turns(pair.prompt, *pair.slots(order), principle, examples, lookup)
+                turns = labeling.comparison_turns(
+                    pair.prompt, *pair.slots(order), principle, examples, lookup, chain_of_thought=reasoner is not None
                 )
+                questions.append(turns)
                 meta.append((pair.pair_id, principle.id, order))
-    logprobs = scorer.choice_logprobs(questions, [labeling.answer_prefill()] * len(questions))
+    if reasoner is not None:
+        reasoning = [c.text for c in reasoner.chat(questions, seed=seed + 1, desc="reasoning")]
+        prefills = [labeling.answer_prefill(r) for r in reasoning]
+    else:
+        prefills = [labeling.answer_prefill()] * len(questions)
+    logprobs = scorer.choice_logprobs(questions, prefills)
     judgements = [
         labeling.Judgement(pid, prin, order, *lp) for (pid, prin, order), lp in zip(meta, logprobs, strict=True)
     ]
-    labels = labeling.combine(judgements)
+    labels = labeling.combine(judgements, band if reasoner is not None else None)
     return {pair.prompt_id: labels[pair.pair_id] for pair in pairs}  # Pair's prompt_id holds the matchup key
 
 

@@ -197,6 +197,13 @@ def page(title: str, sections: Sequence[tuple[str, str]]) -> str:
     return "\n".join(parts)
 
 
+KNOWN_SETS = {
+    "seed": "caiforge's 20 clear-cut comparisons (easy: this set overstates a judge)",
+    "hhh": "the evaluate.hhh set (Anthropic's HHH evaluations are much harder)",
+}
+"""How the report names each known-answer set, with what its accuracy can and cannot show."""
+
+
 def _with_ci(m: Mapping[str, object], key: str) -> str:
     """A rate with its 95% interval, e.g. "0.625 [0.306, 0.863]"."""
     ci = m.get(f"{key}_ci95")
@@ -291,12 +298,17 @@ def evaluation_page(
         "metrics",
     )
     cost = metrics["cost"]
+    quality = metrics["label_quality"]
     # Only counts here: seconds and USD depend on the machine, and the page must come out byte-identical on a rerun.
     other = table(
         ["measure", "value"],
         [
-            ["judge accuracy on known answers", metrics["label_quality"]["accuracy"]],
-            ["known-answer comparisons", metrics["label_quality"]["comparisons"]],
+            ["judge accuracy on known answers [95% CI]", _with_ci(quality, "accuracy")],
+            ["known-answer comparisons", quality["comparisons"]],
+            *(
+                [f"  {KNOWN_SETS.get(name, name)}", f"{_fmt(s['accuracy'])} on {s['comparisons']}"]
+                for name, s in quality.get("by_set", {}).items()
+            ),
             ["AI labels made (label)", cost["ai_labels"]],
             ["AI judgements (label)", cost["ai_judgements"]],
             *([f"tokens generated ({stage})", n] for stage, n in cost["tokens_generated"].items()),

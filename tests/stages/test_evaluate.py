@@ -78,7 +78,10 @@ def make_cfg(tmp_path, upstream, overrides=()):
     return config.from_declared(
         "evaluate",
         stage.EvaluateConfig,
-        {"evaluate": ("params.yaml", section), "comparison": ("constitutions/default.yaml", full["comparison"])},
+        {
+            "evaluate": ("params.yaml", section),
+            **{k: ("constitutions/default.yaml", full[k]) for k in ("comparison", "comparison_examples")},
+        },
     )
 
 
@@ -134,6 +137,16 @@ def test_outputs_and_metrics(evaluated):
 
     quality = metrics["label_quality"]
     assert quality["comparisons"] > 0 and 0 <= quality["accuracy"] <= 1
+    low, high = quality["accuracy_ci95"]
+    assert low <= quality["accuracy"] <= high
+    assert quality["by_set"]["seed"]["comparisons"] == quality["comparisons"]
+    # Measured on the labeller as label runs it: the smoke profile's label settings, copied by conf/.
+    label = smoke_section("label")
+    assert quality["labeller"] == {
+        "few_shot": label["few_shot"],
+        "principles_per_pair": label["principles_per_pair"],
+        "chain_of_thought": label["chain_of_thought"],
+    }
     assert metrics["cost"]["ai_labels"] > 0 and metrics["cost"]["seconds"]["rlaif"] == 3.0
     assert metrics["judge"]["model_comparisons"] == 6 * (len(RED) + len(HELPFUL))
     # The smoke judge is the tiny model that labelled the pairs upstream only if their fingerprints match.
@@ -207,6 +220,7 @@ def test_optional_hhh_file_adds_known_answers(upstream, tmp_path, evaluated):
     hhh.write_text(json.dumps({"prompt": "Is the sky blue?", "corrects": ["Yes."], "incorrects": ["No.", "Maybe"]}))
     more = stage.run(make_cfg(tmp_path, upstream, [f"evaluate.hhh={hhh}"]))
     assert more["label_quality"]["comparisons"] == metrics["label_quality"]["comparisons"] + 2
+    assert more["label_quality"]["by_set"]["hhh"]["comparisons"] == 2
 
 
 def test_bad_inputs_fail_before_writing(upstream, tmp_path):

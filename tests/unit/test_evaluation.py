@@ -252,3 +252,35 @@ def test_read_anthropic_hhh_format_with_multi_turn_conversations(tmp_path):
     path.write_text(json.dumps({**rows[0], "text_correct": "just text"}) + "\n")
     with pytest.raises(ValueError, match="line 1: text_correct: expected"):
         evaluation.read_known_answers(path)
+
+
+def test_label_quality_asks_as_the_labeller_does():
+    """With demos and chain of thought configured, the judge sees the demos, reasons first, and its probabilities are
+    clamped to the band, exactly as `label` asks (not a bare question)."""
+    from caiforge.constitution import ComparisonExample
+
+    seen: dict[str, list] = {"convs": [], "prefills": []}
+
+    class Recording(KeywordScorer):
+        def choice_logprobs(self, conversations, prefills, options=("A", "B")):
+            seen["convs"] += conversations
+            seen["prefills"] += prefills
+            return super().choice_logprobs(conversations, prefills, options)
+
+    class Reasoner:
+        stats = engines.Stats()
+        identity = "reasoner"
+
+        def chat(self, conversations, *, seed, desc=""):
+            return [engines.Completion("Thinking it over.", 1, 3, True) for _ in conversations]
+
+    demo = ComparisonExample("Demo question?", "a safe demo", "a harmful demo", reasoning="The first is safe.")
+    matchups = [evaluation.Matchup("k1", "Q", "a safe answer", "a harmful answer")]
+    p = evaluation.judge(
+        Recording(), matchups, PRINCIPLES, per_matchup=2, seed=0, examples=[demo], reasoner=Reasoner(), band=(0.4, 0.6)
+    )
+    assert all(len(conv) == 3 for conv in seen["convs"]), "demo question + demo answer + the real question"
+    assert all("Thinking it over." in prefill for prefill in seen["prefills"])
+    assert p["k1"] == pytest.approx(0.6), "clamped to the chain-of-thought band"
+    bare = evaluation.judge(KeywordScorer(), matchups, PRINCIPLES, per_matchup=2, seed=0)
+    assert bare["k1"] > 0.6

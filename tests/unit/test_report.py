@@ -69,7 +69,12 @@ def test_evaluation_page_ignores_machine_timings():
         judge = {"model": "abc123", "is_the_labeller": True, "seconds": seconds}
         return {
             "models": {"base": model},
-            "label_quality": {"accuracy": 0.9, "comparisons": 20},
+            "label_quality": {
+                "accuracy": 0.9,
+                "accuracy_ci95": [0.6990, 0.9721],
+                "comparisons": 20,
+                "by_set": {"seed": {"comparisons": 20, "accuracy": 0.9, "ci95": [0.6990, 0.9721]}},
+            },
             "cost": cost,
             "judge": judge,
         }
@@ -80,4 +85,5 @@ def test_evaluation_page_ignores_machine_timings():
     assert page == report.evaluation_page(metrics(7.3), samples, principles, {"sft": [(1, 2.0)]}, 2)
     assert "<td>AI labels made (label)</td><td>4</td>" in page and "4.9" not in page
     assert "<td>0.25 [0.0457, 0.6994]</td>" in page, "attack success with its prompt-level interval"
+    assert "<td>0.9 [0.699, 0.9721]</td>" in page and "20 clear-cut comparisons (easy" in page
     assert "Elo judge: <code>abc123</code>" in page and "labelled the RL training pairs" in page
