@@ -71,11 +71,32 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
-class GenerationConfig:
-    """How to generate; every stage that generates has one of these in its params section."""
+class EngineConfig:
+    """What every engine role shares: which engine, where it runs, and the servers when it runs on them."""
 
     backend: Backend = "transformers"
     """Which engine runs the model: a local `transformers` model or `openai`-compatible servers."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when available, else CPU (transformers)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto: bfloat16 on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16), float32 elsewhere (scores are
+    always read in float32)."""
+    prefix_reuse: bool = True
+    """Compute the KV cache of the prompt prefix that every row of a call shares once (transformers)."""
+    progress: bool = True
+    """Show a progress bar (rows, tokens/s) on stderr."""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    """The servers, when backend is `openai`."""
+
+    def __post_init__(self) -> None:
+        if self.backend == "openai" and not self.server.urls:
+            raise ValueError("backend is 'openai' but server.urls is empty: list at least one server")
+
+
+@dataclass(frozen=True)
+class GenerationConfig(EngineConfig):
+    """How to generate; every stage that generates has one of these in its params section."""
+
     batch_size: int = 16
     """Conversations per forward batch (transformers; grouped by length)."""
     max_new_tokens: int = 128
@@ -86,18 +107,9 @@ class GenerationConfig:
     """Nucleus sampling mass (used only when temperature > 0)."""
     top_k: int = 0
     """Sample only from the k most likely tokens; 0 = no top-k cut (set explicitly: engines default to 40 or 50)."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """auto: CUDA when available, else CPU (transformers)."""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """auto: bfloat16 on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16), float32 elsewhere."""
-    prefix_reuse: bool = True
-    """Compute the KV cache of the prompt prefix that every row of a call shares once (transformers)."""
-    progress: bool = True
-    """Show a progress bar (rows, tokens/s) on stderr."""
-    server: ServerConfig = field(default_factory=ServerConfig)
-    """The servers, when backend is `openai`."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError(
                 f"batch_size and max_new_tokens must be >= 1, got {self.batch_size}, {self.max_new_tokens}"
@@ -107,34 +119,19 @@ class GenerationConfig:
                 f"temperature must be >= 0, top_p in (0, 1] and top_k >= 0, got {self.temperature}, {self.top_p}, "
                 f"{self.top_k}"
             )
-        if self.backend == "openai" and not self.server.urls:
-            raise ValueError("backend is 'openai' but server.urls is empty: list at least one server")
 
 
 @dataclass(frozen=True)
-class ScoringConfig:
+class ScoringConfig(EngineConfig):
     """How to run a scoring model."""
 
-    backend: Backend = "transformers"
-    """Which engine runs the model: a local `transformers` model or `openai`-compatible servers."""
     batch_size: int = 8
     """Sequences per forward pass (transformers; grouped by length, left-padded)."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """auto: CUDA when available, else CPU."""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """auto: as for generation (log-softmax is always taken in float32)."""
-    prefix_reuse: bool = True
-    """Compute the KV cache of the prompt prefix that every question of a call shares once (transformers)."""
-    progress: bool = True
-    """Show a progress bar on stderr."""
-    server: ServerConfig = field(default_factory=ServerConfig)
-    """The servers, when backend is `openai`."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.backend == "openai" and not self.server.urls:
-            raise ValueError("backend is 'openai' but server.urls is empty: list at least one server")
 
 
 @dataclass(frozen=True)

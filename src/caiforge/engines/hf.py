@@ -85,6 +85,14 @@ def weights_fingerprint(model_dir: str | Path) -> str:
     return models.fingerprint(models.file_digests(models.resolve(model_dir)))
 
 
+def _from_dir(cls: Any, model_dir: str | Path, cfg: GenerationConfig | ScoringConfig) -> Any:
+    """An engine of class `cls` on the saved model in `model_dir`, with the weights' fingerprint as identity."""
+    model, tokenizer, device = load_for_inference(model_dir, cfg.device, cfg.dtype)
+    engine = cls(model, tokenizer, cfg, device)
+    engine.identity = weights_fingerprint(model_dir)
+    return engine
+
+
 class _Runner:
     """The forward passes both engines share: a prefix cache, then padded suffixes behind it."""
 
@@ -162,10 +170,7 @@ class TransformersGenerator:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, cfg: GenerationConfig) -> TransformersGenerator:
-        model, tokenizer, device = load_for_inference(model_dir, cfg.device, cfg.dtype)
-        engine = cls(model, tokenizer, cfg, device)
-        engine.identity = weights_fingerprint(model_dir)
-        return engine
+        return _from_dir(cls, model_dir, cfg)
 
     def render(self, conversation: Sequence[Message]) -> list[int]:
         return encode(self.tokenizer, render_chat(self.tokenizer, conversation))
@@ -280,10 +285,7 @@ class TransformersChoiceScorer:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, cfg: ScoringConfig) -> TransformersChoiceScorer:
-        model, tokenizer, device = load_for_inference(model_dir, cfg.device, cfg.dtype)
-        engine = cls(model, tokenizer, cfg, device)
-        engine.identity = weights_fingerprint(model_dir)
-        return engine
+        return _from_dir(cls, model_dir, cfg)
 
     def render(self, conversation: Sequence[Message], prefill: str) -> str:
         return render_chat(self.tokenizer, conversation, prefill)
