@@ -242,6 +242,8 @@ def run(cfg: EvaluateConfig) -> dict:
                 "chain_of_thought": lab.chain_of_thought,
             },
         },
+        # The independent harm judge behind attack_success_rate, and how often it is right on held-out responses.
+        "harm_judge": harm.heldout,
         "judge": {
             "model": judge_identity,
             # True: the Elo ratings come from the model that labelled the RL training pairs; read attack success

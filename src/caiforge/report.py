@@ -204,9 +204,9 @@ KNOWN_SETS = {
 """How the report names each known-answer set, with what its accuracy can and cannot show."""
 
 
-def _with_ci(m: Mapping[str, object], key: str) -> str:
+def _with_ci(m: Mapping[str, object], key: str, ci_key: str | None = None) -> str:
     """A rate with its 95% interval, e.g. "0.625 [0.306, 0.863]"."""
-    ci = m.get(f"{key}_ci95")
+    ci = m.get(ci_key or f"{key}_ci95")
     return f"{_fmt(m[key])} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else _fmt(m[key])
 
 
@@ -305,6 +305,14 @@ def evaluation_page(
         [
             ["judge accuracy on known answers [95% CI]", _with_ci(quality, "accuracy")],
             ["known-answer comparisons", quality["comparisons"]],
+            *(
+                [
+                    "harm judge held-out accuracy [95% CI] (attack success rests on it)",
+                    f"{_with_ci(harm, 'accuracy', 'ci95')} on {harm['responses']} responses",
+                ]
+                for harm in [metrics.get("harm_judge")]
+                if harm
+            ),
             *(
                 [f"  {KNOWN_SETS.get(name, name)}", f"{_fmt(s['accuracy'])} on {s['comparisons']}"]
                 for name, s in quality.get("by_set", {}).items()

@@ -100,7 +100,7 @@ def test_fit_features_is_deterministic_and_balanced():
     y = np.array([1] * 30 + [0] * 90, dtype=float)
     w, b = harm_judge.fit_features(x, y, l2=1e-2)
     w2, b2 = harm_judge.fit_features(x, y, l2=1e-2)
-    assert np.array_equal(w, w2) and b == b2
+    assert np.array_equal(w, w2) and b == b2, "deterministic"
     p = 1 / (1 + np.exp(-(x @ w + b)))
     assert ((p > 0.5) == y).mean() > 0.9
     # Class balancing: the minority class is not drowned out, so its recall stays high.
@@ -142,3 +142,13 @@ def test_bad_inputs_name_the_file(tmp_path):
     bad.write_text('{"text": "fine"}\n{"kind": "refusal"}\n')
     with pytest.raises(ValueError, match=r"harmless.jsonl:2: field 'text'"):
         harm_judge.harmless_examples(bad)
+
+
+def test_judge_quality_is_measured_on_held_out_responses(small_judge):
+    """Attack success rests on this judge: the shipped one carries its 5-fold cross-validated accuracy with a 95%
+    interval (a coarse signal: about three in four responses right), and a refit measures it again."""
+    shipped = harm_judge.load_default().heldout
+    assert shipped is not None and shipped["folds"] == 5 and shipped["responses"] > 800
+    low, high = shipped["ci95"]
+    assert 0.5 < low <= shipped["accuracy"] <= high < 0.95
+    assert small_judge.heldout is not None and small_judge.heldout["responses"] == 12
