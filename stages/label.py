@@ -34,7 +34,6 @@ from pathlib import Path
 import polars as pl
 
 from caiforge import config, constitution, engines, io, labeling, prompts, schemas
-from caiforge.engines import hf
 
 log = logging.getLogger("caiforge.stages.label")
 
@@ -159,7 +158,7 @@ def run(cfg: LabelConfig, scorer: engines.ChoiceScorer | None = None) -> dict:
     t0 = time.perf_counter()
     reasoning, cot_stats = [""] * len(chats), None
     if cfg.chain_of_thought:
-        cot = _reasoner(scorer, cfg)
+        cot = scorer.generator(cfg.cot_generation)  # the same weights or servers: no second copy
         reasoning = [c.text for c in cot.chat(chats, seed=cfg.seed + 1, desc="reasoning")]
         cot_stats = cot.stats.as_dict()
     prefills = [labeling.answer_prefill(r if cfg.chain_of_thought else None) for r in reasoning]
@@ -255,13 +254,6 @@ def run(cfg: LabelConfig, scorer: engines.ChoiceScorer | None = None) -> dict:
     io.write_json(metrics, out / "metrics.json")
     log.info("label: %s", metrics)
     return metrics
-
-
-def _reasoner(scorer: engines.ChoiceScorer, cfg: LabelConfig) -> engines.Generator:
-    """The feedback model as a generator; shares the scorer's weights when it can (no second copy in memory)."""
-    if isinstance(scorer, hf.TransformersChoiceScorer):
-        return scorer.generator(cfg.cot_generation)
-    return engines.make_generator(cfg.feedback, cfg.cot_generation)
 
 
 def _histogram(ps: list[float]) -> dict[str, int]:

@@ -36,10 +36,7 @@ def completion_dataset(
         head = render_chat(tokenizer, prompt)
         text = neutralize(tokenizer, completion)
         if done:
-            turns = [{**t, "content": neutralize(tokenizer, t["content"])} for t in prompt]
-            full = tokenizer.apply_chat_template(
-                [*turns, {"role": "assistant", "content": text}], tokenize=False, add_generation_prompt=False
-            )
+            full = render_chat(tokenizer, [*prompt, {"role": "assistant", "content": completion}], open_turn=False)
             if not full.startswith(head) or text not in full[len(head) :]:
                 raise ValueError("the chat template does not render the assistant turn after its generation prompt")
             text = full[len(head) :]

@@ -193,6 +193,10 @@ class ChoiceScorer(Protocol):
     stats: Stats
     identity: str
 
+    def generator(self, cfg: GenerationConfig) -> Generator:
+        """A generator on the same model (weights or servers), e.g. for chain-of-thought reasoning."""
+        ...
+
     def choice_logprobs(
         self,
         conversations: Sequence[Sequence[Message]],

@@ -21,15 +21,17 @@ END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 """Chat templates' end-of-turn markers, tried in this order."""
 
 
-def render_chat(tokenizer: Any, conversation: Sequence[Message], prefill: str = "") -> str:
-    """The chat template with an open assistant turn, followed by the pre-filled start of the answer.
+def render_chat(tokenizer: Any, conversation: Sequence[Message], prefill: str = "", *, open_turn: bool = True) -> str:
+    """The chat template with an open assistant turn, followed by the pre-filled start of the answer (with
+    `open_turn=False`: the conversation as it stands, its last turn closed).
 
     Message contents and the prefill are text, never control tokens: a red-team prompt or a model's answer that
     spells out `<|im_end|>\n<|im_start|>assistant` must not close its turn and forge another (see `neutralize`).
     """
-    turns = [{**turn, "content": neutralize(tokenizer, turn["content"])} for turn in conversation]
-    text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-    return text + neutralize(tokenizer, prefill)
+    specials = special_strings(tokenizer)  # once per render: this runs for every row of every call
+    turns = [{**turn, "content": neutralize(tokenizer, turn["content"], specials)} for turn in conversation]
+    text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=open_turn)
+    return text + neutralize(tokenizer, prefill, specials)
 
 
 def special_strings(tokenizer: Any) -> list[str]:
@@ -39,10 +41,11 @@ def special_strings(tokenizer: Any) -> list[str]:
     return sorted((s for s in found if s), key=lambda s: (-len(s), s))
 
 
-def neutralize(tokenizer: Any, text: str) -> str:
+def neutralize(tokenizer: Any, text: str, specials: Sequence[str] | None = None) -> str:
     """`text` with each special token's spelling broken by a zero-width space after its first character, so that
-    no tokenizer (ours or a server's) can read it as the control token; every other text is left unchanged."""
-    for special in special_strings(tokenizer):
+    no tokenizer (ours or a server's) can read it as the control token; every other text is left unchanged.
+    `specials`: `special_strings(tokenizer)`, when the caller already has them."""
+    for special in special_strings(tokenizer) if specials is None else specials:
         if special in text:
             text = text.replace(special, special[0] + ZERO_WIDTH_SPACE + special[1:])
     return text
