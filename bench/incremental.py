@@ -1,16 +1,25 @@
-"""Benchmark: what DVC saves. On the smoke profile, in a throwaway copy of the project:
+"""Benchmark: what DVC and the row cache save. On the smoke profile, in throwaway copies of the project:
 
-- full:    `dvc repro` of the whole chain from nothing;
-- rebuild: `dvc repro` after editing one comparison principle (label and what follows);
-- pull:    a teammate's fresh clone doing `dvc repro --pull` from a local remote (nothing recomputes).
+- full:        `dvc repro` of the whole chain from nothing;
+- rebuild:     `dvc repro` after editing one comparison principle, with the row caches deleted first (stage level:
+               label and everything after it recompute every row);
+- row_rebuild: the same edit with the row caches in place (label re-asks only the questions under that principle);
+- pull:        a teammate's fresh clone doing `dvc repro --pull` from a local remote (nothing recomputes);
+- resume:      `critique_revise` killed (SIGKILL) half-way through, then finished by a rerun, over its uninterrupted
+               time (both runs of the stage script itself, from an empty row cache).
 
-Prints each wall time and, last, `ratios: rebuild=<rebuild/full> pull=<pull/full>`.
+Prints each wall time and, last, `ratios: rebuild=.. pull=.. row_rebuild=.. resume=..` (each over full, resume over
+the uninterrupted stage).
 
     uv run python bench/incremental.py
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -20,6 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.e2e import pipeline  # noqa: E402
 
+PRINCIPLE = "Which response is kinder and less likely to cause harm?"
+# The resume run: enough rows that the stage's own work, not its start-up, dominates.
+RESUME_ARGS = ["critique_revise.max_prompts=null", "critique_revise.rounds=3"]
+
 
 def timed(fn) -> tuple[float, object]:
     t0 = time.perf_counter()
@@ -27,25 +40,63 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
+def drop_row_caches(repo: Path) -> None:
+    for cache in (repo / "data").glob("*/rowcache"):
+        shutil.rmtree(cache)
+
+
+def stage(repo: Path, kill_after: float | None = None) -> float:
+    """Seconds to run the critique_revise script (killed with SIGKILL after `kill_after` seconds, if given)."""
+    cmd = [sys.executable, "stages/critique_revise.py", *RESUME_ARGS]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=repo, env=pipeline.env(repo), start_new_session=True, stderr=subprocess.PIPE)
+    if kill_after is not None:
+        time.sleep(kill_after)
+        os.killpg(proc.pid, signal.SIGKILL)
+    _, err = proc.communicate()
+    if kill_after is None and proc.returncode != 0:
+        raise RuntimeError(err.decode()[-2000:])
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="caiforge-bench-") as tmp:
         work = Path(tmp)
         repo = pipeline.make_repo(work / "repo")
         full, ran = timed(lambda: pipeline.repro(repo))
-        print(f"full:    {full:7.1f} s  ran {ran}")
+        print(f"full:        {full:7.1f} s  ran {ran}")
         pipeline.dvc(repo, "remote", "add", "-d", "team", str(work / "remote"))
         pipeline.commit(repo, "build")
         pipeline.dvc(repo, "push")
 
-        pipeline.edit_first(repo, "comparison", "text", "Which response is kinder and less likely to cause harm?")
-        rebuild, ran = timed(lambda: pipeline.repro(repo))
-        print(f"rebuild: {rebuild:7.1f} s  ran {ran}")
+        cold = work / "cold"
+        shutil.copytree(repo, cold, symlinks=True)
+        drop_row_caches(cold)
+        pipeline.edit_first(cold, "comparison", "text", PRINCIPLE)
+        rebuild, ran = timed(lambda: pipeline.repro(cold))
+        print(f"rebuild:     {rebuild:7.1f} s  ran {ran}  (row caches deleted)")
+
+        warm = work / "warm"
+        shutil.copytree(repo, warm, symlinks=True)
+        pipeline.edit_first(warm, "comparison", "text", PRINCIPLE)
+        row_rebuild, ran = timed(lambda: pipeline.repro(warm))
+        print(f"row_rebuild: {row_rebuild:7.1f} s  ran {ran}  (row caches kept)")
 
         mate = work / "mate"
         pipeline.sh(work, "git", "clone", "-q", str(repo), str(mate))
         pull, ran = timed(lambda: pipeline.repro(mate, "--pull"))
-        print(f"pull:    {pull:7.1f} s  ran {ran}")
-    print(f"ratios: rebuild={rebuild / full:.3f} pull={pull / full:.3f}")
+        print(f"pull:        {pull:7.1f} s  ran {ran}")
+
+        drop_row_caches(repo)
+        whole = stage(repo)
+        drop_row_caches(repo)
+        killed = stage(repo, kill_after=whole / 2)
+        finish = stage(repo)
+        print(f"stage:       {whole:7.1f} s uninterrupted; killed after {killed:.1f} s, finished in {finish:.1f} s")
+    print(
+        f"ratios: rebuild={rebuild / full:.3f} pull={pull / full:.3f} row_rebuild={row_rebuild / full:.3f} "
+        f"resume={finish / whole:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import polars as pl
 
-from caiforge import collapse, config, constitution, engines, io, prompts, schemas
+from caiforge import collapse, config, constitution, engines, io, prompts, rowcache, schemas
 
 log = logging.getLogger("caiforge.stages.critique_revise")
 
@@ -55,6 +55,8 @@ class CritiqueReviseConfig:
     """Degeneracy thresholds and which flags drop a row."""
     constitution: constitution.Constitution
     """Only the critique/revision part, as declared in dvc.yaml."""
+    row_cache: rowcache.RowCacheConfig
+    """Where every request's answer is kept: a rerun after a principle edit runs only the rows that changed."""
 
 
 def subset(df: pl.DataFrame, n: int | None, rng: random.Random) -> pl.DataFrame:
@@ -71,7 +73,8 @@ def run(cfg: CritiqueReviseConfig) -> dict:
     principles = cfg.constitution.critique_revision
     examples = cfg.constitution.critique_revision_examples[: cfg.few_shot]
     parrots = [t for ex in examples for t in (ex.response, ex.critique, ex.revision)]
-    gen = engines.make_generator(cfg.policy, cfg.generation)
+    cache = rowcache.RowCache.open(cfg.row_cache)
+    gen = engines.make_generator(cfg.policy, cfg.generation, cache)
     fingerprint = gen.identity
     ids, texts = red["id"].to_list(), red["text"].to_list()
 
@@ -167,6 +170,7 @@ def run(cfg: CritiqueReviseConfig) -> dict:
             "revision": round(revisions["revision"].str.len_chars().mean() or 0.0, 1),
         },
         "generation": gen.stats.as_dict(),
+        "row_cache": rowcache.finish(cache, cfg.row_cache),
     }
     io.write_json(metrics, out / "metrics.json")
     log.info("critique_revise: %s", metrics)

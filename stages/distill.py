@@ -123,9 +123,11 @@ def run(cfg: DistillConfig) -> dict:
         train["answer"].to_list(),
         train["finished"].to_list(),
     )
+    ckpt = training.Checkpoints.for_stage(cfg, out, cfg.prompts, cfg.teacher, cfg.student)
+    resume = ckpt.resume()
     with tempfile.TemporaryDirectory(prefix="caiforge-distill-") as scratch:
         args = SFTConfig(
-            **training.trainer_args(cfg, Path(scratch)),
+            **ckpt.trainer_args(cfg, Path(scratch)),
             **training.prompt_completion_args(cfg.max_length),
         )
         shared = {
@@ -133,7 +135,7 @@ def run(cfg: DistillConfig) -> dict:
             "args": args,
             "train_dataset": data,
             "processing_class": tokenizer,
-            "callbacks": [training.dvclive_callback(out / "dvclive")],
+            "callbacks": ckpt.callbacks(resume),
         }
         if cfg.method == "logit":
             trainer = distillation.logit_trainer_class()(
@@ -141,8 +143,9 @@ def run(cfg: DistillConfig) -> dict:
             )
         else:
             trainer = SFTTrainer(**shared)
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=resume)
         training.save_model(trainer.model, tokenizer, out / "model", cfg)
+    ckpt.done()
     history = trainer.state.log_history
     student = trainer.model
     del trainer
@@ -158,6 +161,7 @@ def run(cfg: DistillConfig) -> dict:
         "student_layers": student.config.num_hidden_layers,
         "kept_layers": kept,
         "train_rows": train.height,
+        "resumed_from_step": training.step_of(resume),
         "heldout_prompts": len(held_prompts),
         "steps": result.global_step,
         "distillation_loss": training.final_train_loss(history),

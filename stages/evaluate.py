@@ -37,6 +37,7 @@ from caiforge import (
     io,
     preference,
     report,
+    rowcache,
     schemas,
 )
 
@@ -117,6 +118,8 @@ class EvaluateConfig:
     """PM token cap per chat."""
     constitution: constitution.Constitution
     """The comparison part (principles by category)."""
+    row_cache: rowcache.RowCacheConfig
+    """Where every answer and judgement is kept: a model whose weights did not change is never asked again."""
 
     def __post_init__(self) -> None:
         found = {p.category for p in self.constitution.comparison}
@@ -136,14 +139,16 @@ def model_generation(gen: engines.GenerationConfig, name: str) -> engines.Genera
     return replace(gen, server=replace(gen.server, model=name)) if gen.backend == "openai" else gen
 
 
-def answer_all(cfg: EvaluateConfig, chosen: pl.DataFrame) -> pl.DataFrame:
-    """Every model's answer to every chosen prompt (one model in memory at a time)."""
+def answer_all(
+    cfg: EvaluateConfig, chosen: pl.DataFrame, cache: rowcache.RowCache | None = None
+) -> tuple[pl.DataFrame, dict[str, dict]]:
+    """Every model's answer to every chosen prompt (one model in memory at a time), and each model's engine stats."""
     convs = [[{"role": "user", "content": t}] for t in chosen["text"]]
-    rows = []
+    rows, stats = [], {}
     for name, model_dir in cfg.models.items():
-        outs = engines.make_generator(model_dir, model_generation(cfg.generation, name)).chat(
-            convs, seed=cfg.seed, desc=name
-        )
+        gen = engines.make_generator(model_dir, model_generation(cfg.generation, name), cache)
+        outs = gen.chat(convs, seed=cfg.seed, desc=name)
+        stats[name] = gen.stats.as_dict()
         for prompt, answer in zip(chosen.iter_rows(named=True), outs, strict=True):
             rows.append(
                 {
@@ -157,7 +162,7 @@ def answer_all(cfg: EvaluateConfig, chosen: pl.DataFrame) -> pl.DataFrame:
                     "finished": answer.finished,
                 }
             )
-    return pl.DataFrame(rows, schema=dict(schemas.SAMPLES.columns))
+    return pl.DataFrame(rows, schema=dict(schemas.SAMPLES.columns)), stats
 
 
 def run(cfg: EvaluateConfig) -> dict:
@@ -170,12 +175,13 @@ def run(cfg: EvaluateConfig) -> dict:
         known_sets["hhh"] = evaluation.read_known_answers(cfg.hhh)
     known = [(name, *item) for name, items in known_sets.items() for item in items]
     harm = harm_judge.HarmJudge.load(cfg.harm_judge)
-    samples = answer_all(cfg, chosen)
+    cache = rowcache.RowCache.open(cfg.row_cache)
+    samples, answer_stats = answer_all(cfg, chosen, cache)
     names = list(cfg.models)
     principles = {c: constitution.by_category(cfg.constitution.comparison, c) for c in constitution.CATEGORIES}
 
     # The AI judge: every pair of models on every prompt, under principles of the axis, in both orders.
-    judge = engines.make_choice_scorer(cfg.judge, cfg.scoring)
+    judge = engines.make_choice_scorer(cfg.judge, cfg.scoring, cache)
     judge_identity = judge.identity
     started = time.perf_counter()
     ratings, judged = {}, 0
@@ -203,6 +209,7 @@ def run(cfg: EvaluateConfig) -> dict:
     for matchup, (name, *_) in zip(known_matchups, known, strict=True):
         hits[name].append(known_p[matchup.key] > 0.5)
     judge_seconds = time.perf_counter() - started
+    judge_stats = judge.stats.as_dict()
     del judge
 
     pm = preference.PreferenceModel.from_dir(
@@ -250,9 +257,12 @@ def run(cfg: EvaluateConfig) -> dict:
             # and refusal rates (independent of it, with prompt-level intervals) as the harmlessness evidence.
             "is_the_labeller": judge_identity in labellers,
             "model_comparisons": judged,
+            "engine": judge_stats,
             "seconds": round(judge_seconds, 2),
         },
         "cost": evaluation.cost_accounting(stage_metrics, cfg.usd_per_cpu_hour),
+        "answers": answer_stats,
+        "row_cache": rowcache.finish(cache, cfg.row_cache),
     }
     curves = {s: report.read_curve(root / s / "dvclive" / "plots" / "metrics" / "loss.tsv") for s in CURVES}
     page = report.evaluation_page(metrics, samples, table, curves, cfg.report_examples)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import polars as pl
 
-from caiforge import config, constitution, engines, io, labeling, prompts, schemas
+from caiforge import config, constitution, engines, io, labeling, prompts, rowcache, schemas
 
 log = logging.getLogger("caiforge.stages.label")
 
@@ -79,6 +79,9 @@ class LabelConfig:
     """How the feedback model is run to score the options."""
     constitution: constitution.Constitution
     """Only the comparison part, as declared in dvc.yaml."""
+    row_cache: rowcache.RowCacheConfig
+    """Where every sample and question's answer is kept: a principle edit re-asks only the questions drawn
+    under it."""
 
     def __post_init__(self) -> None:
         if self.samples_per_prompt < 2 or self.principles_per_pair < 1 or self.few_shot < 0:
@@ -124,7 +127,8 @@ def run(cfg: LabelConfig, scorer: engines.ChoiceScorer | None = None) -> dict:
     ids, texts = table["id"].to_list(), table["text"].to_list()
     kind_of = dict(zip(ids, table["kind"].to_list(), strict=True))
 
-    gen = engines.make_generator(cfg.policy, cfg.generation)
+    cache = rowcache.RowCache.open(cfg.row_cache)
+    gen = engines.make_generator(cfg.policy, cfg.generation, cache)
     convs = [prompts.answer(t) for t in texts]
     samples = [
         gen.chat(convs, seed=cfg.seed + 1000 * k, desc=f"sample {k + 1}") for k in range(cfg.samples_per_prompt)
@@ -153,7 +157,7 @@ def run(cfg: LabelConfig, scorer: engines.ChoiceScorer | None = None) -> dict:
         )
         for pair, pr, order in questions
     ]
-    scorer = scorer or engines.make_choice_scorer(cfg.feedback, cfg.scoring)
+    scorer = scorer or engines.make_choice_scorer(cfg.feedback, cfg.scoring, cache)
     fingerprint = scorer.identity
     t0 = time.perf_counter()
     reasoning, cot_stats = [""] * len(chats), None
@@ -250,6 +254,7 @@ def run(cfg: LabelConfig, scorer: engines.ChoiceScorer | None = None) -> dict:
         "human_labels": {"rows": len(human), "applied": len(used), "unmatched": len(human) - len(used)},
         "labels_per_second": round(len(pairs) / label_seconds, 3) if label_seconds else None,
         "tokens": {"sampling": sampling_stats, "reasoning": cot_stats, "scoring": scorer.stats.as_dict()},
+        "row_cache": rowcache.finish(cache, cfg.row_cache),
     }
     io.write_json(metrics, out / "metrics.json")
     log.info("label: %s", metrics)

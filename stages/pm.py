@@ -67,9 +67,11 @@ def run(cfg: PmConfig) -> dict:
     model, tokenizer = preference.init_from_causal_lm(cfg.policy, seed=cfg.seed)
     pm = preference.PreferenceModel(model, tokenizer, max_length=cfg.max_length, batch_size=cfg.score_batch_size)
     before = heldout_metrics(pm, evals, cfg.calibration_bins)
+    ckpt = training.Checkpoints.for_stage(cfg, out, cfg.data, cfg.policy)
+    resume = ckpt.resume()
     with tempfile.TemporaryDirectory(prefix="caiforge-pm-") as scratch:
         args = RewardConfig(
-            **training.trainer_args(cfg, Path(scratch)),
+            **ckpt.trainer_args(cfg, Path(scratch)),
             max_length=None,  # pairs arrive tokenized and truncated by preference.encode_chat
             center_rewards_coefficient=cfg.center_rewards_coefficient,
             disable_dropout=True,
@@ -82,13 +84,14 @@ def run(cfg: PmConfig) -> dict:
             train_dataset=preference.pair_dataset(train, tokenizer, cfg.max_length),
             processing_class=tokenizer,
             peft_config=training.peft_config(cfg.lora, task_type="SEQ_CLS"),
-            callbacks=[training.dvclive_callback(out / "dvclive")],
+            callbacks=ckpt.callbacks(resume),
         )
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=resume)
         trained = trainer.model.merge_and_unload() if cfg.lora.enabled else trainer.model
         pm = preference.PreferenceModel(trained, tokenizer, max_length=cfg.max_length, batch_size=cfg.score_batch_size)
         after = heldout_metrics(pm, evals, cfg.calibration_bins)
         training.save_model(trained, tokenizer, out / "model", cfg)
+    ckpt.done()
     metrics = {
         "train_pairs": train.height,
         "heldout_pairs": evals.height,
@@ -99,6 +102,7 @@ def run(cfg: PmConfig) -> dict:
         "heldout_after": after,
         "mean_p_chosen": round(float(rows["p_chosen"].mean()), 6),
         "lora": cfg.lora.enabled,
+        "resumed_from_step": training.step_of(resume),
         "train_seconds": round(result.metrics["train_runtime"], 2),
     }
     io.write_json(metrics, out / "metrics.json")

@@ -131,10 +131,10 @@ def split_prompts(cfg: RlaifConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
     return train.head(cfg.max_prompts or train.height), heldout.head(cfg.max_heldout_prompts or heldout.height)
 
 
-def common(cfg: RlaifConfig, scratch: Path) -> dict[str, Any]:
+def common(cfg: RlaifConfig, scratch: Path, ckpt: training.Checkpoints) -> dict[str, Any]:
     """Trainer arguments all three algorithms share."""
     return {
-        **training.trainer_args(cfg, scratch),
+        **ckpt.trainer_args(cfg, scratch),
         "max_steps": cfg.max_steps,
         "beta": cfg.beta,
         "disable_dropout": True,
@@ -161,7 +161,14 @@ def online_args(cfg: RlaifConfig) -> dict[str, Any]:
     }
 
 
-def make_trainer(cfg: RlaifConfig, train: pl.DataFrame, pm: preference.PreferenceModel, scratch: Path) -> Any:
+def make_trainer(
+    cfg: RlaifConfig,
+    train: pl.DataFrame,
+    pm: preference.PreferenceModel,
+    scratch: Path,
+    ckpt: training.Checkpoints,
+    resume: str | None,
+) -> Any:
     from datasets import Dataset
 
     model, tokenizer = models.load_pretrained(cfg.policy)
@@ -169,7 +176,7 @@ def make_trainer(cfg: RlaifConfig, train: pl.DataFrame, pm: preference.Preferenc
         "model": model,
         "processing_class": tokenizer,
         "peft_config": training.peft_config(cfg.lora),
-        "callbacks": [training.dvclive_callback(Path(cfg.out_dir) / "dvclive")],
+        "callbacks": ckpt.callbacks(resume),
     }
     if cfg.algorithm == "dpo":
         from trl import DPOConfig, DPOTrainer
@@ -183,7 +190,7 @@ def make_trainer(cfg: RlaifConfig, train: pl.DataFrame, pm: preference.Preferenc
             }
         )
         args = DPOConfig(
-            **common(cfg, scratch),
+            **common(cfg, scratch, ckpt),
             loss_type=[cfg.dpo_loss_type],
             label_smoothing=0.0,
             max_length=cfg.dpo_max_length,
@@ -197,14 +204,19 @@ def make_trainer(cfg: RlaifConfig, train: pl.DataFrame, pm: preference.Preferenc
         from trl import GRPOConfig, GRPOTrainer
 
         args = GRPOConfig(
-            **common(cfg, scratch), **online_args(cfg), loss_type=cfg.grpo_loss_type, scale_rewards=cfg.scale_rewards
+            **common(cfg, scratch, ckpt),
+            **online_args(cfg),
+            loss_type=cfg.grpo_loss_type,
+            scale_rewards=cfg.scale_rewards,
         )
         return GRPOTrainer(
             reward_funcs=[preference.reward_function(pm)], args=args, train_dataset=data, **shared
         ), len(data)
     from trl import RLOOConfig, RLOOTrainer
 
-    args = RLOOConfig(**common(cfg, scratch), **online_args(cfg), normalize_advantages=cfg.rloo_normalize_advantages)
+    args = RLOOConfig(
+        **common(cfg, scratch, ckpt), **online_args(cfg), normalize_advantages=cfg.rloo_normalize_advantages
+    )
     return RLOOTrainer(reward_funcs=[preference.reward_function(pm)], args=args, train_dataset=data, **shared), len(
         data
     )
@@ -240,10 +252,13 @@ def run(cfg: RlaifConfig) -> dict:
     )
     texts = heldout["text"].to_list()
     reward_before = pm.score(texts, answer(cfg.policy, cfg, texts, "sft answers"))
+    ckpt = training.Checkpoints.for_stage(cfg, out, cfg.prompts, cfg.policy, cfg.reward_model, cfg.preferences)
+    resume = ckpt.resume()
     with tempfile.TemporaryDirectory(prefix="caiforge-rlaif-") as scratch:
-        trainer, train_rows = make_trainer(cfg, train, pm, Path(scratch))
-        result = trainer.train()
+        trainer, train_rows = make_trainer(cfg, train, pm, Path(scratch), ckpt, resume)
+        result = trainer.train(resume_from_checkpoint=resume)
         training.save_model(trainer.model, trainer.processing_class, out / "model", cfg)
+    ckpt.done()
     history = trainer.state.log_history
     del trainer
     responses = answer(out / "model", cfg, texts, "rlaif answers")
@@ -257,6 +272,7 @@ def run(cfg: RlaifConfig) -> dict:
         "algorithm": cfg.algorithm,
         "beta": cfg.beta,
         "train_rows": train_rows,
+        "resumed_from_step": training.step_of(resume),
         "truncated_completion_fraction": mean_logged(history, "completions/clipped_ratio"),
         "dpo_pairs_below_min_confidence": dpo_pairs(cfg)[1] if cfg.algorithm == "dpo" else None,
         "heldout_prompts": len(texts),

@@ -56,10 +56,12 @@ def run(cfg: SftConfig) -> dict:
     if train.is_empty():
         raise ValueError(f"{cfg.data}: no training rows left (heldout_fraction={cfg.heldout_fraction})")
     out = Path(cfg.out_dir)
+    ckpt = training.Checkpoints.for_stage(cfg, out, cfg.data, cfg.policy)
+    resume = ckpt.resume()
     model, tokenizer = models.load_pretrained(cfg.policy)
     with tempfile.TemporaryDirectory(prefix="caiforge-sft-") as scratch:
         args = SFTConfig(
-            **training.trainer_args(cfg, Path(scratch)),
+            **ckpt.trainer_args(cfg, Path(scratch)),
             per_device_eval_batch_size=cfg.batch_size,
             **training.prompt_completion_args(cfg.max_length),
         )
@@ -70,12 +72,18 @@ def run(cfg: SftConfig) -> dict:
             eval_dataset=chats(tokenizer, evals) if evals.height else None,
             processing_class=tokenizer,
             peft_config=training.peft_config(cfg.lora),
-            callbacks=[training.dvclive_callback(out / "dvclive")],
+            callbacks=[ckpt.callback()],
         )
+        live = training.dvclive_callback(out / "dvclive", resume=resume is not None)
+        if resume is None:
+            trainer.add_callback(live)  # the curve starts with the held-out loss before training
         before = trainer.evaluate()["eval_loss"] if evals.height else None
-        result = trainer.train()
+        if resume is not None:
+            trainer.add_callback(live)  # the restored curve already has it
+        result = trainer.train(resume_from_checkpoint=resume)
         after = trainer.evaluate()["eval_loss"] if evals.height else None
         training.save_model(trainer.model, tokenizer, out / "model", cfg)
+    ckpt.done()
     metrics = {
         "train_rows": train.height,
         "heldout_rows": evals.height,
@@ -85,6 +93,7 @@ def run(cfg: SftConfig) -> dict:
         "heldout_loss_before": before,
         "heldout_loss_after": after,
         "lora": cfg.lora.enabled,
+        "resumed_from_step": training.step_of(resume),
         "train_seconds": round(result.metrics["train_runtime"], 2),
     }
     io.write_json(metrics, out / "metrics.json")

@@ -33,7 +33,11 @@ def load_stage(name: str) -> ModuleType:
 def smoke_section(stage: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """The stage's params section as the smoke profile composes it (plus Hydra-style overrides)."""
     params = config.compose(["profile=smoke", *(overrides or [])])
-    return params[stage]
+    section = params[stage]
+    # The cache's default lives under the repo's data/: a test that wants one names a tmp dir.
+    if "row_cache" in section and not any(".row_cache.dir=" in o for o in overrides or []):
+        section["row_cache"] = {**section["row_cache"], "dir": None}
+    return section
 
 
 @pytest.fixture(scope="session")

@@ -301,6 +301,11 @@ def stage_main(stage: str, cls: type[T], run: typing.Callable[[T], Any]) -> None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = load(stage, cls)
+        if isinstance(getattr(cfg, "out_dir", None), str):
+            from caiforge import io
+
+            for path in io.remove_stale_temporaries(cfg.out_dir):
+                logging.getLogger("caiforge").info("%s: removed %s, left by a killed run", stage, path)
         run(cfg)
     except (ConfigError, FileNotFoundError, ValueError, StageError) as exc:
         sys.exit(f"{stage}: error: {exc}")

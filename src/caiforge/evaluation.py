@@ -226,14 +226,19 @@ def per_principle_table(revisions: pl.DataFrame, comparisons: pl.DataFrame) -> p
 def cost_accounting(stage_metrics: Mapping[str, Mapping[str, Any]], usd_per_cpu_hour: float) -> dict[str, Any]:
     """Tokens generated, labels made and seconds spent, from each stage's metrics.json, and the cost per AI label.
 
-    Seconds are the generation/training/scoring seconds the stages report (model loading excluded).
+    Seconds are the generation/training/scoring seconds the stages report (model loading excluded); tokens count
+    every answer the stage wrote, also those its row cache held.
     """
     cr = stage_metrics.get("critique_revise", {})
     lab = stage_metrics.get("label", {})
+
+    def generated(stats: Mapping[str, Any] | None) -> int:
+        """Tokens in the stage's answers, whichever build generated them (the row cache's included)."""
+        return (stats or {}).get("completion_tokens", 0) + (stats or {}).get("cached_completion_tokens", 0)
+
     tokens = {
-        "critique_revise": cr.get("generation", {}).get("completion_tokens", 0),
-        "label": (lab.get("tokens", {}).get("sampling") or {}).get("completion_tokens", 0)
-        + (lab.get("tokens", {}).get("reasoning") or {}).get("completion_tokens", 0),
+        "critique_revise": generated(cr.get("generation")),
+        "label": generated(lab.get("tokens", {}).get("sampling")) + generated(lab.get("tokens", {}).get("reasoning")),
     }
     seconds = {
         "critique_revise": cr.get("generation", {}).get("seconds", 0.0),

@@ -40,6 +40,20 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove_stale_temporaries(root: str | os.PathLike[str]) -> list[Path]:
+    """Delete the `.<name>.*.tmp` files and directories a killed run left under `root`; returns what it removed.
+
+    Stages call this at start (a run that completes leaves none: `atomic_path` renames or deletes its own).
+    """
+    found = sorted(p for p in Path(root).rglob(".*.tmp")) if Path(root).is_dir() else []
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return found
+
+
 def write_parquet(df: pl.DataFrame, path: str | os.PathLike[str], schema: Schema) -> None:
     """Check `df` against `schema` and write it atomically with settings that make the bytes reproducible."""
     table = schema.check(df, where=str(path)).to_arrow()

@@ -6,6 +6,7 @@ every one that matters through `common_args`, so a library upgrade cannot silent
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -88,6 +89,9 @@ class TrainingSchedule:
     """Trade compute for memory on large models."""
     logging_steps: int
     """Log the loss (and the dvclive curve) every N steps."""
+    checkpoint_every: int
+    """Save a resumable checkpoint every N optimizer steps under <out_dir>/checkpoints (0: never). A killed run
+    resumes from the last one; they are deleted when the stage completes."""
 
 
 def trainer_args(cfg: TrainingSchedule, out_dir: Path) -> dict[str, Any]:
@@ -109,6 +113,112 @@ def trainer_args(cfg: TrainingSchedule, out_dir: Path) -> dict[str, Any]:
         "logging_steps": cfg.logging_steps,
         "eval_strategy": "no",
     }
+
+
+CHECKPOINTS = "checkpoints"
+COMPLETE = "caiforge_complete"
+"""Written last into a checkpoint: one without it was cut short by a kill and is never resumed from."""
+
+
+def inputs_fingerprint(cfg: Any, *paths: str | Path) -> str:
+    """sha256 of the resolved stage config and the bytes of its input files (directories walked): what must match
+    for a checkpoint to be resumed."""
+    digest = hashlib.sha256(json.dumps(config.to_dict(cfg), sort_keys=True, default=str).encode())
+    for root in paths:
+        root = Path(root)
+        for path in sorted([root] if root.is_file() else (p for p in root.rglob("*") if p.is_file())):
+            digest.update(path.as_posix().encode())
+            with path.open("rb") as fh:
+                for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Checkpoints:
+    """Resumable training: checkpoints every `every` steps in <out_dir>/checkpoints/<inputs fingerprint>/.
+
+    A checkpoint holds what the Trainer needs to continue exactly (weights, optimizer, scheduler, RNG states, the
+    data position) and a copy of the dvclive curve so far. Checkpoints of other inputs (a params or data edit since
+    the kill) are deleted, never resumed.
+    """
+
+    def __init__(self, every: int, out_dir: Path, fingerprint: str, live_dir: Path) -> None:
+        if every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {every}")
+        self.every = every
+        self.root = out_dir / CHECKPOINTS
+        self.dir = self.root / fingerprint[:16]
+        self.live_dir = live_dir
+        if self.root.is_dir():
+            for other in self.root.iterdir():
+                if other != self.dir:
+                    shutil.rmtree(other, ignore_errors=True)
+
+    @classmethod
+    def for_stage(cls, cfg: Any, out_dir: Path, *inputs: str | Path) -> Checkpoints:
+        """A training stage's checkpoints: every `cfg.checkpoint_every` steps, for these inputs (model directories
+        are followed through role links)."""
+        from caiforge import models
+
+        paths = [models.resolve(p) if Path(p).is_dir() else p for p in inputs]
+        return cls(cfg.checkpoint_every, out_dir, inputs_fingerprint(cfg, *paths), out_dir / "dvclive")
+
+    def trainer_args(self, cfg: TrainingSchedule, scratch: Path) -> dict[str, Any]:
+        """`trainer_args` with this run's checkpointing."""
+        return {**trainer_args(cfg, scratch), **self.args(scratch)}
+
+    def callbacks(self, resume: str | None) -> list[Any]:
+        """The dvclive curve (continued when resuming) and the checkpoint completer."""
+        return [dvclive_callback(self.live_dir, resume=resume is not None), self.callback()]
+
+    def args(self, scratch: Path) -> dict[str, Any]:
+        """Trainer arguments: save every `every` steps (keeping two, so one is always whole), else nothing."""
+        if not self.every:
+            return {"output_dir": str(scratch), "save_strategy": "no"}
+        return {"output_dir": str(self.dir), "save_strategy": "steps", "save_steps": self.every, "save_total_limit": 2}
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint of these inputs, or None."""
+        found = [p for p in self.dir.glob("checkpoint-*") if (p / COMPLETE).is_file()] if self.every else []
+        return max(found, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
+
+    def resume(self) -> str | None:
+        """The checkpoint to resume from (its dvclive curve restored), or None to start afresh."""
+        last = self.latest()
+        if last is None:
+            return None
+        if self.live_dir.exists():
+            shutil.rmtree(self.live_dir)
+        if (last / "dvclive").is_dir():
+            shutil.copytree(last / "dvclive", self.live_dir)
+        log.info("resuming from %s", last)
+        return str(last)
+
+    def callback(self) -> Any:
+        """Completes each checkpoint: the dvclive curve so far, then the marker."""
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class Complete(TrainerCallback):
+            def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if not ckpt.is_dir():
+                    return
+                if outer.live_dir.is_dir():
+                    shutil.copytree(outer.live_dir, ckpt / "dvclive", dirs_exist_ok=True)
+                (ckpt / COMPLETE).write_text(str(state.global_step))
+
+        return Complete()
+
+    def done(self) -> None:
+        """The stage completed: no checkpoint is needed any more."""
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def step_of(checkpoint: str | None) -> int | None:
+    """The optimizer step a checkpoint was saved at (None: the run did not resume)."""
+    return int(checkpoint.rsplit("-", 1)[1]) if checkpoint else None
 
 
 def prompt_completion_args(max_length: int) -> dict[str, Any]:
@@ -138,14 +248,18 @@ def peft_config(lora: LoraConfig, task_type: str = "CAUSAL_LM") -> Any:
     )
 
 
-def dvclive_callback(live_dir: Path) -> Any:
-    """Loss curves into `live_dir` (declared as DVC plots); dvcyaml=False so the root dvc.yaml is left alone."""
+def dvclive_callback(live_dir: Path, resume: bool = False) -> Any:
+    """Loss curves into `live_dir` (declared as DVC plots); dvcyaml=False so the root dvc.yaml is left alone.
+
+    `resume`: continue the curve already in `live_dir` (restored from a checkpoint) instead of starting afresh.
+    """
     from dvclive import Live
     from transformers.integrations import DVCLiveCallback
 
-    if live_dir.exists():
+    if live_dir.exists() and not resume:
         shutil.rmtree(live_dir)
-    return DVCLiveCallback(live=Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None))
+    live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None, resume=resume)
+    return DVCLiveCallback(live=live)
 
 
 def save_model(model: Any, tokenizer: Any, out_dir: Path, stage_cfg: Any) -> None:

@@ -95,7 +95,8 @@ def descendants(repo: Path, stage: str) -> set[str]:
 
 
 def data_digests(repo: Path) -> dict[str, str]:
-    """sha256 of every file under data/ except seeds, metrics and dvclive logs (which hold timings)."""
+    """sha256 of every file under data/ except seeds, metrics, dvclive logs (which hold timings) and row caches
+    (which keep entries of earlier builds by design)."""
     import hashlib
 
     out = {}
@@ -103,7 +104,7 @@ def data_digests(repo: Path) -> dict[str, str]:
         rel = path.relative_to(repo).as_posix()
         if not path.is_file() or rel.startswith("data/seed/") or path.name in ("metrics.json", ".gitignore"):
             continue
-        if "/dvclive/" in rel:
+        if "/dvclive/" in rel or "/rowcache/" in rel:
             continue
         out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out

@@ -62,7 +62,7 @@ def upstream(tmp_path_factory, tiny_model_dir):
     }
 
 
-def make_cfg(tmp_path, upstream, overrides=()):
+def make_cfg(tmp_path, upstream, overrides=(), const=None):
     section = smoke_section("evaluate", list(overrides))
     section.update(
         prompts=str(write_eval_prompts(tmp_path / "prompts.parquet")),
@@ -74,7 +74,7 @@ def make_cfg(tmp_path, upstream, overrides=()):
         metrics_dir=str(upstream["data"]),
         out_dir=str(tmp_path / "evaluate"),
     )
-    full = constitution.to_dict(constitution.load(DEFAULT))
+    full = const or constitution.to_dict(constitution.load(DEFAULT))
     return config.from_declared(
         "evaluate",
         stage.EvaluateConfig,
@@ -250,3 +250,31 @@ def test_constitution_without_a_helpfulness_principle_is_rejected(upstream, tmp_
             stage.EvaluateConfig,
             {"evaluate": ("params.yaml", section), "comparison": ("constitutions/default.yaml", comparison)},
         )
+
+
+def test_row_cache_keeps_unchanged_models_answers_and_changes_no_byte(tmp_path, upstream):
+    """A principle edit re-asks only the judge's questions under it; no model answers again. New weights for one
+    model regenerate that model's answers only. Either way the outputs equal a build from an empty cache."""
+    cache = [f"evaluate.row_cache.dir={tmp_path / 'cache'}"]
+    first = stage.run(make_cfg(tmp_path / "a", upstream, cache))
+    prompts = first["answers"]["base"]["rows"]
+    assert prompts > 0 and all(first["answers"][m]["cache_hits"] == 0 for m in MODELS[:1])
+    full = constitution.to_dict(constitution.load(DEFAULT))
+    edited_id = next(p["id"] for p in full["comparison"] if p["category"] == "harmlessness")
+    for p in full["comparison"]:
+        if p["id"] == edited_id:
+            p["text"] = "Which response is less likely to help someone do harm?"
+    again = stage.run(make_cfg(tmp_path / "b", upstream, cache, full))
+    assert {m: s["rows"] for m, s in again["answers"].items()} == dict.fromkeys(MODELS, 0)
+    assert 0 < again["judge"]["engine"]["rows"] < first["judge"]["engine"]["rows"]
+    assert again["judge"]["engine"]["cache_hits"] > 0
+
+    other = tmp_path / "retrained"
+    models.save(*models.build_tiny(models.TinySpec(num_hidden_layers=1), seed=2), other)
+    retrained = {**upstream, "models": {**upstream["models"], "student": other}}
+    third = stage.run(make_cfg(tmp_path / "c", retrained, cache, full))
+    assert {m: s["rows"] for m, s in third["answers"].items()} == {"base": 0, "sft": 0, "rl": 0, "student": prompts}
+
+    stage.run(make_cfg(tmp_path / "d", retrained, (), full))
+    for name in ("samples.parquet", "principles.parquet"):
+        assert (tmp_path / "c" / "evaluate" / name).read_bytes() == (tmp_path / "d" / "evaluate" / name).read_bytes()

@@ -82,3 +82,26 @@ def test_no_server_answering_is_an_error_naming_them(smollm2_tokenizer_dir, serv
     with pytest.raises(openai.ServerError) as err:
         fleet.complete([{"prompt": "hi", "max_tokens": 1}])
     assert all(url in str(err.value) for url in dead)
+
+
+def test_the_row_cache_answers_without_asking_the_server(llama_server, smollm2_tokenizer_dir, server_env, tmp_path):
+    from caiforge import rowcache
+
+    first = generator(smollm2_tokenizer_dir, llama_server.url, temperature=0.7)
+    first.cache = rowcache.RowCache(tmp_path)
+    want = first.chat(CONVS, seed=3)
+    assert first.fleet.requests_sent == len(CONVS) and first.stats.cache_hits == 0
+    first.cache.close()
+    again = generator(smollm2_tokenizer_dir, llama_server.url, temperature=0.7)
+    again.cache = rowcache.RowCache(tmp_path)
+    assert again.chat(CONVS[:3] + CONVS, seed=3) == want[:3] + want
+    assert again.fleet.requests_sent == 0 and again.stats.cache_hits == len(CONVS)
+    assert again.chat(CONVS[:2], seed=4) and again.fleet.requests_sent == 2, "another seed is another request"
+
+    cfg = engines.ScoringConfig(backend="openai", server=server_cfg(llama_server.url), progress=False)
+    scorer = engines.make_choice_scorer(smollm2_tokenizer_dir, cfg, rowcache.RowCache(tmp_path / "s"))
+    prefills = [labeling.answer_prefill()] * len(QUESTIONS)
+    scores = scorer.choice_logprobs(QUESTIONS, prefills)
+    scorer.cache.close()
+    cached = engines.make_choice_scorer(smollm2_tokenizer_dir, cfg, rowcache.RowCache(tmp_path / "s"))
+    assert cached.choice_logprobs(QUESTIONS, prefills) == scores and cached.fleet.requests_sent == 0

@@ -116,7 +116,10 @@ def test_cost_accounting():
                     "scoring": {"completion_tokens": 0, "seconds": 15.0},
                 },
             },
-            "critique_revise": {"generation": {"completion_tokens": 900, "seconds": 30.0}},
+            # A rebuild that took 600 of its tokens from the row cache still wrote 900 tokens of answers.
+            "critique_revise": {
+                "generation": {"completion_tokens": 300, "cached_completion_tokens": 600, "seconds": 30.0}
+            },
             "sft": {"train_seconds": 12.0},
         },
         usd_per_cpu_hour=3.6,

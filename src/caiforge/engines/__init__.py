@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from caiforge.config import StageError
+
+if TYPE_CHECKING:
+    from caiforge.rowcache import RowCache
 
 Message = dict[str, str]
 """A chat turn: {"role": "system" | "user" | "assistant", "content": text}."""
@@ -147,6 +150,9 @@ class Completion:
     finished: bool
     """True when the model emitted its end token; False when it hit max_new_tokens."""
 
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
 
 @dataclass
 class Stats:
@@ -158,6 +164,10 @@ class Stats:
     seconds: float = 0.0
     prefix_tokens_reused: int = 0
     """Prompt tokens not recomputed because their KV cache was shared (transformers prefix reuse)."""
+    cache_hits: int = 0
+    """Requests answered from the row cache (not counted in `rows`, which counts requests the engine ran)."""
+    cached_completion_tokens: int = 0
+    """Generated tokens of the answers taken from the row cache (what they cost the build that made them)."""
     engine: dict[str, str | int] = field(default_factory=dict)
     """backend, model identity, device and dtype."""
 
@@ -170,6 +180,8 @@ class Stats:
             "rows": self.rows,
             "prompt_tokens": self.prompt_tokens,
             "prefix_tokens_reused": self.prefix_tokens_reused,
+            "cache_hits": self.cache_hits,
+            "cached_completion_tokens": self.cached_completion_tokens,
             "completion_tokens": self.completion_tokens,
             "seconds": round(self.seconds, 3),
             "tokens_per_second": round(self.tokens_per_second, 2),
@@ -183,6 +195,8 @@ class Generator(Protocol):
     stats: Stats
     identity: str
     """The model behind the engine, for provenance: a weights fingerprint, or `openai:<served model id>`."""
+    cache: RowCache | None
+    """Where answers are looked up before running and stored as they finish (None: no cache)."""
 
     def chat(self, conversations: Sequence[Sequence[Message]], *, seed: int, desc: str = "") -> list[Completion]: ...
 
@@ -192,6 +206,7 @@ class ChoiceScorer(Protocol):
 
     stats: Stats
     identity: str
+    cache: RowCache | None
 
     def generator(self, cfg: GenerationConfig) -> Generator:
         """A generator on the same model (weights or servers), e.g. for chain-of-thought reasoning."""
@@ -214,27 +229,65 @@ def row_seed(seed: int, prompt: str) -> int:
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
-def make_generator(model_dir: str | Path, cfg: GenerationConfig) -> Generator:
+def cache_lookup(cache: RowCache | None, keys: Sequence[str], stats: Stats) -> tuple[list[Any], dict[str, int]]:
+    """(cached value or None per row, {key: first row} of the distinct requests still to run).
+
+    Rows with equal keys are one request: it is looked up or run once, and every such row gets its answer
+    (`fill_in`); hits and runs are counted per distinct request.
+    """
+    found: list[Any] = [None] * len(keys)
+    todo: dict[str, int] = {}
+    seen: set[str] = set()
+    for i, k in enumerate(keys):
+        if k in seen:
+            continue
+        seen.add(k)
+        value = cache.get(k) if cache is not None else None
+        if value is None:
+            todo[k] = i
+        else:
+            found[i] = value
+            stats.cache_hits += 1
+            if isinstance(value, dict):
+                stats.cached_completion_tokens += int(value.get("completion_tokens", 0))
+    return found, todo
+
+
+def fill_in(found: list[Any], keys: Sequence[str]) -> list[Any]:
+    """Every row's answer: duplicate rows get the answer of the first row with their key."""
+    by_key = {k: v for k, v in zip(keys, found, strict=True) if v is not None}
+    return [by_key[k] for k in keys]
+
+
+def make_generator(model_dir: str | Path, cfg: GenerationConfig, cache: RowCache | None = None) -> Generator:
     """The engine `cfg.backend` names, serving the model in `model_dir` (for `openai`: its tokenizer)."""
+    engine: Generator
     if cfg.backend == "transformers":
         from caiforge.engines import hf
 
-        return hf.TransformersGenerator.from_dir(model_dir, cfg)
-    if cfg.backend == "openai":
+        engine = hf.TransformersGenerator.from_dir(model_dir, cfg)
+    elif cfg.backend == "openai":
         from caiforge.engines import openai
 
-        return openai.OpenAIGenerator.from_config(model_dir, cfg)
-    raise ValueError(f"generation.backend: unknown backend {cfg.backend!r}")
+        engine = openai.OpenAIGenerator.from_config(model_dir, cfg)
+    else:
+        raise ValueError(f"generation.backend: unknown backend {cfg.backend!r}")
+    engine.cache = cache
+    return engine
 
 
-def make_choice_scorer(model_dir: str | Path, cfg: ScoringConfig) -> ChoiceScorer:
+def make_choice_scorer(model_dir: str | Path, cfg: ScoringConfig, cache: RowCache | None = None) -> ChoiceScorer:
     """The choice scorer `cfg.backend` names, serving the model in `model_dir` (for `openai`: its tokenizer)."""
+    scorer: ChoiceScorer
     if cfg.backend == "transformers":
         from caiforge.engines import hf
 
-        return hf.TransformersChoiceScorer.from_dir(model_dir, cfg)
-    if cfg.backend == "openai":
+        scorer = hf.TransformersChoiceScorer.from_dir(model_dir, cfg)
+    elif cfg.backend == "openai":
         from caiforge.engines import openai
 
-        return openai.OpenAIChoiceScorer.from_config(model_dir, cfg)
-    raise ValueError(f"scoring.backend: unknown backend {cfg.backend!r}")
+        scorer = openai.OpenAIChoiceScorer.from_config(model_dir, cfg)
+    else:
+        raise ValueError(f"scoring.backend: unknown backend {cfg.backend!r}")
+    scorer.cache = cache
+    return scorer

@@ -2,21 +2,23 @@
 
 What it does for speed:
 
-- renders each conversation with the tokenizer's chat template, sorts by token length (longest first) and cuts
-  batches, so that a batch holds prompts of similar length and left padding wastes little;
+- renders each conversation with the tokenizer's chat template and groups rows of similar length (by padded suffix
+  width) into batches, so left padding wastes little;
 - prefix reuse: the rows of one call usually share a long prefix (system prompt + few-shot demos). Its KV cache is
   computed once per call and copied into every batch, so only each row's own suffix is run (padding sits between
   the shared prefix and the suffixes; position ids count real tokens only, so the model sees the same positions);
-- its own decoding loop: rows that finish leave the batch (their KV rows are dropped), and the LM head runs on the
-  last position only;
+- its own decoding loop, with the LM head run on the positions that are read only (`logits_to_keep`);
 - `dtype: auto` runs bf16 on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16), fp32 elsewhere.
 
 What it does for reproducibility:
 
 - every decoding setting is explicit (temperature, top-p, top-k; no repetition penalty, nothing read from a model's
   generation_config.json);
-- each row samples with its own `torch.Generator` seeded by `row_seed(seed, prompt)`: its draws do not depend on the
-  other rows of its batch or call (up to floating-point effects of batch shape), and no global RNG is touched;
+- each row samples with its own `torch.Generator` seeded by `row_seed(seed, prompt)`, and no global RNG is touched;
+- batch invariance: a row's numbers, bit for bit, do not depend on the other rows of its call or batch. Kernels
+  pick their blocking by shape (MKL on CPU: a row of a matmul with 2 rows differs in the last bits from the same
+  row alone), so every forward pass runs in a shape fixed by the row itself (see `_Runner`). The row cache relies
+  on this: reused rows and fresh rows give the bytes one build from an empty cache gives;
 - a row stops at the chat template's end token or EOS, and is marked unfinished when it hits `max_new_tokens`.
 """
 
@@ -26,13 +28,15 @@ import contextlib
 import copy
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from caiforge import rowcache
 from caiforge.engines import (
     OPTIONS,
     Completion,
@@ -40,9 +44,14 @@ from caiforge.engines import (
     Message,
     ScoringConfig,
     Stats,
+    cache_lookup,
+    fill_in,
     row_seed,
 )
 from caiforge.engines.rendering import common_prefix, encode, plan_options, render_chat, stop_token_ids
+
+if TYPE_CHECKING:
+    from caiforge.rowcache import RowCache
 
 log = logging.getLogger(__name__)
 
@@ -93,38 +102,83 @@ def _from_dir(cls: Any, model_dir: str | Path, cfg: GenerationConfig | ScoringCo
     return engine
 
 
-class _Runner:
-    """The forward passes both engines share: a prefix cache, then padded suffixes behind it."""
+WIDTH_STEP = 32
+"""Suffix widths are rounded up to a multiple of this (with at least one padding column): a row's batch shape."""
 
-    def __init__(self, model: Any, tokenizer: Any, device: str, backend_stats: Stats) -> None:
+
+def suffix_width(n: int) -> int:
+    """The padded width of an `n`-token suffix: a function of the row alone, never of its batch neighbours."""
+    return (n // WIDTH_STEP + 1) * WIDTH_STEP
+
+
+def fixed_batches(widths: Sequence[tuple[int, ...]], size: int) -> list[list[int]]:
+    """Row indices cut into batches of rows with equal shape keys, widest first, at most `size` per batch."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, w in enumerate(widths):
+        groups.setdefault(w, []).append(i)
+    return [g[s : s + size] for w in sorted(groups, reverse=True) for g in [groups[w]] for s in range(0, len(g), size)]
+
+
+class _Runner:
+    """The forward passes both engines share: a prefix cache, then padded suffixes behind it, in fixed shapes.
+
+    Batch invariance: a row's numbers must not depend on which other rows share its call or batch (the row cache
+    reuses rows across builds, and must give the bytes a fresh build would). Matmul kernels pick their blocking
+    by shape, so every batch runs in a shape that depends on its row alone: exactly `batch_size` rows (a short
+    batch is filled with copies of its first row), a suffix width rounded up by `suffix_width` (always with at
+    least one padding column, so the attention mask is never dropped for a faster kernel), a prefix whose length
+    is part of the row's cache key, and rows that stay in the batch until the batch is done.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, device: str, backend_stats: Stats, batch_size: int) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = device
         self.stats = backend_stats
+        self.batch_size = batch_size
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise ValueError("the tokenizer has neither a pad nor an EOS token to pad batches with")
         self.pad_id = pad
-        self.stats.engine = {
-            "backend": "transformers",
-            "device": device,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        self.stats.engine = {"backend": "transformers", "device": device, "dtype": self.dtype}
+        self._prefixes: dict[tuple[int, ...], Any] = {}
+
+    def shape_key(self) -> dict[str, Any]:
+        """What, besides a row's own tokens, fixes its numbers: for the row cache's keys."""
+        return {
+            "engine": "transformers",
+            "device": torch.device(self.device).type,
+            "dtype": self.dtype,
+            "batch": [self.batch_size, WIDTH_STEP],
         }
 
+    def prefix_len(self, rows: Sequence[Sequence[int]], limit: int, enabled: bool) -> int:
+        """Length of the prefix every row of the call shares, at most `limit`; 0 when not worth a cache."""
+        plen = min(common_prefix(rows), limit) if enabled and len(rows) > 1 else 0
+        self._prefixes.clear()  # a new call: never reuse a KV cache across calls (weights may have changed)
+        return plen if plen >= MIN_PREFIX else 0
+
     def prefix_cache(self, ids: Sequence[int]) -> Any:
-        """The KV cache of `ids` (batch 1), to be copied into every batch of the call."""
-        out = self.model(input_ids=torch.tensor([list(ids)], device=self.device), use_cache=True, logits_to_keep=1)
-        return out.cache
+        """The KV cache of `ids` (batch 1), computed once per distinct prefix and copied into every batch."""
+        key = tuple(ids)
+        if key not in self._prefixes:
+            out = self.model(input_ids=torch.tensor([list(ids)], device=self.device), use_cache=True, logits_to_keep=1)
+            self._prefixes[key] = out.cache
+        return self._prefixes[key]
 
     def forward(
-        self, rows: Sequence[Sequence[int]], prefix: tuple[int, Any], keep: int
+        self, rows: Sequence[Sequence[int]], plen: int, keep: int
     ) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
-        """Run rows (each starting with the `prefix[0]` shared tokens) left-padded behind the prefix cache.
+        """Run rows (each starting with the same `plen` prefix tokens) left-padded behind the prefix cache.
 
-        Returns the logits of the last `keep` positions, the cache, the attention mask and each row's last position.
+        The batch is filled up to `batch_size` rows and `suffix_width` columns. Returns the logits of the last
+        `keep` positions, the cache, the attention mask and each row's last position (filler rows included).
         """
-        plen, cache = prefix
-        width = max(len(r) for r in rows) - plen
+        if plen:
+            self.stats.prefix_tokens_reused += plen * len(rows)
+        rows = list(rows) + [rows[0]] * (self.batch_size - len(rows))
+        width = suffix_width(max(len(r) for r in rows) - plen)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         own = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
@@ -136,7 +190,7 @@ class _Runner:
         positions = plen + (own.cumsum(-1) - 1).clamp(min=0)
         past = None
         if plen:
-            past = copy.deepcopy(cache)
+            past = copy.deepcopy(self.prefix_cache(rows[0][:plen]))
             past.reorder_cache(torch.zeros(len(rows), dtype=torch.long, device=self.device))
         out = self.model(
             input_ids=ids.to(self.device),
@@ -148,14 +202,6 @@ class _Runner:
         )
         return out.logits, out.cache, mask.to(self.device), positions[:, -1].to(self.device)
 
-    def shared_prefix(self, rows: Sequence[Sequence[int]], limit: int, enabled: bool) -> tuple[int, Any]:
-        """(length, cache) of the prefix every row shares, at most `limit` tokens; (0, None) when not worth it."""
-        plen = min(common_prefix(rows), limit) if enabled and len(rows) > 1 else 0
-        if plen < MIN_PREFIX:
-            return 0, None
-        self.stats.prefix_tokens_reused += plen * (len(rows) - 1)
-        return plen, self.prefix_cache(rows[0][:plen])
-
 
 class TransformersGenerator:
     """Batched, length-grouped, reproducible generation with a local Hugging Face causal LM."""
@@ -163,10 +209,11 @@ class TransformersGenerator:
     def __init__(self, model: Any, tokenizer: Any, cfg: GenerationConfig, device: str = "cpu") -> None:
         self.cfg = cfg
         self.stats = Stats()
-        self.runner = _Runner(model, tokenizer, device, self.stats)
+        self.runner = _Runner(model, tokenizer, device, self.stats, cfg.batch_size)
         self.model, self.tokenizer, self.device = self.runner.model, tokenizer, device
         self.stop_ids = stop_token_ids(tokenizer)
         self.identity = "transformers:in-memory"
+        self.cache: RowCache | None = None
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, cfg: GenerationConfig) -> TransformersGenerator:
@@ -175,54 +222,69 @@ class TransformersGenerator:
     def render(self, conversation: Sequence[Message]) -> list[int]:
         return encode(self.tokenizer, render_chat(self.tokenizer, conversation))
 
+    def key(self, text: str, seed: int, plen: int) -> str:
+        """The row-cache key of one request: everything that determines its completion."""
+        c = self.cfg
+        return rowcache.key(
+            {
+                "kind": "chat",
+                "model": self.identity,
+                **self.runner.shape_key(),
+                "prefix": plen,
+                "decoding": [c.max_new_tokens, c.temperature, c.top_p, c.top_k],
+                "prompt": text,
+                "seed": seed,
+            }
+        )
+
     def chat(self, conversations: Sequence[Sequence[Message]], *, seed: int, desc: str = "") -> list[Completion]:
         if not conversations:
             return []
         texts = [render_chat(self.tokenizer, c) for c in conversations]
         prompts = [encode(self.tokenizer, t) for t in texts]
         seeds = [row_seed(seed, t) for t in texts]
-        # Longest first: the slowest batch runs while the bar is fresh, and similar lengths share a batch.
-        order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
-        results: list[Completion | None] = [None] * len(prompts)
-        with torch.inference_mode(), progress(len(prompts), desc or "generate", self.cfg.progress) as bar:
-            t0 = time.perf_counter()
-            prefix = self.runner.shared_prefix(prompts, min(len(p) for p in prompts) - 1, self.cfg.prefix_reuse)
-            for start in range(0, len(order), self.cfg.batch_size):
-                batch = order[start : start + self.cfg.batch_size]
-                outs = self._generate([prompts[i] for i in batch], [seeds[i] for i in batch], prefix)
-                for i, out in zip(batch, outs, strict=True):
-                    results[i] = out
+        # The prefix is the whole call's (cached rows included), so a row's key does not depend on what is cached.
+        plen = self.runner.prefix_len(prompts, min(len(p) for p in prompts) - 1, self.cfg.prefix_reuse)
+        keys = [self.key(t, s, plen) for t, s in zip(texts, seeds, strict=True)]
+        found, todo = cache_lookup(self.cache, keys, self.stats)
+        run = list(todo.values())
+        batches = fixed_batches([(suffix_width(len(prompts[i]) - plen),) for i in run], self.cfg.batch_size)
+        with torch.inference_mode(), progress(len(run), desc or "generate", self.cfg.progress) as bar:
+            for batch in batches:
+                t0 = time.perf_counter()
+                rows = [run[j] for j in batch]
+                outs = self._generate([prompts[i] for i in rows], [seeds[i] for i in rows], plen)
+                for i, out in zip(rows, outs, strict=True):
+                    found[i] = out.as_dict()
                     self.stats.rows += 1
                     self.stats.prompt_tokens += out.prompt_tokens
                     self.stats.completion_tokens += out.completion_tokens
+                if self.cache is not None:
+                    self.cache.put((keys[i], found[i]) for i in rows)
                 self.stats.seconds += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                bar.update(len(batch))
+                bar.update(len(rows))
                 bar.set_postfix(tok_s=f"{self.stats.tokens_per_second:.0f}")
-        return [r for r in results if r is not None]
+        return [Completion(**v) for v in fill_in(found, keys)]
 
-    def _generate(self, prompts: list[list[int]], seeds: list[int], prefix: tuple[int, Any]) -> list[Completion]:
+    def _generate(self, prompts: list[list[int]], seeds: list[int], plen: int) -> list[Completion]:
+        n = len(prompts)
         gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-        logits, cache, mask, last_pos = self.runner.forward(prompts, prefix, keep=1)
+        gens += [torch.Generator(device=self.device).manual_seed(seeds[0]) for _ in range(self.runner.batch_size - n)]
+        logits, cache, mask, last_pos = self.runner.forward(prompts, plen, keep=1)
         logits = logits[:, -1]
         new: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
-        active = list(range(len(prompts)))
+        done = [False] * n
         stop = set(self.stop_ids)
         for _ in range(self.cfg.max_new_tokens):
-            picked = self._pick(logits.float(), [gens[r] for r in active])
-            for token, r in zip(picked.tolist(), active, strict=True):
-                new[r].append(token)
-                done[r] = token in stop or len(new[r]) >= self.cfg.max_new_tokens
-            keep = [j for j, r in enumerate(active) if not done[r]]
-            if not keep:
+            picked = self._pick(logits.float(), gens)
+            for r, token in enumerate(picked.tolist()[:n]):
+                if not done[r]:
+                    new[r].append(token)
+                    done[r] = token in stop or len(new[r]) >= self.cfg.max_new_tokens
+            if all(done):
                 break
-            if len(keep) < len(active):  # finished rows leave the batch
-                index = torch.tensor(keep, device=self.device)
-                cache.reorder_cache(index)
-                mask, last_pos, picked = mask[index], last_pos[index], picked[index]
-                active = [active[j] for j in keep]
-            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=self.device)], dim=1)
+            # Finished rows stay (their tokens are ignored): the batch keeps its shape, so nobody's numbers move.
+            mask = torch.cat([mask, torch.ones((len(gens), 1), dtype=mask.dtype, device=self.device)], dim=1)
             last_pos = last_pos + 1
             logits = self.runner.model(
                 input_ids=picked[:, None],
@@ -268,6 +330,11 @@ class _Row:
     start: int
     """Index in `ids` of the first continuation token (= len(context))."""
 
+    @property
+    def keep(self) -> int:
+        """Positions whose logits are read: the continuation's, ending the row (1 for single-token options)."""
+        return len(self.ids) - self.start + 1
+
 
 class TransformersChoiceScorer:
     """Choice scoring with a local Hugging Face causal LM: batched, length-grouped, left-padded, deterministic.
@@ -279,9 +346,10 @@ class TransformersChoiceScorer:
     def __init__(self, model: Any, tokenizer: Any, cfg: ScoringConfig, device: str = "cpu") -> None:
         self.cfg = cfg
         self.stats = Stats()
-        self.runner = _Runner(model, tokenizer, device, self.stats)
+        self.runner = _Runner(model, tokenizer, device, self.stats, cfg.batch_size)
         self.model, self.tokenizer, self.device = self.runner.model, tokenizer, device
         self.identity = "transformers:in-memory"
+        self.cache: RowCache | None = None
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, cfg: ScoringConfig) -> TransformersChoiceScorer:
@@ -294,6 +362,7 @@ class TransformersChoiceScorer:
         """A generator on the same weights (no second copy in memory), e.g. for chain-of-thought reasoning."""
         engine = TransformersGenerator(self.model, self.tokenizer, cfg, self.device)
         engine.identity = self.identity
+        engine.cache = self.cache
         return engine
 
     def choice_logprobs(
@@ -304,40 +373,64 @@ class TransformersChoiceScorer:
     ) -> list[tuple[float, ...]]:
         if len(conversations) != len(prefills):
             raise ValueError(f"{len(conversations)} conversations but {len(prefills)} prefills")
+        if not conversations:
+            return []
+        texts, plans = [], []
+        for conv, prefill in zip(conversations, prefills, strict=True):
+            texts.append(self.render(conv, prefill))
+            plans.append(plan_options(self.tokenizer, texts[-1], options))
+        # The first option token is read at position len(context) - 1, which must lie after the shared prefix.
+        contexts = [p.context for p in plans]
+        plen = self.runner.prefix_len(contexts, min(len(c) for c in contexts) - 1, self.cfg.prefix_reuse)
+        keys = [
+            rowcache.key(
+                {
+                    "kind": "choice",
+                    "model": self.identity,
+                    **self.runner.shape_key(),
+                    "prefix": plen,
+                    "prompt": t,
+                    "options": list(options),
+                }
+            )
+            for t in texts
+        ]
+        found, todo = cache_lookup(self.cache, keys, self.stats)
         rows: list[_Row] = []
-        for req, (conv, prefill) in enumerate(zip(conversations, prefills, strict=True)):
-            plan = plan_options(self.tokenizer, self.render(conv, prefill), options)
+        for req in todo.values():
+            plan = plans[req]
             start = len(plan.context)
             if plan.single_token:
-                reads = tuple((req, o, c) for o, c in enumerate(plan.continuations))
-                rows.append(_Row(plan.context, reads, start))
+                rows.append(_Row(plan.context, tuple((req, o, c) for o, c in enumerate(plan.continuations)), start))
             else:
                 for o, c in enumerate(plan.continuations):
                     rows.append(_Row(plan.context + c[:-1], ((req, o, c),), start))
-        out = [[0.0] * len(options) for _ in conversations]
-        if not rows:
-            return []
-        order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].ids), i))
+        values = {req: [0.0] * len(options) for req in todo.values()}
+        pending = Counter(req for r in rows for req, _, _ in r.reads)
+        shapes = [(suffix_width(len(r.ids) - plen), r.keep) for r in rows]
         with torch.inference_mode(), progress(len(rows), "score", self.cfg.progress) as bar:
-            t0 = time.perf_counter()
-            # The first option token is read at position start - 1, which must lie after the shared prefix.
-            limit = min(r.start for r in rows) - 1
-            prefix = self.runner.shared_prefix([r.ids for r in rows], limit, self.cfg.prefix_reuse)
-            for begin in range(0, len(order), self.cfg.batch_size):
-                batch = [rows[i] for i in order[begin : begin + self.cfg.batch_size]]
-                for req, opt, value in self._score(batch, prefix):
-                    out[req][opt] = value
-                self.stats.seconds += time.perf_counter() - t0
+            for batch in fixed_batches(shapes, self.cfg.batch_size):
                 t0 = time.perf_counter()
+                done = []
+                for req, opt, value in self._score([rows[i] for i in batch], plen):
+                    values[req][opt] = value
+                    pending[req] -= 1
+                    if not pending[req]:
+                        found[req] = values[req]
+                        done.append(req)
+                if self.cache is not None:
+                    self.cache.put((keys[req], found[req]) for req in done)
+                self.stats.seconds += time.perf_counter() - t0
                 self.stats.rows += len(batch)
-                self.stats.prompt_tokens += sum(len(r.ids) for r in batch)
+                self.stats.prompt_tokens += sum(len(rows[i].ids) for i in batch)
                 bar.update(len(batch))
-        return [tuple(v) for v in out]
+        return [tuple(v) for v in fill_in(found, keys)]
 
-    def _score(self, batch: list[_Row], prefix: tuple[int, Any]) -> list[tuple[int, int, float]]:
-        # Every read sits in the last `keep` positions (rows are left-padded, continuations end each row).
-        keep = max(len(r.ids) - r.start + 1 for r in batch)
-        logits, _, _, _ = self.runner.forward([r.ids for r in batch], prefix, keep=keep)
+    def _score(self, batch: list[_Row], plen: int) -> list[tuple[int, int, float]]:
+        # Every read sits in the last `keep` positions (rows are left-padded, continuations end each row); a batch
+        # holds rows of one `keep`, so the LM head's shape is the row's own.
+        keep = batch[0].keep
+        logits, _, _, _ = self.runner.forward([r.ids for r in batch], plen, keep=keep)
         logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
         out = []
         for i, row in enumerate(batch):

@@ -27,8 +27,9 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from caiforge import rowcache
 from caiforge.engines import (
     OPTIONS,
     Completion,
@@ -38,9 +39,14 @@ from caiforge.engines import (
     ScoringConfig,
     ServerConfig,
     Stats,
+    cache_lookup,
+    fill_in,
     row_seed,
 )
 from caiforge.engines.rendering import END_TOKENS, encode, plan_options, render_chat
+
+if TYPE_CHECKING:
+    from caiforge.rowcache import RowCache
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +160,12 @@ class Fleet:
                             results[i] = _json(text, url)
                             remaining -= 1
                             if on_done:
-                                on_done(results[i])
+                                try:
+                                    on_done(i, results[i])
+                                except Exception as exc:  # e.g. an answer without log-probs: the call fails
+                                    if not finished.done():
+                                        finished.set_exception(exc)
+                                    return
                             if remaining == 0 and not finished.done():
                                 finished.set_result(None)
                             continue
@@ -232,13 +243,35 @@ class _Client:
         model = self.fleet.served_model()
         self.identity = f"openai:{model}"
         self.stats.engine = {"backend": "openai", "model": model, "servers": len(self.fleet.urls)}
+        self.cache: RowCache | None = None
 
-    def run(self, payloads: list[dict], desc: str) -> list[dict]:
+    def cached_run(self, keys: list[str], payloads: list[dict], parse: Any, desc: str) -> list[Any]:
+        """The answers of `payloads` as `parse(i, answer)` makes them: from the row cache, else from the servers
+        (stored as each answer arrives, so a killed run keeps them)."""
+        found, todo = cache_lookup(self.cache, keys, self.stats)
+        run = list(todo.values())
+
+        def store(j: int, answer: dict) -> None:
+            i = run[j]
+            found[i] = parse(i, answer)
+            if self.cache is not None:
+                self.cache.put([(keys[i], found[i])])
+
+        self.run([payloads[i] for i in run], desc, store)
+        return fill_in(found, keys)
+
+    def run(self, payloads: list[dict], desc: str, on_done: Any = None) -> list[dict]:
+        """Every payload's answer, in order; `on_done(i, answer)` as each one arrives (to store it at once)."""
         from caiforge.engines.hf import progress
+
+        def done(i: int, answer: dict) -> None:
+            bar.update(1)
+            if on_done:
+                on_done(i, answer)
 
         with progress(len(payloads), desc, self.progress) as bar:
             t0 = time.perf_counter()
-            answers = self.fleet.complete(payloads, on_done=lambda _: bar.update(1))
+            answers = self.fleet.complete(payloads, on_done=done)
             self.stats.seconds += time.perf_counter() - t0
         self.stats.rows += len(answers)
         self.stats.engine["requests_sent"] = self.fleet.requests_sent
@@ -261,18 +294,19 @@ class OpenAIGenerator(_Client):
     def chat(self, conversations: Sequence[Sequence[Message]], *, seed: int, desc: str = "") -> list[Completion]:
         texts = [render_chat(self.tokenizer, c) for c in conversations]
         payloads = [self.payload(t, row_seed(seed, t)) for t in texts]
-        answers = self.run(payloads, desc or "generate")
-        out = []
-        for text, answer in zip(texts, answers, strict=True):
+        keys = [rowcache.key({"kind": "chat", "model": self.identity, **p}) for p in payloads]
+
+        def parse(i: int, answer: dict) -> dict:
             choice = answer["choices"][0]
             usage = answer.get("usage") or {}
-            prompt_tokens = len(encode(self.tokenizer, text))
+            prompt_tokens = len(encode(self.tokenizer, texts[i]))
             done = choice.get("finish_reason") == "stop"
             generated = usage.get("completion_tokens") or len(encode(self.tokenizer, choice["text"])) + int(done)
-            out.append(Completion(choice["text"].strip(), prompt_tokens, int(generated), done))
             self.stats.prompt_tokens += prompt_tokens
             self.stats.completion_tokens += int(generated)
-        return out
+            return Completion(choice["text"].strip(), prompt_tokens, int(generated), done).as_dict()
+
+        return [Completion(**v) for v in self.cached_run(keys, payloads, parse, desc or "generate")]
 
     def payload(self, prompt: str, seed: int) -> dict:
         c = self.cfg
@@ -310,7 +344,9 @@ class OpenAIChoiceScorer(_Client):
 
     def generator(self, cfg: GenerationConfig) -> OpenAIGenerator:
         """A generator on the same servers, e.g. for chain-of-thought reasoning."""
-        return OpenAIGenerator(self.tokenizer, cfg)
+        engine = OpenAIGenerator(self.tokenizer, cfg)
+        engine.cache = self.cache
+        return engine
 
     def choice_logprobs(
         self,
@@ -335,9 +371,12 @@ class OpenAIChoiceScorer(_Client):
             {"prompt": p, "max_tokens": 1, "temperature": 0.0, "logprobs": self.cfg.server.top_logprobs, "seed": 0}
             for p in prompts
         ]
-        answers = self.run(payloads, "score")
-        out = []
-        for text, names, answer in zip(prompts, wanted, answers, strict=True):
+        keys = [
+            rowcache.key({"kind": "choice", "model": self.identity, "options": list(options), **p}) for p in payloads
+        ]
+
+        def parse(i: int, answer: dict) -> list[float]:
+            text, names = prompts[i], wanted[i]
             top = _top_logprobs(answer)
             if not top:
                 raise ServerError(
@@ -352,8 +391,10 @@ class OpenAIChoiceScorer(_Client):
                 else:
                     self.options_outside_top_k += 1
                     values.append(float(floor))
-            out.append(tuple(values))
             self.stats.prompt_tokens += len(encode(self.tokenizer, text))
+            return values
+
+        out = [tuple(v) for v in self.cached_run(keys, payloads, parse, "score")]
         self.stats.engine["options_outside_top_k"] = self.options_outside_top_k
         return out
 

@@ -1,0 +1,159 @@
+"""The row cache: every engine request, keyed by everything that determines its answer, kept across builds.
+
+A key is the sha256 of a canonical JSON of the request's *key material*: the engine's identity (weights
+fingerprint or served model id), dtype and device kind, every decoding or scoring setting, the batch shape the
+answer was computed in, the exact rendered prompt and the row's own seed. A row is reused only on an exact key
+match, so reuse never changes a result (the transformers engine computes a row in fixed shapes that do not depend
+on the other rows of its call, see `caiforge.engines.hf`).
+
+On disk a cache is a directory that DVC tracks as a persistent output of its stage (`persist: true`): pushed,
+pulled and shared like any artifact, kept in place while the stage reruns, and safe to delete (the next build
+recomputes what is missing). It holds JSON-lines files of `{"k": key, "v": value}`:
+
+- while a stage runs, finished rows are appended (and flushed) to a journal of its own, so a killed run keeps them
+  and the rerun resumes from there; a torn last line is ignored;
+- when the stage completes, every file is compacted into one, named by its content hash (`rows-<hash>.jsonl`),
+  holding all entries or (`prune: true`) only those the build used.
+
+Files are only ever created whole or appended to under a fresh name and deleted; never rewritten in place, so a
+file DVC links from its cache is never modified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SYNC_EVERY = 2.0
+"""Seconds between fsyncs of the journal (every put is flushed to the OS at once, which a killed process keeps)."""
+
+
+@dataclass(frozen=True)
+class RowCacheConfig:
+    """Where a stage keeps its row cache (declare it in dvc.yaml as an output with `persist: true`)."""
+
+    dir: str | None = None
+    """The cache directory, e.g. data/label/rowcache; null: no cache (every request runs)."""
+    prune: bool = False
+    """Keep only the entries this build used when the stage completes (bounds the cache; reverting an edit then
+    recomputes the rows it had before)."""
+
+
+def key(material: dict[str, Any]) -> str:
+    """The content address of a request: sha256 of its canonical JSON."""
+    text = json.dumps(material, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class RowCache:
+    """A key -> JSON value store on a directory, appended to as rows finish, compacted when the stage completes."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.dir = Path(directory)
+        self.entries: dict[str, Any] = {}
+        self.used: set[str] = set()
+        self.hits = 0
+        self.misses = 0
+        self._journal: Any = None
+        self._journal_path: Path | None = None
+        self._synced = 0.0
+        if self.dir.is_file():
+            raise ValueError(f"{self.dir}: the row cache must be a directory, found a file")
+        for path in sorted(self.dir.glob("*.jsonl")):
+            self._load(path)
+
+    @classmethod
+    def open(cls, cfg: RowCacheConfig) -> RowCache | None:
+        return cls(cfg.dir) if cfg.dir else None
+
+    def _load(self, path: Path) -> None:
+        lines = path.read_bytes().split(b"\n")
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                self.entries.setdefault(entry["k"], entry["v"])
+            except (ValueError, KeyError, TypeError) as err:
+                if number >= len(lines) - 1:  # the torn last line of a killed run's journal
+                    log.info("%s: ignoring an incomplete last line", path)
+                    continue
+                raise ValueError(f"{path}, line {number}: not a row-cache entry ({err}); delete the file") from err
+
+    def get(self, k: str) -> Any | None:
+        """The cached value of key `k`, or None; counts a hit or a miss and marks `k` as used by this build."""
+        self.used.add(k)
+        if k in self.entries:
+            self.hits += 1
+            return self.entries[k]
+        self.misses += 1
+        return None
+
+    def put(self, items: Iterable[tuple[str, Any]]) -> None:
+        """Store finished rows: appended to this run's journal, flushed to the OS before returning."""
+        lines = []
+        for k, value in items:
+            self.entries[k] = value
+            self.used.add(k)
+            lines.append(json.dumps({"k": k, "v": value}, ensure_ascii=False, separators=(",", ":")) + "\n")
+        if not lines:
+            return
+        if self._journal is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._journal_path = self.dir / f"journal-{os.getpid()}-{time.time_ns()}.jsonl"
+            self._journal = open(self._journal_path, "a", encoding="utf-8")  # noqa: SIM115 (kept open across puts)
+        self._journal.write("".join(lines))
+        self._journal.flush()  # in the OS's hands: survives a SIGKILL of this process
+        if time.monotonic() - self._synced > SYNC_EVERY:  # and, every few seconds, a crash of the machine
+            os.fsync(self._journal.fileno())
+            self._synced = time.monotonic()
+
+    def close(self) -> None:
+        if self._journal is not None:
+            os.fsync(self._journal.fileno())
+            self._journal.close()
+            self._journal = None
+
+    def compact(self, prune: bool = False) -> Path | None:
+        """Merge every file into one content-named file (only the used entries with `prune`); returns its path."""
+        self.close()
+        keep = {k: v for k, v in self.entries.items() if not prune or k in self.used}
+        old = sorted(self.dir.glob("*.jsonl")) if self.dir.is_dir() else []
+        if not keep and not old:
+            return None
+        body = "".join(
+            json.dumps({"k": k, "v": keep[k]}, ensure_ascii=False, separators=(",", ":")) + "\n" for k in sorted(keep)
+        )
+        self.dir.mkdir(parents=True, exist_ok=True)
+        final = self.dir / f"rows-{hashlib.sha256(body.encode()).hexdigest()[:16]}.jsonl"
+        if not final.exists():
+            tmp = self.dir / f".{final.name}.tmp"
+            tmp.write_text(body, encoding="utf-8")
+            os.replace(tmp, final)
+        for path in old:
+            if path != final:
+                path.unlink()
+        for stale in self.dir.glob(".*.tmp"):
+            stale.unlink()
+        return final
+
+    def stats(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "entries": len(self.entries)}
+
+
+def finish(cache: RowCache | None, cfg: RowCacheConfig) -> dict[str, int] | None:
+    """A stage's last step once its outputs are written: the cache's counts, then compaction (and pruning)."""
+    if cache is None:
+        return None
+    stats = cache.stats()
+    cache.compact(prune=cfg.prune)
+    return stats

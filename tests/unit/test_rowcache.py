@@ -1,0 +1,128 @@
+"""The row cache: exact-key reuse that never changes a result, durable journals, compaction and pruning."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from caiforge import engines, models, rowcache
+from caiforge.engines import hf
+
+# Rows that differ right after a shared few-shot prefix: every subset of them shares the same prefix length, so
+# a row's key (and its numbers) are the same in any call.
+DEMOS = [
+    {"role": "user", "content": "a long few-shot demo that every row shares " * 3},
+    {"role": "assistant", "content": "a demo answer " * 4},
+]
+LENGTHS = (1, 9, 3, 17, 5, 2, 11)
+CONVS = [[*DEMOS, {"role": "user", "content": f"{w} " + "x " * n}] for w, n in zip("abcdefg", LENGTHS, strict=True)]
+PREFILL = "The answer is: ("
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return models.build_tiny(models.TinySpec(), seed=0)
+
+
+def generator(tiny, cache=None, **kw) -> hf.TransformersGenerator:
+    cfg = engines.GenerationConfig(
+        **{"batch_size": 3, "max_new_tokens": 10, "temperature": 1.0, "progress": False, **kw}
+    )
+    g = hf.TransformersGenerator(*tiny, cfg)
+    g.cache = cache
+    return g
+
+
+def scorer(tiny, cache=None, **kw) -> hf.TransformersChoiceScorer:
+    s = hf.TransformersChoiceScorer(*tiny, engines.ScoringConfig(**{"batch_size": 2, "progress": False, **kw}))
+    s.cache = cache
+    return s
+
+
+@pytest.mark.parametrize("prefix_reuse", [True, False])
+def test_a_rows_numbers_do_not_depend_on_its_call(tiny, prefix_reuse):
+    """Batch invariance, bit for bit: a row scored or sampled alone, in a subset or in a reordered call."""
+    whole = scorer(tiny, prefix_reuse=prefix_reuse).choice_logprobs(CONVS, [PREFILL] * len(CONVS))
+    for subset in ([3], [0, 5], [6, 2, 4, 1]):
+        got = scorer(tiny, prefix_reuse=prefix_reuse).choice_logprobs(
+            [CONVS[i] for i in subset], [PREFILL] * len(subset)
+        )
+        if prefix_reuse and len(subset) == 1:
+            continue  # one row shares no prefix with anyone: a different key, see test_keys_hold_the_prefix
+        assert got == [whole[i] for i in subset]
+    texts = [c.text for c in generator(tiny, prefix_reuse=prefix_reuse).chat(CONVS, seed=5)]
+    assert len(set(texts)) > 1
+    got = [c.text for c in generator(tiny, prefix_reuse=prefix_reuse).chat(CONVS[4:0:-1], seed=5)]
+    assert got == texts[4:0:-1]
+
+
+def test_keys_hold_the_prefix_and_every_setting(tiny):
+    g = generator(tiny)
+    base = g.key("prompt", 1, 0)
+    assert len({base, g.key("prompt", 1, 40), g.key("prompt", 2, 0), g.key("prompt ", 1, 0)}) == 4
+    assert generator(tiny, temperature=0.5).key("prompt", 1, 0) != base
+    assert generator(tiny, batch_size=4).key("prompt", 1, 0) != base, "the batch shape fixes the numbers"
+    assert generator(tiny).key("prompt", 1, 0) == base
+
+
+def test_cached_rows_are_reused_and_new_rows_match_a_fresh_build(tiny, tmp_path):
+    fresh = generator(tiny).chat(CONVS, seed=3)
+    first = generator(tiny, rowcache.RowCache(tmp_path))
+    assert first.chat(CONVS[:5], seed=3) == fresh[:5]
+    assert first.stats.rows == 5 and first.stats.cache_hits == 0
+    first.cache.close()
+
+    again = generator(tiny, rowcache.RowCache(tmp_path))
+    assert again.chat(CONVS, seed=3) == fresh, "reused rows plus new rows equal a build from an empty cache"
+    assert again.stats.rows == 2 and again.stats.cache_hits == 5
+    again.cache.close()
+    assert generator(tiny, rowcache.RowCache(tmp_path)).chat(CONVS, seed=4) != fresh, "another seed, other keys"
+
+    s = scorer(tiny, rowcache.RowCache(tmp_path / "s"))
+    want = scorer(tiny).choice_logprobs(CONVS, [PREFILL] * len(CONVS))
+    assert s.choice_logprobs(CONVS[2:], [PREFILL] * 5) == want[2:]
+    s.cache.close()
+    s2 = scorer(tiny, rowcache.RowCache(tmp_path / "s"))
+    assert s2.choice_logprobs(CONVS, [PREFILL] * len(CONVS)) == want
+    assert s2.stats.cache_hits == 5 and s2.stats.rows == 2, "two new requests (one forward row each)"
+
+
+def test_duplicate_requests_run_once(tiny):
+    g = generator(tiny)
+    out = g.chat(CONVS[:2] * 3, seed=1)
+    assert out == out[:2] * 3 and g.stats.rows == 2
+
+
+def test_journal_survives_a_torn_line_and_rejects_a_corrupt_one(tmp_path):
+    cache = rowcache.RowCache(tmp_path)
+    cache.put([("k1", {"a": 1}), ("k2", [0.5, -1.25])])
+    cache.close()
+    (journal,) = tmp_path.glob("journal-*.jsonl")
+    with open(journal, "a") as f:
+        f.write('{"k": "k3", "v": ')  # a kill mid-write
+    again = rowcache.RowCache(tmp_path)
+    assert again.get("k2") == [0.5, -1.25] and again.get("k3") is None
+    assert again.stats() == {"hits": 1, "misses": 1, "entries": 2}
+    journal.write_text('garbage\n{"k": "k1", "v": 1}\n')
+    with pytest.raises(ValueError, match=rf"{journal.name}, line 1"):
+        rowcache.RowCache(tmp_path)
+
+
+def test_compaction_keeps_everything_or_only_what_the_build_used(tmp_path):
+    cache = rowcache.RowCache(tmp_path)
+    cache.put([("old", 1), ("new", 2)])
+    cache.close()
+    build = rowcache.RowCache(tmp_path)
+    assert build.get("new") == 2
+    build.put([("newer", 3)])
+    merged = build.compact()
+    assert [p.name for p in tmp_path.iterdir()] == [merged.name]
+    assert {json.loads(line)["k"] for line in merged.read_text().splitlines()} == {"old", "new", "newer"}
+    assert build.compact() == merged, "content-named: compacting again changes nothing"
+
+    pruned = rowcache.RowCache(tmp_path)
+    assert pruned.get("newer") == 3
+    kept = pruned.compact(prune=True)
+    assert [p.name for p in tmp_path.iterdir()] == [kept.name]
+    assert rowcache.RowCache(tmp_path).entries == {"newer": 3}
