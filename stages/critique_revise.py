@@ -58,6 +58,14 @@ class CritiqueReviseConfig:
     row_cache: rowcache.RowCacheConfig
     """Where every request's answer is kept: a rerun after a principle edit runs only the rows that changed."""
 
+    def __post_init__(self) -> None:
+        config.require_caps(self, "max_prompts")
+        if self.rounds < 1 or self.few_shot < 0 or self.helpful_ratio < 0:
+            raise ValueError(
+                f"rounds must be >= 1, few_shot >= 0 and helpful_ratio >= 0, got {self.rounds}, {self.few_shot}, "
+                f"{self.helpful_ratio}"
+            )
+
 
 def subset(df: pl.DataFrame, n: int | None, rng: random.Random) -> pl.DataFrame:
     ids = df["id"].to_list()

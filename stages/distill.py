@@ -67,6 +67,7 @@ class DistillConfig(training.TrainingSchedule):
     """How the teacher answers (greedy by default)."""
 
     def __post_init__(self) -> None:
+        config.require_caps(self, "max_prompts", "max_heldout_prompts")
         if self.init == "prune" and self.prune_every < 2:
             raise ValueError(f"prune_every must be >= 2 (1 keeps every layer: no compression), got {self.prune_every}")
         if self.temperature <= 0 or not 0 <= self.ce_weight <= 1:

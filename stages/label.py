@@ -17,7 +17,8 @@ Writes data/label/comparisons.parquet (pair x principle x order, raw log-probs),
        the swap, principle agreement, queue size, labels per second, tokens used).
 Human labels: a `.jsonl`, `.csv` or `.parquet` file with text fields `prompt_id`, `chosen` and `rejected` (the exact
        response texts, e.g. copied from review_queue.parquet). A covered pair gets p_chosen 1.0, label_source
-       `human`. Set `label.human_labels` and add the file to the stage's deps in dvc.yaml.
+       `human`. The default, data/seed/human_labels.jsonl, ships empty and is a declared dep; a label that
+       matches no pair of the run is an error.
 Run    uv run dvc repro label
        uv run python stages/label.py label.max_prompts=8 label.chain_of_thought=true
 """
@@ -69,8 +70,9 @@ class LabelConfig:
     """[low, high] clamp for chain-of-thought probabilities (the paper: 0.4-0.6)."""
     review: labeling.ReviewConfig
     """When a pair goes to review_queue.parquet."""
-    human_labels: str | None
-    """Optional human labels file that overrides AI labels (see the module docstring); must exist when set."""
+    human_labels: str
+    """Human labels that override AI labels (see the module docstring): a declared dependency that always exists
+    (the default ships empty), so editing it always reruns label; a label that matches no pair is an error."""
     generation: engines.GenerationConfig
     """Decoding for the K samples (temperature > 0)."""
     cot_generation: engines.GenerationConfig
@@ -84,6 +86,7 @@ class LabelConfig:
     under it."""
 
     def __post_init__(self) -> None:
+        config.require_caps(self, "max_prompts")
         if self.samples_per_prompt < 2 or self.principles_per_pair < 1 or self.few_shot < 0:
             raise ValueError("label: samples_per_prompt must be >= 2, principles_per_pair >= 1 and few_shot >= 0")
         if self.generation.temperature <= 0:
@@ -106,6 +109,11 @@ class LabelConfig:
                 )
         if len(self.cot_band) != 2 or not 0 <= self.cot_band[0] <= 0.5 <= self.cot_band[1] <= 1:
             raise ValueError(f"label.cot_band must be [low, high] with 0 <= low <= 0.5 <= high <= 1: {self.cot_band}")
+        if abs(self.cot_band[0] + self.cot_band[1] - 1) > 1e-9:
+            raise ValueError(
+                f"label.cot_band must be symmetric around 0.5 (low = 1 - high), got {list(self.cot_band)}: a lopsided "
+                "clamp favours whichever slot its wide side covers"
+            )
 
     def pool(self, kind: str) -> list[constitution.ComparisonPrinciple]:
         """The comparison principles a pair of `kind` prompts is judged under."""
@@ -114,7 +122,7 @@ class LabelConfig:
 
 
 def run(cfg: LabelConfig, scorer: engines.ChoiceScorer | None = None) -> dict:
-    human = labeling.read_human_labels(cfg.human_labels) if cfg.human_labels else {}
+    human = labeling.read_human_labels(cfg.human_labels)
     principles = cfg.constitution.comparison
     kinds = ["red_team", "helpful"] if cfg.include_helpful else ["red_team"]
     table = io.read_parquet(cfg.prompts, schemas.PROMPTS)
@@ -208,7 +216,12 @@ def run(cfg: LabelConfig, scorer: engines.ChoiceScorer | None = None) -> dict:
         if reasons and source == "ai":
             queue.append({**row, "pair_id": pair.pair_id, "disagreement": label.disagreement, "reasons": reasons})
     if len(used) < len(human):
-        log.warning("label: %d human labels match no pair of this run (stale?)", len(human) - len(used))
+        stale = sorted(k[0] for k in human if k not in used)
+        raise labeling.HumanLabelsError(
+            f"{cfg.human_labels}: {len(stale)} human label(s) match no pair of this run (prompt_id "
+            f"{', '.join(map(repr, stale[:5]))}{', ...' if len(stale) > 5 else ''}): the responses were resampled or "
+            "the prompt is gone; relabel them from the new review_queue.parquet or delete them"
+        )
 
     out = Path(cfg.out_dir)
     io.write_parquet(

@@ -69,8 +69,11 @@ def run(cfg: ModelsConfig) -> dict:
             log.info("%s: same source as %s (%s), linked", role, target, source)
             continue
         log.info("%s: loading %s", role, source)
-        with models.quiet_progress():
-            model, tokenizer = models.load_source(source, seed=cfg.seed, dtype=cfg.dtype, tiny=cfg.tiny)
+        try:
+            with models.quiet_progress():
+                model, tokenizer = models.load_source(source, seed=cfg.seed, dtype=cfg.dtype, tiny=cfg.tiny)
+        except models.ModelSourceError as exc:
+            raise models.ModelSourceError(f"params.yaml: models.roles.{role}.source: {exc}") from None
         with io.atomic_path(out / role) as tmp:
             models.save(model, tokenizer, tmp)
             digests = models.file_digests(tmp)

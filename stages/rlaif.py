@@ -99,6 +99,7 @@ class RlaifConfig(training.TrainingSchedule):
     """LoRA instead of a full fine-tune (merged on save; the reference is then the adapter-free model)."""
 
     def __post_init__(self) -> None:
+        config.require_caps(self, "max_prompts", "max_heldout_prompts")
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0 (a KL leash to the SFT model), got {self.beta}")
         if not 0 <= self.dpo_min_confidence < 1:

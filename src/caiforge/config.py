@@ -208,7 +208,7 @@ def declared_params(stage: str, root: Path | None = None) -> dict[str, tuple[str
             rel = os.path.relpath(dep.fs_path, repo.root_dir)
             if not Path(dep.fs_path).is_file():
                 raise ConfigError(f"{rel}: params file declared by stage {stage!r} does not exist")
-            values = dep.read_params(flatten=False)
+            values = _read_params(dep, rel)
             for wanted in dep.params:
                 if _lookup(values, wanted) is _MISSING:
                     raise ConfigError(f"{rel}: {wanted}: missing key declared by stage {stage!r} in dvc.yaml")
@@ -220,6 +220,26 @@ def declared_params(stage: str, root: Path | None = None) -> dict[str, tuple[str
 
 
 _MISSING = object()
+
+
+def _read_params(dep: Any, rel: str) -> dict[str, Any]:
+    """A declared params file's values through DVC; a file DVC cannot parse is a ConfigError naming its line."""
+    try:
+        return dep.read_params(flatten=False)
+    except Exception as exc:  # DVC wraps decoding and YAML errors in its own types
+        from caiforge import io
+
+        try:
+            text = io.read_utf8(dep.fs_path)
+        except ValueError as bad:
+            raise ConfigError(str(bad).replace(str(dep.fs_path), rel, 1)) from None
+        try:
+            import yaml
+
+            yaml.safe_load(text)
+        except yaml.YAMLError as bad:
+            raise ConfigError(f"{rel}: not valid YAML: {' '.join(str(bad).split())}") from None
+        raise ConfigError(f"{rel}: cannot read its params: {exc}") from None
 
 
 def _lookup(data: Any, dotted: str) -> Any:
@@ -294,6 +314,14 @@ def load(stage: str, cls: type[T], argv: Sequence[str] | None = None, root: Path
     argv = sys.argv[1:] if argv is None else argv
     values = apply_overrides(declared_params(stage, root), argv)
     return from_declared(stage, cls, values)
+
+
+def require_caps(cfg: Any, *names: str) -> None:
+    """Each named cap (e.g. `max_prompts`) must be null (no cap) or >= 1: a cap of 0 would build from nothing."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1 or null (no cap), got {value}")
 
 
 def stage_main(stage: str, cls: type[T], run: typing.Callable[[T], Any]) -> None:

@@ -228,10 +228,15 @@ def load(path: str | os.PathLike[str], require: Sequence[str] = DEFAULT_REQUIRE)
     """Read and validate a constitution YAML file."""
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ConstitutionError(f"{source}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError:
+        try:
+            io.read_utf8(path)
+        except ValueError as exc:
+            raise ConstitutionError(str(exc)) from None
+    except OSError as exc:
         raise ConstitutionError(f"{source}: cannot read: {exc}") from None
     try:
         data = yaml.safe_load(text)

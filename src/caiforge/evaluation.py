@@ -21,7 +21,7 @@ from typing import Any
 
 import polars as pl
 
-from caiforge import collapse, elo, formats, labeling, refusal
+from caiforge import collapse, elo, formats, io, labeling, refusal
 from caiforge.constitution import ComparisonExample, ComparisonPrinciple
 from caiforge.engines import ChoiceScorer, Generator
 
@@ -141,7 +141,7 @@ def read_known_answers(path: str | Path) -> list[tuple[str, str, str]]:
       conversation are read from `text_correct` / `text_incorrect`.
     """
     items = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(io.read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -40,6 +40,20 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def read_utf8(path: str | os.PathLike[str]) -> str:
+    """A text file's contents; a file that is not UTF-8 is a ValueError naming the file, line and column."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ValueError(
+            f"{path}, line {line}, column {column}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as "
+            "UTF-8"
+        ) from None
+
+
 def remove_stale_temporaries(root: str | os.PathLike[str]) -> list[Path]:
     """Delete the `.<name>.*.tmp` files and directories a killed run left under `root`; returns what it removed.
 

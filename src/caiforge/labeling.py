@@ -34,7 +34,7 @@ from pathlib import Path
 
 import polars as pl
 
-from caiforge import constitution
+from caiforge import constitution, io
 from caiforge.constitution import ComparisonExample, ComparisonPrinciple
 from caiforge.engines import Message
 
@@ -327,6 +327,8 @@ def read_human_labels(path: str | Path) -> dict[tuple[str, frozenset[str]], tupl
     }
     if path.suffix not in readers:
         raise HumanLabelsError(f"{path}: unsupported human labels format {path.suffix!r} (use .jsonl, .csv, .parquet)")
+    if path.suffix != ".parquet" and not io.read_utf8(path).strip():
+        return {}  # the shipped default: no human labels yet
     try:
         df = readers[path.suffix](path)
     except (pl.exceptions.PolarsError, OSError, ValueError) as exc:

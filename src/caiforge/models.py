@@ -231,7 +231,13 @@ def resolve(model_dir: str | Path) -> Path:
     path = Path(model_dir)
     link = path / LINK_FILE
     if link.is_file():
-        target = json.loads(link.read_text(encoding="utf-8"))["same_as"]
+        try:
+            target = json.loads(link.read_text(encoding="utf-8"))["same_as"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{link}: field 'same_as': not a role link ({exc})") from None
+        # A link names a sibling role (policy, feedback, student), never a path: nothing outside data/models.
+        if not isinstance(target, str) or not target or Path(target).name != target or target in (".", ".."):
+            raise ValueError(f"{link}: field 'same_as': {target!r} must name a sibling role, not a path")
         path = path.parent / target
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: no model there (is the `models` stage built? try `dvc repro models`)")

@@ -21,6 +21,8 @@ from typing import Any, Literal
 import polars as pl
 import yaml
 
+from caiforge import io
+
 log = logging.getLogger(__name__)
 
 COLUMNS = {"text": pl.String(), "kind": pl.String(), "source": pl.String(), "hint": pl.String()}
@@ -122,7 +124,7 @@ PACKAGES: dict[str, Callable[[], tuple[Path, list[tuple[str, str]]]]] = {
 def _read_text(path: Path) -> str:
     if not path.is_file():
         raise SourceError(f"{path}: no such file (is the package that ships it installed at the pinned version?)")
-    return path.read_text(encoding="utf-8")
+    return io.read_utf8(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,7 +146,7 @@ def read_file_rows(path: Path, text_field: str, hint_field: str | None) -> list[
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         records = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for n, line in enumerate(io.read_utf8(path).splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -156,11 +158,14 @@ def read_file_rows(path: Path, text_field: str, hint_field: str | None) -> list[
             records.append(record)
         fields = set().union(*records) if records else set()
         columns = {name: [r.get(name) for r in records] for name in fields}
-    elif suffix == ".csv":
-        df = pl.read_csv(path, infer_schema=False)
-        columns = {name: df[name].to_list() for name in df.columns}
-    elif suffix == ".parquet":
-        df = pl.read_parquet(path)
+    elif suffix in (".csv", ".parquet"):
+        if suffix == ".csv":
+            io.read_utf8(path)  # a non-UTF-8 file is named with its line, not as a decoder error
+        try:
+            df = pl.read_csv(path, infer_schema=False) if suffix == ".csv" else pl.read_parquet(path)
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            detail = " ".join(str(exc).split())  # polars' messages span lines; an error is one line
+            raise SourceError(f"{path}: cannot read as {suffix[1:].upper()}: {detail[:300]}") from None
         columns = {name: df[name].to_list() for name in df.columns}
     else:
         raise SourceError(f"{path}: unsupported prompt file type {suffix!r} (use one of {', '.join(FILE_SUFFIXES)})")

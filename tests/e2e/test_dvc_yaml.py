@@ -88,3 +88,16 @@ def test_declared_plots_live_in_stage_outputs():
     for plot in PIPELINE.get("plots", []):
         path = next(iter(plot)) if isinstance(plot, dict) else plot
         assert any(path.startswith(o + "/") for o in outs), f"plot {path} is not inside any stage output"
+
+
+def test_every_input_file_a_param_names_is_a_dep():
+    """A file a stage reads by a param (human labels, known answers, the harm judge) is declared, so editing it
+    can never leave the stage silently stale."""
+    checked = 0
+    for name, stage in STAGES.items():
+        section = PARAMS.get(name, {})
+        for key, value in section.items():
+            if isinstance(value, str) and value.startswith("data/seed/"):
+                assert value in stage["deps"], f"{name}.{key}: {value} is read but not a dep in dvc.yaml"
+                checked += 1
+    assert checked >= 2

@@ -74,7 +74,7 @@ def test_human_labels_override_and_leave_the_queue(tmp_path, tiny_model_dir):
     # The human disagrees with the AI on the first pair.
     human = tmp_path / "human.jsonl"
     row = {"prompt_id": ai["prompt_id"], "chosen": ai["rejected"], "rejected": ai["chosen"], "note": "checked"}
-    human.write_text(json.dumps(row) + "\n" + json.dumps({**row, "prompt_id": "gone"}) + "\n")
+    human.write_text(json.dumps(row) + "\n")
     metrics = stage.run(
         make_cfg(tmp_path, tiny_model_dir, ["label.review.min_confidence=1.0", f"label.human_labels={human}"])
     )
@@ -88,7 +88,16 @@ def test_human_labels_override_and_leave_the_queue(tmp_path, tiny_model_dir):
     )
     assert (prefs.filter(pl.col("label_source") == "ai").height) == prefs.height - 1
     assert read(tmp_path, "review_queue.parquet").height == queued.height - 1
-    assert metrics["human_labels"] == {"rows": 2, "applied": 1, "unmatched": 1}
+    assert metrics["human_labels"] == {"rows": 1, "applied": 1, "unmatched": 0}
+
+    # A label for a pair this run did not make (resampled responses, a removed prompt) is an error, not a warning.
+    written = {p: (tmp_path / "out" / p).read_bytes() for p in PARQUETS}
+    human.write_text(json.dumps(row) + "\n" + json.dumps({**row, "prompt_id": "gone"}) + "\n")
+    with pytest.raises(labeling.HumanLabelsError, match=r"human.jsonl: 1 human label\(s\) match no pair.*'gone'"):
+        stage.run(
+            make_cfg(tmp_path, tiny_model_dir, ["label.review.min_confidence=1.0", f"label.human_labels={human}"])
+        )
+    assert written == {p: (tmp_path / "out" / p).read_bytes() for p in PARQUETS}, "nothing rewritten"
 
 
 def test_missing_or_bad_human_labels_fail_before_writing(tmp_path, tiny_model_dir):

@@ -206,6 +206,8 @@ def test_human_labels_missing_or_unknown_format(tmp_path):
     (tmp_path / "labels.txt").write_text("x")
     with pytest.raises(labeling.HumanLabelsError, match="unsupported"):
         labeling.read_human_labels(tmp_path / "labels.txt")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    assert labeling.read_human_labels(tmp_path / "empty.jsonl") == {}, "the shipped default: no labels yet"
     (tmp_path / "broken.jsonl").write_text("{not json\n")
     with pytest.raises(labeling.HumanLabelsError, match="cannot read"):
         labeling.read_human_labels(tmp_path / "broken.jsonl")

@@ -102,13 +102,18 @@ def _from_dir(cls: Any, model_dir: str | Path, cfg: GenerationConfig | ScoringCo
     return engine
 
 
-WIDTH_STEP = 32
-"""Suffix widths are rounded up to a multiple of this (with at least one padding column): a row's batch shape."""
+MIN_WIDTH = 64
+"""The narrowest padded suffix; wider ones are powers of two (a row's batch shape, see `suffix_width`)."""
 
 
 def suffix_width(n: int) -> int:
-    """The padded width of an `n`-token suffix: a function of the row alone, never of its batch neighbours."""
-    return (n // WIDTH_STEP + 1) * WIDTH_STEP
+    """The padded width of an `n`-token suffix: the smallest power of two >= MIN_WIDTH with room for one padding
+    column. A function of the row alone, never of its batch neighbours; powers of two keep the number of distinct
+    shapes (each a batch of its own) small, at most 2x padding."""
+    width = MIN_WIDTH
+    while width < n + 1:
+        width *= 2
+    return width
 
 
 def fixed_batches(widths: Sequence[tuple[int, ...]], size: int) -> list[list[int]]:
@@ -127,7 +132,9 @@ class _Runner:
     by shape, so every batch runs in a shape that depends on its row alone: exactly `batch_size` rows (a short
     batch is filled with copies of its first row), a suffix width rounded up by `suffix_width` (always with at
     least one padding column, so the attention mask is never dropped for a faster kernel), a prefix whose length
-    is part of the row's cache key, and rows that stay in the batch until the batch is done.
+    is part of the row's cache key, and rows that stay in the batch until the batch is done. The price: a call
+    pays for full batches (filler rows) once per distinct width, and finished rows keep decoding until their batch
+    ends.
     """
 
     def __init__(self, model: Any, tokenizer: Any, device: str, backend_stats: Stats, batch_size: int) -> None:
@@ -150,7 +157,7 @@ class _Runner:
             "engine": "transformers",
             "device": torch.device(self.device).type,
             "dtype": self.dtype,
-            "batch": [self.batch_size, WIDTH_STEP],
+            "batch": [self.batch_size, "pow2", MIN_WIDTH],
         }
 
     def prefix_len(self, rows: Sequence[Sequence[int]], limit: int, enabled: bool) -> int:
