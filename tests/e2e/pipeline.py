@@ -110,21 +110,20 @@ def data_digests(repo: Path) -> dict[str, str]:
     return out
 
 
-def edit_principle(repo: Path, principle_id: str, field: str, new_text: str) -> None:
-    """Replace the text of `field` of the principle `principle_id` in constitutions/default.yaml (a text edit)."""
+def _edit_field(repo: Path, after: str, field: str, new_text: str) -> None:
+    """Replace the text of the first `field` after the line `after` in constitutions/default.yaml (a text edit)."""
     path = repo / "constitutions" / "default.yaml"
     text = path.read_text(encoding="utf-8")
-    start = text.index(f"- id: {principle_id}\n")
-    at = text.index(f" {field}: ", start) + len(f" {field}: ")
+    at = text.index(f" {field}: ", text.index(after)) + len(f" {field}: ")
     end = text.index("\n", at)
     path.write_text(text[:at] + yaml.safe_dump(new_text, width=10_000).strip().removesuffix("\n...") + text[end:])
+
+
+def edit_principle(repo: Path, principle_id: str, field: str, new_text: str) -> None:
+    """Replace the text of `field` of the principle `principle_id`."""
+    _edit_field(repo, f"- id: {principle_id}\n", field, new_text)
 
 
 def edit_first(repo: Path, section: str, field: str, new_text: str) -> None:
-    """Replace the text of `field` of the first entry of `section` in constitutions/default.yaml (a text edit)."""
-    path = repo / "constitutions" / "default.yaml"
-    text = path.read_text(encoding="utf-8")
-    start = text.index(f"\n{section}:\n")
-    at = text.index(f" {field}: ", start) + len(f" {field}: ")
-    end = text.index("\n", at)
-    path.write_text(text[:at] + yaml.safe_dump(new_text, width=10_000).strip().removesuffix("\n...") + text[end:])
+    """Replace the text of `field` of the first entry of `section`."""
+    _edit_field(repo, f"\n{section}:\n", field, new_text)
