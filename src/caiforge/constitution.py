@@ -228,14 +228,11 @@ def load(path: str | os.PathLike[str], require: Sequence[str] = DEFAULT_REQUIRE)
     """Read and validate a constitution YAML file."""
     source = str(path)
     try:
-        text = Path(path).read_bytes().decode("utf-8")
+        text = io.read_utf8(path)
     except FileNotFoundError:
         raise ConstitutionError(f"{source}: no such file") from None
-    except UnicodeDecodeError:
-        try:
-            io.read_utf8(path)
-        except ValueError as exc:
-            raise ConstitutionError(str(exc)) from None
+    except ValueError as exc:  # not UTF-8: names the line
+        raise ConstitutionError(str(exc)) from None
     except OSError as exc:
         raise ConstitutionError(f"{source}: cannot read: {exc}") from None
     try:

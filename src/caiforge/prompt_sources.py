@@ -159,11 +159,11 @@ def read_file_rows(path: Path, text_field: str, hint_field: str | None) -> list[
         fields = set().union(*records) if records else set()
         columns = {name: [r.get(name) for r in records] for name in fields}
     elif suffix in (".csv", ".parquet"):
-        if suffix == ".csv":
-            io.read_utf8(path)  # a non-UTF-8 file is named with its line, not as a decoder error
         try:
             df = pl.read_csv(path, infer_schema=False) if suffix == ".csv" else pl.read_parquet(path)
         except (pl.exceptions.PolarsError, OSError) as exc:
+            if suffix == ".csv":
+                io.read_utf8(path)  # a non-UTF-8 file is named with its line, not as a decoder error
             detail = " ".join(str(exc).split())  # polars' messages span lines; an error is one line
             raise SourceError(f"{path}: cannot read as {suffix[1:].upper()}: {detail[:300]}") from None
         columns = {name: df[name].to_list() for name in df.columns}

@@ -64,7 +64,6 @@ class RowCache:
         self.hits = 0
         self.misses = 0
         self._journal: Any = None
-        self._journal_path: Path | None = None
         self._synced = 0.0
         if self.dir.is_file():
             raise ValueError(f"{self.dir}: the row cache must be a directory, found a file")
@@ -109,8 +108,8 @@ class RowCache:
             return
         if self._journal is None:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self._journal_path = self.dir / f"journal-{os.getpid()}-{time.time_ns()}.jsonl"
-            self._journal = open(self._journal_path, "a", encoding="utf-8")  # noqa: SIM115 (kept open across puts)
+            journal = self.dir / f"journal-{os.getpid()}-{time.time_ns()}.jsonl"
+            self._journal = open(journal, "a", encoding="utf-8")  # noqa: SIM115 (kept open across puts)
         self._journal.write("".join(lines))
         self._journal.flush()  # in the OS's hands: survives a SIGKILL of this process
         if time.monotonic() - self._synced > SYNC_EVERY:  # and, every few seconds, a crash of the machine
