@@ -5,8 +5,9 @@
                caches deleted first (stage level: label and everything after it recompute every row);
 - row_rebuild: the same edit with the row caches in place (label re-asks only the questions under that principle);
 - pull:        a teammate's fresh clone doing `dvc repro --pull` from a local remote (nothing recomputes);
-- resume:      `critique_revise` killed (SIGKILL) half-way through, then finished by a rerun, over its uninterrupted
-               time (both runs of the stage script itself, from an empty row cache).
+- resume:      `critique_revise` killed (SIGKILL) half-way through its requests (once half of them are in its row
+               cache's journal), then finished by a rerun, over its uninterrupted time (runs of the stage script
+               itself, from an empty row cache, sized so that its requests, not its start-up, dominate).
 
 Prints each wall time and, last, `ratios: rebuild=.. pull=.. row_rebuild=.. resume=..` (each over full, resume over
 the uninterrupted stage).
@@ -16,6 +17,7 @@ the uninterrupted stage).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -33,7 +35,12 @@ from tests.e2e import pipeline  # noqa: E402
 
 PRINCIPLE = "Which response is kinder and less likely to cause harm?"
 # The resume run: enough rows that the stage's own work, not its start-up, dominates.
-RESUME_ARGS = ["critique_revise.max_prompts=null", "critique_revise.rounds=3"]
+RESUME_ARGS = [
+    "critique_revise.max_prompts=null",
+    "critique_revise.rounds=4",
+    "critique_revise.generation.max_new_tokens=96",
+    "critique_revise.generation.batch_size=4",
+]
 
 
 def timed(fn) -> tuple[float, object]:
@@ -48,16 +55,22 @@ def drop_row_caches(repo: Path, stages: tuple[str, ...] = ("critique_revise", "l
         shutil.rmtree(repo / "data" / stage / "rowcache", ignore_errors=True)
 
 
-def stage(repo: Path, kill_after: float | None = None) -> float:
-    """Seconds to run the critique_revise script (killed with SIGKILL after `kill_after` seconds, if given)."""
+def journal_rows(repo: Path) -> int:
+    """Requests critique_revise has finished so far: lines in its row cache's journals."""
+    return sum(p.read_bytes().count(b"\n") for p in (repo / "data" / "critique_revise" / "rowcache").glob("journal-*"))
+
+
+def stage(repo: Path, kill_at_rows: int | None = None) -> float:
+    """Seconds to run the critique_revise script (killed with SIGKILL once `kill_at_rows` requests are kept)."""
     cmd = [sys.executable, "stages/critique_revise.py", *RESUME_ARGS]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=repo, env=pipeline.env(repo), start_new_session=True, stderr=subprocess.PIPE)
-    if kill_after is not None:
-        time.sleep(kill_after)
+    if kill_at_rows is not None:
+        while proc.poll() is None and journal_rows(repo) < kill_at_rows:
+            time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)
     _, err = proc.communicate()
-    if kill_after is None and proc.returncode != 0:
+    if kill_at_rows is None and proc.returncode != 0:
         raise RuntimeError(err.decode()[-2000:])
     return time.perf_counter() - t0
 
@@ -94,10 +107,15 @@ def main() -> None:
 
         drop_row_caches(repo)
         whole = stage(repo)
+        rows = json.loads((repo / "data" / "critique_revise" / "metrics.json").read_text())["generation"]["rows"]
         drop_row_caches(repo)
-        killed = stage(repo, kill_after=whole / 2)
+        killed = stage(repo, kill_at_rows=rows // 2)
+        kept = journal_rows(repo)
         finish = stage(repo)
-        print(f"stage:       {whole:7.1f} s uninterrupted; killed after {killed:.1f} s, finished in {finish:.1f} s")
+        print(
+            f"stage:       {whole:7.1f} s uninterrupted ({rows} requests); killed after {killed:.1f} s with {kept} "
+            f"kept, finished in {finish:.1f} s"
+        )
     print(
         f"ratios: rebuild={rebuild / full:.3f} pull={pull / full:.3f} row_rebuild={row_rebuild / full:.3f} "
         f"resume={finish / whole:.3f}"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import polars as pl
 
-from caiforge import collapse, config, constitution, engines, io, prompts, rowcache, schemas
+from caiforge import collapse, config, constitution, engines, io, planmode, prompts, rowcache, schemas
 
 log = logging.getLogger("caiforge.stages.critique_revise")
 
@@ -147,6 +147,7 @@ def run(cfg: CritiqueReviseConfig) -> dict:
     answers = gen.chat(
         [prompts.answer(t, cfg.system_prompt) for t in helpful["text"]], seed=cfg.seed + 1, desc="helpful"
     )
+    planmode.end_of_requests()  # `caiforge plan` stops here: every request is counted
     for pid, text, ans in zip(helpful["id"], helpful["text"], answers, strict=True):
         bad = collapse.dropping(collapse.flags(ans.text, finished=ans.finished, cfg=cfg.collapse), cfg.collapse)
         if bad:

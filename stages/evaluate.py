@@ -35,6 +35,7 @@ from caiforge import (
     evaluation,
     harm_judge,
     io,
+    planmode,
     preference,
     report,
     rowcache,
@@ -209,6 +210,7 @@ def run(cfg: EvaluateConfig) -> dict:
     for matchup, (name, *_) in zip(known_matchups, known, strict=True):
         hits[name].append(known_p[matchup.key] > 0.5)
     judge_seconds = time.perf_counter() - started
+    planmode.end_of_requests()  # `caiforge plan` stops here: every request is counted
     judge_stats = judge.stats.as_dict()
     del judge
 

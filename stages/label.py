@@ -34,7 +34,7 @@ from pathlib import Path
 
 import polars as pl
 
-from caiforge import config, constitution, engines, io, labeling, prompts, rowcache, schemas
+from caiforge import config, constitution, engines, io, labeling, planmode, prompts, rowcache, schemas
 
 log = logging.getLogger("caiforge.stages.label")
 
@@ -176,6 +176,7 @@ def run(cfg: LabelConfig, scorer: engines.ChoiceScorer | None = None) -> dict:
     prefills = [labeling.answer_prefill(r if cfg.chain_of_thought else None) for r in reasoning]
     logprobs = scorer.choice_logprobs(chats, prefills)
     label_seconds = time.perf_counter() - t0
+    planmode.end_of_requests()  # `caiforge plan` stops here: every request is counted
 
     judgements = [
         labeling.Judgement(pair.pair_id, pr.id, order, lp[0], lp[1])

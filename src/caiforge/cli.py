@@ -4,6 +4,7 @@
     caiforge constitution import FORMAT SRC DEST [--force]   convert another project's format into our YAML
     caiforge params [OVERRIDE ...]                       compose conf/ into params.yaml (as `dvc exp run` does)
     caiforge harm-judge fit [--harmless FILE] [-o FILE]  refit the evaluation's harm judge (data/seed/harm_judge.json)
+    caiforge plan [STAGE ...] [--json]                   what the next `dvc repro` runs and sends, from the row caches
 
 Each command is one function `(args) -> exit code`; `GROUPS` maps a top-level command to the function that adds its
 subcommands, so a new command (e.g. `params`) is one more entry there.
@@ -110,13 +111,35 @@ def _add_harm_judge(sub: argparse._SubParsersAction) -> None:
     fit.set_defaults(func=harm_judge_fit)
 
 
-ERRORS: tuple[type[Exception], ...] = (constitution.ConstitutionError, config.ConfigError)
+def plan_show(args: argparse.Namespace) -> int:
+    """Print what the next `dvc repro` runs and, per stage that asks engines, what its row cache answers."""
+    import dataclasses
+    import json
+
+    from caiforge import planning
+
+    plans = planning.plan(config.project_root(), args.stages)
+    print(json.dumps([dataclasses.asdict(p) for p in plans], indent=1) if args.json else planning.table(plans))
+    return 0
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    cmd = sub.add_parser(
+        "plan", help="what the next dvc repro runs, and the engine requests it sends (counted, no model loaded)"
+    )
+    cmd.add_argument("stages", nargs="*", help="plan the requests of these stages only (default: every one)")
+    cmd.add_argument("--json", action="store_true", help="print the plan as JSON")
+    cmd.set_defaults(func=plan_show)
+
+
+ERRORS: tuple[type[Exception], ...] = (constitution.ConstitutionError, config.ConfigError, config.StageError)
 """User-input errors: reported as `error: <message>` with exit code 1 instead of a traceback."""
 
 GROUPS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "constitution": _add_constitution,
     "params": _add_params,
     "harm-judge": _add_harm_judge,
+    "plan": _add_plan,
 }
 """Top-level commands: name -> function that registers its parser(s) and sets `func` on each leaf."""
 

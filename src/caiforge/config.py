@@ -326,14 +326,18 @@ def require_caps(cfg: Any, *names: str) -> None:
 
 def stage_main(stage: str, cls: type[T], run: typing.Callable[[T], Any]) -> None:
     """Shared `main()` of stage scripts: logging, config, run; a config or input error exits non-zero, cleanly."""
+    from caiforge import planmode
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = load(stage, cls)
-        if isinstance(getattr(cfg, "out_dir", None), str):
+        if isinstance(getattr(cfg, "out_dir", None), str) and not planmode.active():
             from caiforge import io
 
             for path in io.remove_stale_temporaries(cfg.out_dir):
                 logging.getLogger("caiforge").info("%s: removed %s, left by a killed run", stage, path)
         run(cfg)
+    except planmode.Done:
+        return  # `caiforge plan`: the stage has counted its requests and writes nothing
     except (ConfigError, FileNotFoundError, ValueError, StageError) as exc:
         sys.exit(f"{stage}: error: {exc}")

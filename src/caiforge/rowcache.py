@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from caiforge import planmode
+
 log = logging.getLogger(__name__)
 
 SYNC_EVERY = 2.0
@@ -57,14 +59,17 @@ def key(material: dict[str, Any]) -> str:
 class RowCache:
     """A key -> JSON value store on a directory, appended to as rows finish, compacted when the stage completes."""
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
-        self.dir = Path(directory)
+    def __init__(self, directory: str | os.PathLike[str] | None) -> None:
+        self.dir = Path(directory) if directory else None
+        """None: in memory only (`caiforge plan` on a stage without a cache dir)."""
         self.entries: dict[str, Any] = {}
         self.used: set[str] = set()
         self.hits = 0
         self.misses = 0
         self._journal: Any = None
         self._synced = 0.0
+        if self.dir is None:
+            return
         if self.dir.is_file():
             raise ValueError(f"{self.dir}: the row cache must be a directory, found a file")
         for path in sorted(self.dir.glob("*.jsonl")):
@@ -72,6 +77,9 @@ class RowCache:
 
     @classmethod
     def open(cls, cfg: RowCacheConfig) -> RowCache | None:
+        """The stage's cache; under `caiforge plan`, a read-only one that counts what the build would send."""
+        if planmode.active():
+            return PlanCache(cfg.dir)
         return cls(cfg.dir) if cfg.dir else None
 
     def _load(self, path: Path) -> None:
@@ -147,6 +155,34 @@ class RowCache:
 
     def stats(self) -> dict[str, int]:
         return {"hits": self.hits, "misses": self.misses, "entries": len(self.entries)}
+
+
+class PlanCache(RowCache):
+    """A row cache that is only read: misses are counted (as `send` or `depends`), stored in memory only."""
+
+    def __init__(self, directory: str | None) -> None:
+        super().__init__(directory if directory and Path(directory).is_dir() else None)
+        self.depends: set[str] = set()
+        """Keys of requests that depend on what this build has yet to produce (marked by the plan engines)."""
+        self.counts = planmode.Counts()
+        planmode.CACHES.append(self)
+
+    def get(self, k: str) -> Any | None:
+        value = super().get(k)
+        if value is not None:
+            self.counts.cached += 1
+        elif k in self.depends:
+            self.counts.depends += 1
+        else:
+            self.counts.send += 1
+        return value
+
+    def put(self, items: Any) -> None:
+        for k, value in items:
+            self.entries[k] = value  # a later call of the same run would find it, as in a real build
+
+    def compact(self, prune: bool = False) -> Path | None:
+        return None
 
 
 def finish(cache: RowCache | None, cfg: RowCacheConfig) -> dict[str, int] | None:

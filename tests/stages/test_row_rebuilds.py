@@ -3,9 +3,12 @@ a build from an empty cache writes (requests are counted as the engines ran them
 
 from __future__ import annotations
 
-import polars as pl
+import json
 
-from caiforge import config, constitution
+import polars as pl
+import pytest
+
+from caiforge import config, constitution, planmode
 from tests.conftest import load_stage, smoke_section, write_prompts
 
 DEFAULT = config.ROOT / "constitutions" / "default.yaml"
@@ -38,13 +41,33 @@ def cr_cfg(tmp_path, model_dir, out: str, cache: str | None, const: dict):
     return config.from_declared("critique_revise", critique_revise.CritiqueReviseConfig, values)
 
 
-def test_critique_edit_regenerates_only_the_rounds_that_drew_it(tmp_path, tiny_model_dir):
+def planned(run, cfg, tmp_path, monkeypatch) -> dict[str, int]:
+    """The stage run in `caiforge plan`'s mode: its counts of cached / send / depends requests."""
+    ctx, report = tmp_path / "plan.json", tmp_path / "report.json"
+    ctx.write_text(json.dumps({"report": str(report), "pending": []}))
+    with monkeypatch.context() as m:
+        m.setenv(planmode.ENV, str(ctx))
+        with pytest.raises(planmode.Done):
+            run(cfg)
+    return json.loads(report.read_text())
+
+
+def test_critique_edit_regenerates_only_the_rounds_that_drew_it(tmp_path, tiny_model_dir, monkeypatch):
     full = critique_revise.run(cr_cfg(tmp_path, tiny_model_dir, "a", "cache", parts()))
     before = pl.read_parquet(tmp_path / "a" / "revisions.parquet")
     edited_id = before["principle_id"].mode().sort()[0]
     edited = parts({"id": edited_id, "text": "Say exactly what in the response could hurt someone, and why."})
 
+    cache_files = {p: p.read_bytes() for p in (tmp_path / "cache").iterdir()}
+    plan = planned(critique_revise.run, cr_cfg(tmp_path, tiny_model_dir, "p", "cache", edited), tmp_path, monkeypatch)
+    assert not (tmp_path / "p").exists() and {p: p.read_bytes() for p in (tmp_path / "cache").iterdir()} == cache_files
     again = critique_revise.run(cr_cfg(tmp_path, tiny_model_dir, "b", "cache", edited))
+    # Known keys are exact; requests built on a new critique or revision are an upper bound (a collapsed new
+    # revision is not built upon, so the next round may find its old prompt in the cache).
+    sent = again["generation"]["rows"]
+    assert plan["send"] > 0 and plan["depends"] > 0
+    assert plan["send"] <= sent <= plan["send"] + plan["depends"]
+    assert again["generation"]["cache_hits"] >= plan["cached"]
     after = pl.read_parquet(tmp_path / "b" / "revisions.parquet")
     # What changed, request by request: a critique when its principle is the edited one or its input answer
     # changed; a revision when its critique request changed or the critique it reads did.
@@ -80,7 +103,7 @@ def label_cfg(tmp_path, model_dir, out: str, cache: str | None, const: dict):
     return config.from_declared("label", label.LabelConfig, values)
 
 
-def test_comparison_edit_re_asks_only_the_questions_drawn_under_it(tmp_path, tiny_model_dir):
+def test_comparison_edit_re_asks_only_the_questions_drawn_under_it(tmp_path, tiny_model_dir, monkeypatch):
     full = label.run(label_cfg(tmp_path, tiny_model_dir, "a", "cache", parts()))
     before = pl.read_parquet(tmp_path / "a" / "comparisons.parquet")
     edited_id = before["principle_id"].mode().sort()[0]
@@ -88,7 +111,10 @@ def test_comparison_edit_re_asks_only_the_questions_drawn_under_it(tmp_path, tin
         {"id": edited_id, "text": "Which response is less likely to help someone do harm?"}, "comparison", "text"
     )
 
+    plan = planned(label.run, label_cfg(tmp_path, tiny_model_dir, "p", "cache", edited), tmp_path, monkeypatch)
     again = label.run(label_cfg(tmp_path, tiny_model_dir, "b", "cache", edited))
+    assert plan == {"cached": again["row_cache"]["hits"], "send": again["row_cache"]["misses"], "depends": 0}
+    assert plan["send"] == again["tokens"]["scoring"]["rows"] > 0, "exact: every key is known before the run"
     asked = int((before["principle_id"] == edited_id).sum())
     assert asked > 0
     assert again["tokens"]["sampling"]["rows"] == 0, "the sampled pairs come from the cache"

@@ -99,3 +99,13 @@ def test_prefix_reuse_equals_the_full_forward(tiny):
     assert [v for row in got for v in row] == pytest.approx([v for row in want for v in row], abs=1e-4)
     for conv, (la, _) in zip(convs, got, strict=True):
         assert la == pytest.approx(manual(tiny, reused.render(conv, PREFILL), "A"), abs=1e-4)
+
+
+def test_scoring_widths_are_quarter_octaves_with_a_padding_column():
+    widths = [hf.suffix_width(n, hf.SCORE_STEPS) for n in range(0, 2000)]
+    assert sorted(set(widths))[:9] == [64, 80, 96, 112, 128, 160, 192, 224, 256]
+    for n, w in enumerate(widths):
+        assert w >= n + 1, "room for one padding column, so the attention mask is never dropped"
+        assert n < 64 or w <= 1.25 * (n + 1), "at most a quarter of padding above the minimum width"
+    # Generation keeps powers of two: each width is a batch of its own, and its filler rows decode to the end.
+    assert {hf.suffix_width(n) for n in range(0, 1000)} == {64, 128, 256, 512, 1024}

@@ -1,0 +1,242 @@
+"""`caiforge plan`: what the next `dvc repro` will ask the engines, counted from the row caches, no model loaded.
+
+How it counts. Every stage the next repro runs (those `dvc status` reports, and everything downstream of them) that
+sends engine requests (a stage with a row cache) is started in *plan mode*: the environment variable `CAIFORGE_PLAN`
+names a JSON context file. In plan mode:
+
+- the engines load the tokenizer only and compute every request's row-cache key with the real engines' own code
+  (`PlanGenerator`, `PlanScorer` override only the forward passes), so a key here is the key the build will use;
+- the cache (`PlanCache`) is read-only: hits are answered from it, misses get a placeholder answer, and nothing is
+  written to disk;
+- the stage stops at `end_of_requests()`, before it loads anything else or writes an output, and leaves its counts
+  in the report file.
+
+What the counts mean, per stage:
+
+- `cached`: requests the cache answers (exact);
+- `send`: requests the cache lacks whose key is fully known now (exact);
+- `depends`: requests built on something the build has yet to produce: an answer generated earlier in the same run
+  (a revision builds on a new critique) or weights a stage upstream retrains. They are counted as sent, an upper
+  bound: a new answer that happens to equal an old one is a cache hit, and a stage that branches on what an answer
+  says (a collapsed revision is not built upon) may ask fewer.
+
+Only the `transformers` backend is planned; a stage on `openai` servers is reported as not planned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from caiforge.config import StageError
+from caiforge.planmode import ENV, MARK, PENDING, Context, Counts, active
+
+
+def _pending_identity(model_dir: str | Path, ctx: Context) -> str | None:
+    here = Path(model_dir).resolve()
+    for out in ctx.pending:
+        if here == Path(out).resolve() or Path(out).resolve() in here.parents:
+            return PENDING + str(model_dir)
+    return None
+
+
+def _mark_depends(engine: Any, k: str, text: str) -> str:
+    if engine.identity.startswith(PENDING) or MARK in text:
+        engine.cache.depends.add(k)
+    return k
+
+
+def _placeholder(*parts: Any) -> str:
+    return MARK + hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def _engine_classes() -> tuple[type, type]:
+    from caiforge.engines import Completion, hf
+
+    class PlanGenerator(hf.TransformersGenerator):
+        """Keys and batches as the real generator makes them; a placeholder answer instead of a forward pass."""
+
+        def key(self, text: str, seed: int, plen: int) -> str:
+            return _mark_depends(self, super().key(text, seed, plen), text)
+
+        def _generate(self, prompts: list[list[int]], seeds: list[int], plen: int) -> list[Completion]:
+            return [Completion(_placeholder(p, s), len(p), 0, True) for p, s in zip(prompts, seeds, strict=True)]
+
+    class PlanScorer(hf.TransformersChoiceScorer):
+        """Keys and batches as the real scorer makes them; even odds instead of a forward pass."""
+
+        GENERATOR = PlanGenerator
+
+        def key(self, text: str, plen: int, options: Sequence[str]) -> str:
+            return _mark_depends(self, super().key(text, plen, options), text)
+
+        def _score(self, batch: list[Any], plen: int) -> list[tuple[int, int, float]]:
+            return [(req, opt, math.log(0.5)) for row in batch for req, opt, _ in row.reads]
+
+    return PlanGenerator, PlanScorer
+
+
+def engine(kind: str, model_dir: str | Path, cfg: Any, cache: Any) -> Any:
+    """The plan-mode engine for `make_generator` (kind "generator") or `make_choice_scorer` ("scorer")."""
+    from transformers import AutoTokenizer
+
+    from caiforge import models, rowcache
+    from caiforge.engines import hf
+
+    ctx = active()
+    assert ctx is not None
+    if cfg.backend != "transformers":
+        raise StageError(f"caiforge plan counts requests of the transformers backend only; this one is {cfg.backend}")
+    try:
+        path = models.resolve(model_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise StageError(f"{model_dir}: not built yet, so its requests cannot be planned ({err})") from err
+    device, dtype = hf.resolve_device(cfg.device, cfg.dtype)
+    generator, scorer = _engine_classes()
+    cls = generator if kind == "generator" else scorer
+    with models.quiet_progress():
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    made = cls(None, tokenizer, cfg, device, str(dtype).removeprefix("torch."))
+    made.identity = _pending_identity(model_dir, ctx) or hf.weights_fingerprint(model_dir)
+    made.cache = cache if cache is not None else rowcache.PlanCache(None)
+    return made
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command: which stages the next repro runs, and each request stage's counts
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    why: str
+    counts: Counts | None = None
+    """None: the stage sends no engine requests (or could not be planned: see `note`)."""
+    note: str = ""
+
+
+@dataclass
+class _Stage:
+    name: str
+    deps: list[str]
+    outs: list[str]
+    row_cache: bool = False
+    upstream: list[str] = field(default_factory=list)
+
+
+def _paths(entries: Sequence[Any]) -> list[str]:
+    return [next(iter(e)) if isinstance(e, dict) else str(e) for e in entries or ()]
+
+
+def read_stages(root: Path) -> list[_Stage]:
+    """dvc.yaml's stages in file order (which is the pipeline's order), with deps and outs."""
+    spec = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))
+    stages = []
+    for name, body in spec["stages"].items():
+        outs = _paths(body.get("outs", ())) + _paths(body.get("metrics", ()))
+        stages.append(_Stage(name, _paths(body.get("deps", ())), outs, any(o.endswith("/rowcache") for o in outs)))
+    return stages
+
+
+def _under(path: str, out: str) -> bool:
+    return path == out or path.startswith(out.rstrip("/") + "/")
+
+
+def changed_stages(root: Path) -> dict[str, str]:
+    """{stage: what changed} as `dvc status` reports it."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise StageError(f"dvc status failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
+    status = json.loads(proc.stdout or "{}")
+    return {name.split(":")[-1]: _describe(changes) for name, changes in status.items()}
+
+
+def _describe(changes: list[Any]) -> str:
+    """`dvc status` entries in one line: `changed deps: constitutions/default.yaml (comparison)`."""
+    parts = []
+    for change in changes:
+        if isinstance(change, str):
+            parts.append(change)
+            continue
+        for kind, paths in change.items():
+            items = []
+            for path, what in paths.items() if isinstance(paths, dict) else []:
+                items.append(f"{path} ({', '.join(what)})" if isinstance(what, dict) else path)
+            parts.append(f"{kind}: {', '.join(items)}" if items else kind)
+    return "; ".join(parts)
+
+
+def plan(root: Path, only: Sequence[str] = ()) -> list[StagePlan]:
+    """What the next `dvc repro` runs, stage by stage, and the engine requests of each stage that sends any."""
+    import tempfile
+
+    stages = read_stages(root)
+    changed = changed_stages(root)
+    rerun: dict[str, _Stage] = {}
+    why: dict[str, str] = {}
+    for st in stages:
+        ups = [u.name for u in rerun.values() if any(_under(d, o) for d in st.deps for o in u.outs)]
+        if st.name in changed or ups:
+            rerun[st.name] = st
+            after = f"after {', '.join(ups)} (unless their outputs come out unchanged)"
+            why[st.name] = changed.get(st.name) or after
+    pending = [o for st in rerun.values() for o in st.outs]
+    result = []
+    with tempfile.TemporaryDirectory(prefix="caiforge-plan-") as tmp:
+        for st in rerun.values():
+            entry = StagePlan(st.name, why[st.name])
+            result.append(entry)
+            if not st.row_cache:
+                entry.note = "no row-cached engine requests"
+                continue
+            if only and st.name not in only:
+                entry.note = "not planned (not asked for)"
+                continue
+            report = Path(tmp) / f"{st.name}.json"
+            ctx = Path(tmp) / f"{st.name}.ctx.json"
+            ctx.write_text(json.dumps({"report": str(report), "pending": pending}), encoding="utf-8")
+            proc = subprocess.run(
+                [sys.executable, f"stages/{st.name}.py"],
+                cwd=root,
+                env={**os.environ, ENV: str(ctx)},
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if proc.returncode == 0 and report.is_file():
+                entry.counts = Counts(**json.loads(report.read_text(encoding="utf-8")))
+            else:
+                lines = proc.stderr.strip().splitlines()
+                entry.note = "could not be planned: " + (lines[-1] if lines else f"exit code {proc.returncode}")
+    return result
+
+
+def table(plans: Sequence[StagePlan]) -> str:
+    """The plan as a fixed-width table for a terminal."""
+    if not plans:
+        return "Nothing to run: dvc status reports every stage up to date."
+    head = f"{'stage':<16} {'cached':>8} {'send':>8} {'depends':>8}  why"
+    lines = [head]
+    for p in plans:
+        if p.counts is None:
+            lines.append(f"{p.stage:<16} {'-':>8} {'-':>8} {'-':>8}  {p.why}; {p.note}")
+        else:
+            c = p.counts
+            lines.append(f"{p.stage:<16} {c.cached:>8} {c.send:>8} {c.depends:>8}  {p.why}")
+    lines.append(
+        "cached: answered by the row cache; send: requests the engines will run (exact); depends: requests built "
+        "on answers or weights this build has yet to produce (an upper bound)."
+    )
+    return "\n".join(lines)
