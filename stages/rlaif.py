@@ -12,9 +12,10 @@ Does   one of (`rlaif.algorithm`):
        The PM reward is a callable over caiforge.preference (not TRL's reward-model path), so training and the
        reported reward score chats identically. A stable `heldout_fraction` of train prompt ids (hash) is never
        trained on; on those, the SFT model and the tuned model answer (`generation`: greedy by default), the PM
-       scores both (mean reward before/after), and KL(tuned || SFT) is estimated as the mean over the tuned model's
-       answer tokens of log p_tuned - log p_sft (a Monte-Carlo KL estimate when answers are sampled; with greedy
-       answers, the log-ratio on the tuned model's most likely answers). Full fine-tune or LoRA (merged on save),
+       scores both (mean reward before/after), and KL(tuned || SFT) is estimated by Monte Carlo on answers sampled
+       from the tuned model at temperature 1 with no top-k/top-p cut, read on the sampled token ids
+       (`preference.sampled_kl`; `kl_max_new_tokens` caps them, `truncated` says how many hit the cap). Full
+       fine-tune or LoRA (merged on save),
        bf16 on GPU, fp32 on CPU, seeded.
 Writes data/rlaif/model/ (safetensors + tokenizer + the resolved stage config), data/rlaif/dvclive/ (curves, DVC
        plots) and data/rlaif/metrics.json (reward before/after, KL, steps).
@@ -93,6 +94,8 @@ class RlaifConfig(training.TrainingSchedule):
     """PM token cap per chat (the end is kept), as in the pm stage."""
     reward_batch_size: int
     """Chats per PM forward pass."""
+    kl_max_new_tokens: int
+    """Token cap of the answers the held-out KL is estimated on (high: a capped answer is a truncated sample)."""
     generation: engines.GenerationConfig
     """How the SFT and tuned models answer the held-out prompts (greedy by default)."""
     lora: training.LoraConfig
@@ -104,6 +107,8 @@ class RlaifConfig(training.TrainingSchedule):
             raise ValueError(f"beta must be > 0 (a KL leash to the SFT model), got {self.beta}")
         if not 0 <= self.dpo_min_confidence < 1:
             raise ValueError(f"dpo_min_confidence must be in [0, 1), got {self.dpo_min_confidence}")
+        if self.kl_max_new_tokens < 1:
+            raise ValueError(f"kl_max_new_tokens must be >= 1, got {self.kl_max_new_tokens}")
 
 
 def dpo_pairs(cfg: RlaifConfig) -> tuple[pl.DataFrame, int]:
@@ -267,7 +272,7 @@ def run(cfg: RlaifConfig) -> dict:
     device, dtype = hf.resolve_device(cfg.generation.device, cfg.generation.dtype)
     tuned, tokenizer = models.load_pretrained(out / "model", dtype=str(dtype).removeprefix("torch."), device=device)
     reference, _ = models.load_pretrained(cfg.policy, dtype=str(dtype).removeprefix("torch."), device=device)
-    kl = preference.policy_kl(tuned, reference, tokenizer, texts, responses)
+    kl = preference.sampled_kl(tuned, reference, tokenizer, texts, seed=cfg.seed, max_new_tokens=cfg.kl_max_new_tokens)
     before, after = mean(reward_before), mean(reward_after)
     metrics = {
         "algorithm": cfg.algorithm,
@@ -282,7 +287,7 @@ def run(cfg: RlaifConfig) -> dict:
         "reward_before": before,
         "reward_after": after,
         "reward_gain": after - before if before is not None and after is not None else None,
-        "kl_heldout": {**kl, "decoding": "sampled" if cfg.generation.temperature > 0 else "greedy"},
+        "kl_heldout": kl,
         "kl_train_mean": mean_logged(history, "kl"),
         "dpo_reward_margin_mean": mean_logged(history, "rewards/margins"),
         "train_reward_mean": mean_logged(history, "reward"),

@@ -53,6 +53,15 @@ def build(cls: type[T], data: Any, where: str, key: str = "") -> T:
     return _convert(cls, data, where, key)
 
 
+def did_you_mean(name: str, known: typing.Iterable[str]) -> str:
+    """` (did you mean eval_fraction?)` for the closest known key, else ` (known keys: a, b, ...)`."""
+    import difflib
+
+    known = sorted(known)
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else f" (known keys: {', '.join(known)})"
+
+
 def _fail(where: str, key: str, msg: str) -> typing.NoReturn:
     raise ConfigError(f"{where}: {key or '<root>'}: {msg}")
 
@@ -68,7 +77,7 @@ def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
         fields = {f.name: f for f in dataclasses.fields(tp) if f.init}
         unknown = sorted(set(value) - set(fields))
         if unknown:
-            _fail(where, _join(key, unknown[0]), f"unknown key (known keys: {', '.join(sorted(fields))})")
+            _fail(where, _join(key, unknown[0]), f"unknown key{did_you_mean(unknown[0], fields)}")
         kwargs = {}
         for name, field in fields.items():
             sub = _join(key, name)
@@ -277,12 +286,12 @@ def apply_overrides(values: dict[str, tuple[str, Any]], overrides: Sequence[str]
         if not rest:
             out[top] = (source, parse_value(raw))
             continue
-        for part in rest[:-1]:
+        for part in rest:
             if not isinstance(node, dict) or part not in node:
-                raise ConfigError(f"command line: {dotted}: unknown key")
-            node = node[part]
-        if not isinstance(node, dict) or rest[-1] not in node:
-            raise ConfigError(f"command line: {dotted}: unknown key")
+                hint = did_you_mean(part, node) if isinstance(node, dict) else ""
+                raise ConfigError(f"command line: {dotted}: unknown key{hint}")
+            if part != rest[-1]:
+                node = node[part]
         node[rest[-1]] = parse_value(raw)
     return out
 

@@ -12,7 +12,7 @@ function (`encode_chat`: chat template, keep the *end* when too long, since the 
 so the reward a policy is trained against equals the reward reported for it.
 
 Later stages reuse `PreferenceModel` (load a saved PM, score chats in batches), `reward_function` (a TRL reward
-callable), `evaluate_pairs` (held-out accuracy / calibration) and `policy_kl` (a KL estimate of a tuned policy
+callable), `evaluate_pairs` (held-out accuracy / calibration) and `sampled_kl` (a Monte-Carlo KL of a tuned policy
 to its reference). TRL is imported lazily: it takes seconds to import and the pure functions do not need it.
 """
 
@@ -291,45 +291,63 @@ def reward_function(pm: PreferenceModel) -> Callable[..., list[float]]:
 # KL of a tuned policy to its reference
 
 
-@torch.inference_mode()
-def response_logprobs(model: Any, tokenizer: Any, prompt: str, response: str) -> torch.Tensor:
-    """Per-token log-probs of the assistant turn (response + end-of-turn tokens) after the user prompt, on CPU."""
+def _token_logprobs(model: Any, ids: list[int], start: int) -> torch.Tensor:
+    """log p(ids[t] | ids[:t]) for t >= start, under `model`, on CPU (one forward over the whole sequence)."""
     device = next(model.parameters()).device
-    head = tokenizer.apply_chat_template(chat(prompt, "")[:1], tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(chat(prompt, response), tokenize=False, add_generation_prompt=False)
-    if not full.startswith(head):
-        raise ValueError("the chat template does not render the prompt as a prefix of the full chat")
-    head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-    ids = head_ids + tokenizer(full[len(head) :], add_special_tokens=False)["input_ids"]
     input_ids = torch.tensor([ids], device=device)
-    logits = model(input_ids=input_ids, use_cache=False).logits[0, :-1].float()
-    logps = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[0, 1:, None])[:, 0]
-    return logps[len(head_ids) - 1 :].cpu()
+    logits = model(input_ids=input_ids, use_cache=False).logits[0, start - 1 : -1].float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, input_ids[0, start:, None])[:, 0].cpu()
 
 
-def policy_kl(
-    policy: Any, reference: Any, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str]
-) -> dict[str, float | None]:
-    """KL(policy || reference) estimated on the policy's own responses: mean over all response tokens of
-    log p_policy(token) - log p_ref(token).
+@torch.inference_mode()
+def sample_ids(model: Any, prompt_ids: list[int], stops: Sequence[int], max_new_tokens: int, seed: int) -> list[int]:
+    """One answer sampled from `model` at temperature 1 with no top-k or top-p cut (the model's own distribution),
+    ending at a stop token (kept) or after `max_new_tokens`; its own seeded generator, no global RNG touched."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True, logits_to_keep=1)
+    new: list[int] = []
+    while len(new) < max_new_tokens:
+        probs = torch.softmax(out.logits[0, -1].float(), dim=-1)
+        token = int(torch.multinomial(probs, 1, generator=gen))
+        new.append(token)
+        if token in stops:
+            break
+        out = model(input_ids=torch.tensor([[token]], device=device), cache=out.cache, use_cache=True)
+    return new
 
-    With sampled responses this is the standard Monte-Carlo estimate; with greedy responses (what the rlaif stage
-    reports, to stay deterministic) it is the log-ratio on the policy's most likely answers, a cheap, honest proxy.
-    Both models must share `tokenizer`.
+
+@torch.inference_mode()
+def sampled_kl(
+    policy: Any, reference: Any, tokenizer: Any, prompts: Sequence[str], *, seed: int, max_new_tokens: int
+) -> dict[str, Any]:
+    """KL(policy || reference) by Monte Carlo: per prompt, one answer sampled from the policy at temperature 1 (no
+    top-k / top-p, the distribution the KL is about), and the sum over its token ids of log p_policy - log
+    p_reference, read on those very ids (no decoding and re-tokenising). The mean of those sums is an unbiased
+    estimate of the sequence-level KL of answers up to `max_new_tokens`; `truncated` is the share of answers that
+    reached the cap without ending (raise the cap when it is not 0). Both models must share `tokenizer`.
     """
-    diffs = []
-    per_sequence = []
-    for prompt, response in zip(prompts, responses, strict=True):
-        d = response_logprobs(policy, tokenizer, prompt, response) - response_logprobs(
-            reference, tokenizer, prompt, response
-        )
+    from caiforge.engines import row_seed
+    from caiforge.engines.rendering import encode, render_chat, stop_token_ids
+
+    stops = stop_token_ids(tokenizer)
+    per_sequence, diffs, truncated = [], [], 0
+    for prompt in prompts:
+        text = render_chat(tokenizer, chat(prompt, "")[:1])
+        head = encode(tokenizer, text)
+        new = sample_ids(policy, head, stops, max_new_tokens, row_seed(seed, text))
+        truncated += new[-1] not in stops
+        d = _token_logprobs(policy, head + new, len(head)) - _token_logprobs(reference, head + new, len(head))
         diffs.append(d)
         per_sequence.append(float(d.sum()))
     if not diffs:
-        return {"kl_per_token": None, "kl_per_sequence": None, "tokens": 0}
+        return {"kl_per_token": None, "kl_per_sequence": None, "tokens": 0, "truncated": None}
     pooled = torch.cat(diffs)
     return {
         "kl_per_token": float(pooled.mean()),
         "kl_per_sequence": sum(per_sequence) / len(per_sequence),
         "tokens": int(pooled.numel()),
+        "truncated": truncated / len(prompts),
+        "decoding": "sampled from the policy, temperature 1, no top-k/top-p",
+        "max_new_tokens": max_new_tokens,
     }

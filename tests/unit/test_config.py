@@ -67,6 +67,13 @@ def test_build_errors_name_file_and_key(patch, key, needle):
     assert needle in str(err.value)
 
 
+def test_unknown_key_suggests_the_closest_known_one():
+    with pytest.raises(ConfigError, match=r"params.yaml: inner.stpes: unknown key \(did you mean steps\?\)"):
+        config.build(Outer, {**GOOD, "inner": {"lr": 1, "stpes": 3}}, "params.yaml")
+    with pytest.raises(ConfigError, match=r"params.yaml: bogus: unknown key \(known keys: "):
+        config.build(Outer, {**GOOD, "bogus": 1}, "params.yaml")
+
+
 def test_build_missing_required_key():
     data = dict(GOOD)
     del data["mode"]
@@ -79,8 +86,10 @@ def test_overrides_apply_and_reject_unknown_keys():
     out = config.apply_overrides(values, ["sft.lr=0.5", "sft.lora.r=16"])
     assert out["sft"][1] == {"lr": 0.5, "lora": {"r": 16}}
     assert values["sft"][1]["lr"] == 0.1, "overrides must not mutate their input"
-    with pytest.raises(ConfigError, match="sft.lrr: unknown key"):
+    with pytest.raises(ConfigError, match=r"command line: sft.lrr: unknown key \(did you mean lr\?\)"):
         config.apply_overrides(values, ["sft.lrr=1"])
+    with pytest.raises(ConfigError, match=r"sft.lora.rank: unknown key \(known keys: r\)"):
+        config.apply_overrides(values, ["sft.lora.rank=1"])
     with pytest.raises(ConfigError, match="not a param this stage declares"):
         config.apply_overrides(values, ["curate.eval_fraction=0.1"])
     with pytest.raises(ConfigError, match="expected key=value"):

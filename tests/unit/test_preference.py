@@ -89,11 +89,40 @@ def test_reward_function_scores_conversational_completions(tiny_pm):
         reward(prompts=["hi"], completions=["hello"])
 
 
-def test_policy_kl_is_zero_against_itself(tiny_model_dir):
+def test_sampled_kl_is_zero_against_itself_and_reads_the_sampled_ids(tiny_model_dir):
     from caiforge import models
 
     model, tokenizer = models.load_pretrained(tiny_model_dir)
-    kl = preference.policy_kl(model, model, tokenizer, ["hi there"], ["hello friend"])
-    assert kl["kl_per_token"] == pytest.approx(0.0) and kl["tokens"] > 2
-    logps = preference.response_logprobs(model, tokenizer, "hi there", "hello friend")
-    assert (logps <= 0).all() and logps.numel() == kl["tokens"]
+    kl = preference.sampled_kl(model, model, tokenizer, ["hi there", "tell me more"], seed=0, max_new_tokens=6)
+    assert kl["kl_per_token"] == pytest.approx(0.0) and kl["kl_per_sequence"] == pytest.approx(0.0)
+    assert 2 <= kl["tokens"] <= 12 and 0 <= kl["truncated"] <= 1
+    again = preference.sampled_kl(model, model, tokenizer, ["hi there", "tell me more"], seed=0, max_new_tokens=6)
+    assert again == kl, "seeded per prompt: the same samples"
+
+
+def test_sampled_kl_is_an_unbiased_estimate_of_the_true_kl(tiny_model_dir):
+    """One-token answers: the exact KL of the first-token distributions is computable, and the estimate must land
+    on it. A KL read on greedy answers (the old estimate) is log p/q at the argmax, a different number."""
+    from caiforge import models
+    from caiforge.engines.rendering import encode, render_chat
+
+    policy, tokenizer = models.load_pretrained(tiny_model_dir)
+    reference, _ = models.build_tiny(models.TinySpec(), seed=1)
+    reference.eval()
+    prompt = "hi there"
+    head = encode(tokenizer, render_chat(tokenizer, [{"role": "user", "content": prompt}]))
+    with torch.inference_mode():
+        p = torch.log_softmax(policy(input_ids=torch.tensor([head])).logits[0, -1].float(), -1)
+        q = torch.log_softmax(reference(input_ids=torch.tensor([head])).logits[0, -1].float(), -1)
+    exact = float((p.exp() * (p - q)).sum())
+    log_ratio = p - q
+    spread = float((p.exp() * (log_ratio - exact) ** 2).sum().sqrt())
+    n = 300
+    estimates = [
+        preference.sampled_kl(policy, reference, tokenizer, [prompt], seed=s, max_new_tokens=1)["kl_per_sequence"]
+        for s in range(n)
+    ]
+    mean = sum(estimates) / n
+    assert abs(mean - exact) < 4 * spread / n**0.5 + 1e-6, (mean, exact)
+    greedy = float(log_ratio[int(p.argmax())])
+    assert abs(greedy - exact) > 4 * spread / n**0.5, "the test can tell the estimators apart"
