@@ -2,7 +2,7 @@
 
 This module is what a stage needs to know about it, and nothing heavier: whether plan mode is on (`active`), the
 exception that ends a planned stage (`Done`), and `end_of_requests`, which a stage calls after its last engine request
-(a no-op in a normal run). The engines and the command live in `caiforge.planning`.
+(a no-op in a normal run). The engines live in `caiforge.engines.plan`, the command in `caiforge.planning`.
 """
 
 from __future__ import annotations
@@ -51,11 +51,9 @@ class Counts:
     depends: int = 0
 
     def add(self, other: Counts) -> None:
-        self.cached, self.send, self.depends = (
-            self.cached + other.cached,
-            self.send + other.send,
-            self.depends + other.depends,
-        )
+        self.cached += other.cached
+        self.send += other.send
+        self.depends += other.depends
 
 
 CACHES: list[Any] = []

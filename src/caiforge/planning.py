@@ -5,7 +5,7 @@ sends engine requests (a stage with a row cache) is started in *plan mode*: the 
 names a JSON context file. In plan mode:
 
 - the engines load the tokenizer only and compute every request's row-cache key with the real engines' own code
-  (`PlanGenerator`, `PlanScorer` override only the forward passes), so a key here is the key the build will use;
+  (`caiforge.engines.plan` overrides only the forward passes), so a key here is the key the build will use;
 - the cache (`PlanCache`) is read-only: hits are answered from it, misses get a placeholder answer, and nothing is
   written to disk;
 - the stage stops at `end_of_requests()`, before it loads anything else or writes an output, and leaves its counts
@@ -25,9 +25,7 @@ Only the `transformers` backend is planned; a stage on `openai` servers is repor
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import subprocess
 import sys
@@ -39,78 +37,7 @@ from typing import Any
 import yaml
 
 from caiforge.config import StageError
-from caiforge.planmode import ENV, MARK, PENDING, Context, Counts, active
-
-
-def _pending_identity(model_dir: str | Path, ctx: Context) -> str | None:
-    here = Path(model_dir).resolve()
-    for out in ctx.pending:
-        if here == Path(out).resolve() or Path(out).resolve() in here.parents:
-            return PENDING + str(model_dir)
-    return None
-
-
-def _mark_depends(engine: Any, k: str, text: str) -> str:
-    if engine.identity.startswith(PENDING) or MARK in text:
-        engine.cache.depends.add(k)
-    return k
-
-
-def _placeholder(*parts: Any) -> str:
-    return MARK + hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
-
-
-def _engine_classes() -> tuple[type, type]:
-    from caiforge.engines import Completion, hf
-
-    class PlanGenerator(hf.TransformersGenerator):
-        """Keys and batches as the real generator makes them; a placeholder answer instead of a forward pass."""
-
-        def key(self, text: str, seed: int, plen: int) -> str:
-            return _mark_depends(self, super().key(text, seed, plen), text)
-
-        def _generate(self, prompts: list[list[int]], seeds: list[int], plen: int) -> list[Completion]:
-            return [Completion(_placeholder(p, s), len(p), 0, True) for p, s in zip(prompts, seeds, strict=True)]
-
-    class PlanScorer(hf.TransformersChoiceScorer):
-        """Keys and batches as the real scorer makes them; even odds instead of a forward pass."""
-
-        GENERATOR = PlanGenerator
-
-        def key(self, text: str, plen: int, options: Sequence[str]) -> str:
-            return _mark_depends(self, super().key(text, plen, options), text)
-
-        def _score(self, batch: list[Any], plen: int) -> list[tuple[int, int, float]]:
-            return [(req, opt, math.log(0.5)) for row in batch for req, opt, _ in row.reads]
-
-    return PlanGenerator, PlanScorer
-
-
-def engine(kind: str, model_dir: str | Path, cfg: Any, cache: Any) -> Any:
-    """The plan-mode engine for `make_generator` (kind "generator") or `make_choice_scorer` ("scorer")."""
-    from transformers import AutoTokenizer
-
-    from caiforge import models, rowcache
-    from caiforge.engines import hf
-
-    ctx = active()
-    assert ctx is not None
-    if cfg.backend != "transformers":
-        raise StageError(f"caiforge plan counts requests of the transformers backend only; this one is {cfg.backend}")
-    try:
-        path = models.resolve(model_dir)
-    except (FileNotFoundError, ValueError) as err:
-        raise StageError(f"{model_dir}: not built yet, so its requests cannot be planned ({err})") from err
-    device, dtype = hf.resolve_device(cfg.device, cfg.dtype)
-    generator, scorer = _engine_classes()
-    cls = generator if kind == "generator" else scorer
-    with models.quiet_progress():
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    made = cls(None, tokenizer, cfg, device, str(dtype).removeprefix("torch."))
-    made.identity = _pending_identity(model_dir, ctx) or hf.weights_fingerprint(model_dir)
-    made.cache = cache if cache is not None else rowcache.PlanCache(None)
-    return made
-
+from caiforge.planmode import ENV, Counts
 
 # ---------------------------------------------------------------------------------------------------------------
 # The command: which stages the next repro runs, and each request stage's counts

@@ -261,11 +261,13 @@ def fill_in(found: list[Any], keys: Sequence[str]) -> list[Any]:
 
 def make_generator(model_dir: str | Path, cfg: GenerationConfig, cache: RowCache | None = None) -> Generator:
     """The engine `cfg.backend` names, serving the model in `model_dir` (for `openai`: its tokenizer)."""
-    from caiforge import planning
+    from caiforge import planmode
 
     engine: Generator
-    if planning.active():
-        return planning.engine("generator", model_dir, cfg, cache)
+    if planmode.active():
+        from caiforge.engines import plan
+
+        return plan.engine("generator", model_dir, cfg, cache)
     if cfg.backend == "transformers":
         from caiforge.engines import hf
 
@@ -282,11 +284,13 @@ def make_generator(model_dir: str | Path, cfg: GenerationConfig, cache: RowCache
 
 def make_choice_scorer(model_dir: str | Path, cfg: ScoringConfig, cache: RowCache | None = None) -> ChoiceScorer:
     """The choice scorer `cfg.backend` names, serving the model in `model_dir` (for `openai`: its tokenizer)."""
-    from caiforge import planning
+    from caiforge import planmode
 
     scorer: ChoiceScorer
-    if planning.active():
-        return planning.engine("scorer", model_dir, cfg, cache)
+    if planmode.active():
+        from caiforge.engines import plan
+
+        return plan.engine("scorer", model_dir, cfg, cache)
     if cfg.backend == "transformers":
         from caiforge.engines import hf
 
