@@ -272,7 +272,15 @@ def run(cfg: RlaifConfig) -> dict:
     device, dtype = hf.resolve_device(cfg.generation.device, cfg.generation.dtype)
     tuned, tokenizer = models.load_pretrained(out / "model", dtype=str(dtype).removeprefix("torch."), device=device)
     reference, _ = models.load_pretrained(cfg.policy, dtype=str(dtype).removeprefix("torch."), device=device)
-    kl = preference.sampled_kl(tuned, reference, tokenizer, texts, seed=cfg.seed, max_new_tokens=cfg.kl_max_new_tokens)
+    kl = preference.sampled_kl(
+        tuned,
+        reference,
+        tokenizer,
+        texts,
+        seed=cfg.seed,
+        max_new_tokens=cfg.kl_max_new_tokens,
+        batch_size=cfg.generation.batch_size,
+    )
     before, after = mean(reward_before), mean(reward_after)
     metrics = {
         "algorithm": cfg.algorithm,

@@ -300,43 +300,40 @@ def _token_logprobs(model: Any, ids: list[int], start: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def sample_ids(model: Any, prompt_ids: list[int], stops: Sequence[int], max_new_tokens: int, seed: int) -> list[int]:
-    """One answer sampled from `model` at temperature 1 with no top-k or top-p cut (the model's own distribution),
-    ending at a stop token (kept) or after `max_new_tokens`; its own seeded generator, no global RNG touched."""
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True, logits_to_keep=1)
-    new: list[int] = []
-    while len(new) < max_new_tokens:
-        probs = torch.softmax(out.logits[0, -1].float(), dim=-1)
-        token = int(torch.multinomial(probs, 1, generator=gen))
-        new.append(token)
-        if token in stops:
-            break
-        out = model(input_ids=torch.tensor([[token]], device=device), cache=out.cache, use_cache=True)
-    return new
-
-
-@torch.inference_mode()
 def sampled_kl(
-    policy: Any, reference: Any, tokenizer: Any, prompts: Sequence[str], *, seed: int, max_new_tokens: int
+    policy: Any,
+    reference: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    seed: int,
+    max_new_tokens: int,
+    batch_size: int = 8,
 ) -> dict[str, Any]:
     """KL(policy || reference) by Monte Carlo: per prompt, one answer sampled from the policy at temperature 1 (no
     top-k / top-p, the distribution the KL is about), and the sum over its token ids of log p_policy - log
     p_reference, read on those very ids (no decoding and re-tokenising). The mean of those sums is an unbiased
     estimate of the sequence-level KL of answers up to `max_new_tokens`; `truncated` is the share of answers that
-    reached the cap without ending (raise the cap when it is not 0). Both models must share `tokenizer`.
+    reached the cap without ending (raise the cap when it is not 0). Both models must share `tokenizer`. Answers
+    are sampled up to `batch_size` at a time by the generation engine (each row with its own seeded generator; no
+    filler rows when there are fewer prompts: nothing here is cached, so batch invariance buys nothing).
     """
-    from caiforge.engines import row_seed
-    from caiforge.engines.rendering import encode, render_chat, stop_token_ids
+    from caiforge.engines import GenerationConfig
+    from caiforge.engines.hf import TransformersGenerator
 
-    stops = stop_token_ids(tokenizer)
+    device = str(next(policy.parameters()).device)
+    cfg = GenerationConfig(
+        batch_size=max(1, min(batch_size, len(prompts))),
+        max_new_tokens=max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        progress=False,
+    )
+    sampler = TransformersGenerator(policy, tokenizer, cfg, device=device)
     per_sequence, diffs, truncated = [], [], 0
-    for prompt in prompts:
-        text = render_chat(tokenizer, chat(prompt, "")[:1])
-        head = encode(tokenizer, text)
-        new = sample_ids(policy, head, stops, max_new_tokens, row_seed(seed, text))
-        truncated += new[-1] not in stops
+    for head, new in sampler.sample_ids([chat(p, "")[:1] for p in prompts], seed=seed):
+        truncated += new[-1] not in sampler.stop_ids
         d = _token_logprobs(policy, head + new, len(head)) - _token_logprobs(reference, head + new, len(head))
         diffs.append(d)
         per_sequence.append(float(d.sum()))

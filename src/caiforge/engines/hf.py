@@ -300,7 +300,33 @@ class TransformersGenerator:
                 bar.set_postfix(tok_s=f"{self.stats.tokens_per_second:.0f}")
         return [Completion(**v) for v in fill_in(found, keys)]
 
+    def sample_ids(
+        self, conversations: Sequence[Sequence[Message]], *, seed: int
+    ) -> list[tuple[list[int], list[int]]]:
+        """Per conversation, its prompt ids and the ids this generator produces after them (a stop token kept), in
+        batches, seeded per row like `chat`, without the row cache: for estimates read on the token ids themselves."""
+        prompts = [self.render(c) for c in conversations]
+        seeds = [row_seed(seed, render_chat(self.tokenizer, c)) for c in conversations]
+        new: list[list[int]] = [[] for _ in prompts]
+        with torch.inference_mode():
+            for batch in fixed_batches([(self.runner.width(len(p)),) for p in prompts], self.cfg.batch_size):
+                sampled = self._sample([prompts[i] for i in batch], [seeds[i] for i in batch], 0)
+                for i, ids in zip(batch, sampled, strict=True):
+                    new[i] = ids
+        return list(zip(prompts, new, strict=True))
+
     def _generate(self, prompts: list[list[int]], seeds: list[int], plen: int) -> list[Completion]:
+        stop = set(self.stop_ids)
+        completions = []
+        for ids, toks in zip(prompts, self._sample(prompts, seeds, plen), strict=True):
+            finished = bool(toks) and toks[-1] in stop
+            text_ids = toks[:-1] if finished else toks
+            text = self.tokenizer.decode(text_ids, skip_special_tokens=True).strip()
+            completions.append(Completion(text, len(ids), len(toks), finished))
+        return completions
+
+    def _sample(self, prompts: list[list[int]], seeds: list[int], plen: int) -> list[list[int]]:
+        """The new token ids of one batch of rows (each ending at its stop token or at the cap)."""
         n = len(prompts)
         gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
         gens += [torch.Generator(device=self.device).manual_seed(seeds[0]) for _ in range(self.runner.batch_size - n)]
@@ -328,13 +354,7 @@ class TransformersGenerator:
                 use_cache=True,
                 logits_to_keep=1,
             ).logits[:, -1]
-        completions = []
-        for ids, toks in zip(prompts, new, strict=True):
-            finished = bool(toks) and toks[-1] in stop
-            text_ids = toks[:-1] if finished else toks
-            text = self.tokenizer.decode(text_ids, skip_special_tokens=True).strip()
-            completions.append(Completion(text, len(ids), len(toks), finished))
-        return completions
+        return new
 
     def _pick(self, logits: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
         """Next token per row: argmax when greedy, else temperature / top-k / top-p sampling with the row's RNG."""
