@@ -64,7 +64,8 @@ def stage(repo: Path, kill_at_rows: int | None = None) -> float:
     """Seconds to run the critique_revise script (killed with SIGKILL once `kill_at_rows` requests are kept)."""
     cmd = [sys.executable, "stages/critique_revise.py", *RESUME_ARGS]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=repo, env=pipeline.env(repo), start_new_session=True, stderr=subprocess.PIPE)
+    env = {**pipeline.env(repo), "DVC_STAGE": "critique_revise", "DVC_ROOT": str(repo)}  # as `dvc repro` runs it
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, start_new_session=True, stderr=subprocess.PIPE)
     if kill_at_rows is not None:
         while proc.poll() is None and journal_rows(repo) < kill_at_rows:
             time.sleep(0.05)

@@ -1,7 +1,8 @@
 """The `caiforge` command line.
 
-    caiforge constitution check FILE                     validate a constitution, print counts per part and category
-    caiforge constitution import FORMAT SRC DEST [--force]   convert another project's format into our YAML
+    caiforge check                                       check every stage's config before anything runs
+    caiforge constitution check [FILE]                   validate a constitution as the stages will, print counts
+    caiforge constitution import FORMAT SRC DEST [--force] [--fill-from FILE]   convert another format into our YAML
     caiforge params [OVERRIDE ...]                       compose conf/ into params.yaml (as `dvc exp run` does)
     caiforge harm-judge fit [--harmless FILE] [-o FILE]  refit the evaluation's harm judge (data/seed/harm_judge.json)
     caiforge plan [STAGE ...] [--json]                   what the next `dvc repro` runs and sends, from the row caches
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -39,31 +42,100 @@ def _counts(c: constitution.Constitution) -> str:
     return ", ".join(out)
 
 
+def configured_constitution(root: Path) -> Path:
+    """constitutions/<name>.yaml for the `constitution:` key of the project's params.yaml."""
+    import yaml
+
+    params = root / "params.yaml"
+    name = (yaml.safe_load(params.read_text(encoding="utf-8")) or {}).get("constitution") if params.is_file() else None
+    if not isinstance(name, str) or not name:
+        raise config.ConfigError(f"{params}: constitution: not set (name a file in {config.CONSTITUTIONS}/)")
+    return root / config.CONSTITUTIONS / f"{name}.yaml"
+
+
+def _stage_check(root: Path, file: Path) -> list[str]:
+    """Check `file` as every stage that reads constitution parts would (parts declared in dvc.yaml, categories each
+    stage's config requires); returns those stages' names."""
+    from caiforge import preflight
+
+    using = [s for s in preflight.stage_names(root) if preflight.uses_constitution(root, s)]
+    preflight.check(root, file.resolve(), using)
+    return using
+
+
 def constitution_check(args: argparse.Namespace) -> int:
-    """Validate a constitution file (both principle lists required) and print a one-line summary."""
-    c = constitution.check(args.file)
-    print(f"{args.file}: ok: {c.name or '<unnamed>'}: {_counts(c)}")
+    """Validate a constitution file (default: the configured one), then check it as the stages will."""
+    root = config.project_root()
+    file = Path(args.file) if args.file else Path(os.path.relpath(configured_constitution(root)))
+    c = constitution.check(file)
+    stages = _stage_check(root, file)
+    print(f"{file}: ok: {c.name or '<unnamed>'}: {_counts(c)}; accepted by {', '.join(stages)}")
     return 0
 
 
 def constitution_import(args: argparse.Namespace) -> int:
-    """Convert SRC (in FORMAT) into a constitution YAML at DEST; an existing DEST needs --force."""
+    """Convert SRC (in FORMAT) into a constitution YAML at DEST that the pipeline accepts (else nothing is written);
+    --fill-from completes what the format lacks from another constitution. An existing DEST needs --force."""
+    from caiforge import preflight
+
     dest = Path(args.dest)
     if dest.exists() and not args.force:
         print(f"error: {dest} exists (use --force to overwrite it)", file=sys.stderr)
         return 1
     c = constitution.IMPORTERS[args.format](Path(args.src))
-    constitution.dump(c, dest)
-    print(f"{dest}: wrote {c.name}: {_counts(c)}")
+    if args.fill_from:
+        c, added = constitution.fill_from(c, constitution.load(args.fill_from))
+        for line in added:
+            print(f"{dest}: from {args.fill_from}: {line}")
+    root = config.project_root()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".import-") as scratch:
+        trial = Path(scratch) / dest.name
+        constitution.dump(c, trial)
+        try:
+            constitution.check(trial)
+            stages = _stage_check(root, trial)
+        except (constitution.ConstitutionError, preflight.PreflightError) as exc:
+            hint = f"; add what is missing from another constitution: --fill-from {_default(root)}"
+            message = str(exc).replace(str(trial.resolve()), str(dest)).replace(str(trial), str(dest))
+            print(
+                f"error: {args.format} import of {args.src} would not run in this pipeline, so {dest} was not "
+                f"written:\n{message}{'' if args.fill_from else hint}",
+                file=sys.stderr,
+            )
+            return 1
+        os.replace(trial, dest)
+    print(f"{dest}: wrote {c.name}: {_counts(c)}; accepted by {', '.join(stages)}")
     return 0
+
+
+def _default(root: Path) -> str:
+    default = root / config.CONSTITUTIONS / "default.yaml"
+    return os.path.relpath(default) if default.is_file() else "constitutions/default.yaml"
+
+
+def check_all(args: argparse.Namespace) -> int:
+    """Build every stage's config as the stage will (params, constitution parts, each config's own checks)."""
+    from caiforge import preflight
+
+    root = config.project_root()
+    built = preflight.check(root)
+    file = os.path.relpath(configured_constitution(root))
+    print(f"ok: {len(built)} stages ({', '.join(built)}), constitution {file}")
+    return 0
+
+
+def _add_check(sub: argparse._SubParsersAction) -> None:
+    cmd = sub.add_parser("check", help="check every stage's config and the constitution before running anything")
+    cmd.set_defaults(func=check_all)
 
 
 def _add_constitution(sub: argparse._SubParsersAction) -> None:
     group = sub.add_parser("constitution", help="check or import constitution files")
     commands = group.add_subparsers(dest="subcommand", required=True, metavar="{check,import}")
 
-    check = commands.add_parser("check", help="validate a constitution file and print counts")
-    check.add_argument("file", help="constitution YAML, e.g. constitutions/default.yaml")
+    check = commands.add_parser("check", help="validate a constitution file as the stages will, print counts")
+    check.add_argument("file", nargs="?", help="constitution YAML (default: the one params.yaml configures)")
     check.set_defaults(func=constitution_check)
 
     imp = commands.add_parser("import", help="convert another project's constitution format into caiforge YAML")
@@ -71,6 +143,11 @@ def _add_constitution(sub: argparse._SubParsersAction) -> None:
     imp.add_argument("src", help="source file or folder (anthropic: the paper's prompts/ folder)")
     imp.add_argument("dest", help="YAML file to write, e.g. constitutions/anthropic.yaml")
     imp.add_argument("--force", action="store_true", help="overwrite DEST if it exists")
+    imp.add_argument(
+        "--fill-from",
+        metavar="FILE",
+        help="take the parts and principle categories the source lacks from this constitution (e.g. the default)",
+    )
     imp.set_defaults(func=constitution_import)
 
 
@@ -136,6 +213,7 @@ ERRORS: tuple[type[Exception], ...] = (constitution.ConstitutionError, config.Co
 """User-input errors: reported as `error: <message>` with exit code 1 instead of a traceback."""
 
 GROUPS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
+    "check": _add_check,
     "constitution": _add_constitution,
     "params": _add_params,
     "harm-judge": _add_harm_judge,

@@ -201,31 +201,62 @@ def write_params(path: Path, overrides: Sequence[str] = (), config_dir: Path | N
 # Loading one stage's declared params
 
 
-def declared_params(stage: str, root: Path | None = None) -> dict[str, tuple[str, dict[str, Any]]]:
+CONSTITUTIONS = "constitutions"
+"""The folder dvc.yaml reads constitution parts from (`constitutions/${constitution}.yaml`)."""
+
+
+def declared_params(
+    stage: str, root: Path | None = None, constitution: Path | None = None, repo: Any = None
+) -> dict[str, tuple[str, dict[str, Any]]]:
     """The params `stage` declares in dvc.yaml: top-level key -> (file it comes from, value).
 
     Reading through DVC makes an undeclared read impossible: a key the stage does not list never reaches it.
+    `constitution`: read the constitution parts from this file instead of the configured one (`caiforge
+    constitution check FILE`). `repo`: an open DVC Repo to reuse (checking every stage opens it once).
     """
     from dvc.repo import Repo
 
+    if repo is None:
+        with Repo(str(root or project_root())) as opened:
+            return declared_params(stage, root, constitution, opened)
     out: dict[str, tuple[str, dict[str, Any]]] = {}
-    with Repo(str(root or project_root())) as repo:
-        stages = repo.stage.collect(stage)
-        if len(stages) != 1:
-            raise ConfigError(f"dvc.yaml: stage {stage!r} not found")
-        for dep in stages[0].params:
-            rel = os.path.relpath(dep.fs_path, repo.root_dir)
+    stages = repo.stage.collect(stage)
+    if len(stages) != 1:
+        raise ConfigError(f"dvc.yaml: stage {stage!r} not found")
+    for dep in stages[0].params:
+        rel = os.path.relpath(dep.fs_path, repo.root_dir)
+        if Path(rel).parent == Path(CONSTITUTIONS) and constitution is not None:
+            from caiforge import constitution as parts
+
+            rel, data = str(constitution), parts.read_data(constitution)
+            if not isinstance(data, dict):
+                raise ConfigError(f"{rel}: expected a mapping of constitution parts")
+            values = {k: v for k, v in data.items() if k in dep.params}  # only the parts the stage declares
+            missing = [part for part in dep.params if part not in values]
+            if missing:
+                raise ConfigError(f"{rel}: missing {', '.join(map(repr, missing))}, which stage {stage!r} needs")
+        else:
             if not Path(dep.fs_path).is_file():
-                raise ConfigError(f"{rel}: params file declared by stage {stage!r} does not exist")
+                raise ConfigError(
+                    f"{rel}: params file declared by stage {stage!r} does not exist{_others(repo.root_dir, rel)}"
+                )
             values = _read_params(dep, rel)
-            for wanted in dep.params:
-                if _lookup(values, wanted) is _MISSING:
-                    raise ConfigError(f"{rel}: {wanted}: missing key declared by stage {stage!r} in dvc.yaml")
-            for top, value in values.items():
-                if top in out:
-                    raise ConfigError(f"{rel}: {top}: also declared from {out[top][0]} for stage {stage!r}")
-                out[top] = (rel, value)
+        for wanted in dep.params:
+            if _lookup(values, wanted) is _MISSING:
+                raise ConfigError(f"{rel}: {wanted}: missing key declared by stage {stage!r} in dvc.yaml")
+        for top, value in values.items():
+            if top in out:
+                raise ConfigError(f"{rel}: {top}: also declared from {out[top][0]} for stage {stage!r}")
+            out[top] = (rel, value)
     return out
+
+
+def _others(root: str, rel: str) -> str:
+    """For a missing constitution file: the ones that exist."""
+    if Path(rel).parent != Path(CONSTITUTIONS):
+        return ""
+    names = sorted(p.stem for p in (Path(root) / CONSTITUTIONS).glob("*.yaml"))
+    return f" (constitutions here: {', '.join(names) or 'none'}; set `constitution:` to one of them)"
 
 
 _MISSING = object()
@@ -333,13 +364,41 @@ def require_caps(cfg: Any, *names: str) -> None:
             raise ValueError(f"{name} must be >= 1 or null (no cap), got {value}")
 
 
+ADHOC_DIR = "outputs"
+"""Where a stage run by hand (not by `dvc repro`) writes by default: git-ignored, never a DVC output."""
+
+
+def _outside_dvc(stage: str, cfg: T) -> T:
+    """A stage run by hand writes to outputs/<stage>/, not to the DVC output data/<stage>/ (which an ad-hoc run
+    would silently clobber, leaving the workspace out of step with dvc.lock). DVC sets DVC_STAGE for the stages
+    it runs; `<stage>.out_dir=...` on the command line writes wherever it says, data/ included."""
+    from caiforge import planmode
+
+    out_dir = getattr(cfg, "out_dir", None)
+    if os.environ.get("DVC_STAGE") or planmode.active() or not isinstance(out_dir, str):
+        return cfg
+    if any(arg.startswith(f"{stage}.out_dir=") for arg in sys.argv[1:]):
+        return cfg
+    adhoc = f"{ADHOC_DIR}/{stage}"
+    log.warning(
+        "%s: run outside `dvc repro`, so it writes to %s/, not to the DVC output %s/ (pass %s.out_dir=%s to "
+        "overwrite that)",
+        stage,
+        adhoc,
+        out_dir,
+        stage,
+        out_dir,
+    )
+    return dataclasses.replace(cfg, out_dir=adhoc)  # type: ignore[type-var]
+
+
 def stage_main(stage: str, cls: type[T], run: typing.Callable[[T], Any]) -> None:
     """Shared `main()` of stage scripts: logging, config, run; a config or input error exits non-zero, cleanly."""
     from caiforge import planmode
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        cfg = load(stage, cls)
+        cfg = _outside_dvc(stage, load(stage, cls))
         if isinstance(getattr(cfg, "out_dir", None), str) and not planmode.active():
             from caiforge import io
 

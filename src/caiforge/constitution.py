@@ -20,7 +20,7 @@ import os
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -226,6 +226,11 @@ def _parse_entry(part: str, index: int, entry: Any, source: str, seen_ids: dict[
 
 def load(path: str | os.PathLike[str], require: Sequence[str] = DEFAULT_REQUIRE) -> Constitution:
     """Read and validate a constitution YAML file."""
+    return parse(read_data(path), str(path), require)
+
+
+def read_data(path: str | os.PathLike[str]) -> Any:
+    """A constitution file's YAML as plain data (not yet validated); unreadable files are ConstitutionErrors."""
     source = str(path)
     try:
         text = io.read_utf8(path)
@@ -236,10 +241,9 @@ def load(path: str | os.PathLike[str], require: Sequence[str] = DEFAULT_REQUIRE)
     except OSError as exc:
         raise ConstitutionError(f"{source}: cannot read: {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConstitutionError(f"{source}: invalid YAML: {exc}") from None
-    return parse(data, source, require)
 
 
 def check(path: str | os.PathLike[str]) -> Constitution:
@@ -275,6 +279,31 @@ def dumps(c: Constitution) -> str:
 def dump(c: Constitution, path: str | os.PathLike[str]) -> None:
     """Write `c` to `path` atomically (temporary sibling, then rename)."""
     io.write_text(dumps(c), path)
+
+
+def fill_from(c: Constitution, other: Constitution) -> tuple[Constitution, list[str]]:
+    """`c` completed from `other`: every empty part taken whole, and `other`'s comparison principles of each
+    category `c` has none of (an imported constitution often lacks the helpfulness comparisons `evaluate` and
+    `label` judge by). Critique/revision principles are never mixed in: they decide what SL-CAI trains on.
+    Returns the result and what was added, one line per addition."""
+    parts: dict[str, tuple[Any, ...]] = {}
+    added = []
+    for part in PARTS:
+        mine, theirs = getattr(c, part), getattr(other, part)
+        if not mine and theirs:
+            parts[part] = theirs
+            added.append(f"{part}: all {len(theirs)}")
+            continue
+        if part == "comparison" and mine:
+            have = {p.category for p in mine}
+            extra = tuple(p for p in theirs if p.category not in have)
+            for category in CATEGORIES:
+                n = sum(p.category == category for p in extra)
+                if n:
+                    added.append(f"{part}: {n} {category}")
+            mine = mine + extra
+        parts[part] = mine
+    return replace(c, **parts), added
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import yaml
 
 from caiforge.config import StageError
 from caiforge.planmode import ENV, Counts
+from caiforge.preflight import CHECK_STAGE
 
 # ---------------------------------------------------------------------------------------------------------------
 # The command: which stages the next repro runs, and each request stage's counts
@@ -114,7 +115,9 @@ def plan(root: Path, only: Sequence[str] = ()) -> list[StagePlan]:
     rerun: dict[str, _Stage] = {}
     why: dict[str, str] = {}
     for st in stages:
-        ups = [u.name for u in rerun.values() if any(_under(d, o) for d in st.deps for o in u.outs)]
+        # The check stage's output changes only with the stage list: it orders the build, never reruns a stage.
+        feeding = [u for u in rerun.values() if u.name != CHECK_STAGE]
+        ups = [u.name for u in feeding if any(_under(d, o) for d in st.deps for o in u.outs)]
         if st.name in changed or ups:
             rerun[st.name] = st
             after = f"after {', '.join(ups)} (unless their outputs come out unchanged)"
@@ -125,6 +128,9 @@ def plan(root: Path, only: Sequence[str] = ()) -> list[StagePlan]:
         for st in rerun.values():
             entry = StagePlan(st.name, why[st.name])
             result.append(entry)
+            if st.name == CHECK_STAGE:
+                entry.note = "checks every stage's config first; reruns nothing by itself"
+                continue
             if not st.row_cache:
                 entry.note = "no row-cached engine requests"
                 continue

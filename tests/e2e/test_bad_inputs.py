@@ -110,3 +110,21 @@ def test_bad_input_fails_cleanly_naming_file_and_field(repo, stage, overrides, e
     for name in names:
         assert name in message, f"{name!r} not in {message!r}"
     assert snapshot(repo) == before, "a failed stage changed data/"
+
+
+def test_an_ad_hoc_run_leaves_the_dvc_outputs_alone(repo):
+    """`python stages/curate.py key=value` outside DVC writes to outputs/curate/, so data/ stays as dvc.lock says."""
+    before = snapshot(repo)
+    proc = subprocess.run(
+        [sys.executable, "stages/curate.py", "curate.eval_fraction=0.3"],
+        cwd=repo,
+        env=pipeline.env(repo),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "writes to outputs/curate/, not to the DVC output data/curate/" in proc.stderr
+    assert (repo / "outputs" / "curate" / "prompts.parquet").is_file()
+    assert snapshot(repo) == before
+    assert "up to date" in pipeline.dvc(repo, "status").stdout

@@ -67,7 +67,22 @@ def test_transitive_import_walk_follows_modules():
     assert dep_path("engines") == ROOT / "src" / "caiforge" / "engines"
 
 
-@pytest.mark.parametrize("name", sorted(STAGES))
+def test_check_stage_reads_everything_and_runs_first():
+    """The check stage builds every stage's config, so it depends on all params, constitutions and code, and the
+    pipeline's first stages depend on its output (which orders it first)."""
+    check = STAGES["check"]
+    assert check["params"] == [{"params.yaml": None}], "all of params.yaml"
+    assert {"stages", "src/caiforge", "constitutions"} <= set(check["deps"])
+    assert check["outs"] == ["data/check/stages.json"]
+    built = [o for n, s in STAGES.items() if n != "check" for o in s.get("outs", [])]
+    built = [next(iter(o)) if isinstance(o, dict) else o for o in built]
+    for name, stage in STAGES.items():
+        upstream = [d for d in stage["deps"] if any(d == o or d.startswith(o + "/") for o in built)]
+        assert name == "check" or upstream or "data/check/stages.json" in stage["deps"], f"{name} skips the check"
+    assert all("data/check/stages.json" in STAGES[n]["deps"] for n in ("models", "curate"))
+
+
+@pytest.mark.parametrize("name", sorted(set(STAGES) - {"check"}))
 def test_stage_is_consistent(name):
     stage = STAGES[name]
     script = ROOT / "stages" / f"{name}.py"

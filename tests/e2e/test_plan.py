@@ -31,7 +31,7 @@ def test_plan_counts_what_the_next_repro_sends(repo):
     # Stages downstream of a change run unless their inputs come out byte-identical (here GRPO with two answers per
     # prompt sees only the order of its rewards, so a new PM can leave the RL weights and so `distill` unchanged).
     assert [s for s in planned if s in ran] == ran, "the plan lists every stage the build runs, in order"
-    assert {s for s, p in planned.items() if not p["why"].startswith("after ")} == {"label", "evaluate"}
+    assert {s for s, p in planned.items() if not p["why"].startswith("after ")} == {"check", "label", "evaluate"}
     assert planned["pm"]["counts"] is None and "no row-cached engine requests" in planned["pm"]["note"]
 
     # label: the policy and its samples did not change, so every key is known now and the counts are exact.

@@ -13,6 +13,12 @@ from tests.e2e import pipeline
 pytestmark = pytest.mark.slow
 
 
+def checked(ran: list[str]) -> set[str]:
+    """The stages an edit reran, after the `check` stage that must come first (it checks every config)."""
+    assert ran[0] == "check", ran
+    return set(ran[1:])
+
+
 def test_second_repro_runs_nothing(repo):
     assert pipeline.repro(repo) == []
     assert "up to date" in pipeline.dvc(repo, "status").stdout
@@ -20,7 +26,7 @@ def test_second_repro_runs_nothing(repo):
 
 def test_comparison_principle_edit_reruns_exactly_label_and_downstream(repo):
     pipeline.edit_first(repo, "comparison", "text", "Which response is kinder and less likely to cause harm?")
-    ran = set(pipeline.repro(repo))
+    ran = checked(pipeline.repro(repo))
     downstream = pipeline.descendants(repo, "label")
     assert "label" in ran
     assert ran <= {"label"} | downstream, (
@@ -31,7 +37,7 @@ def test_comparison_principle_edit_reruns_exactly_label_and_downstream(repo):
 
 def test_critique_principle_edit_leaves_curate_cached(repo):
     pipeline.edit_first(repo, "critique_revision", "critique", "List every way the last answer could hurt someone.")
-    ran = set(pipeline.repro(repo))
+    ran = checked(pipeline.repro(repo))
     assert "critique_revise" in ran
     assert ran <= {"critique_revise"} | pipeline.descendants(repo, "critique_revise")
     assert not ran & {"models", "curate"}
@@ -44,7 +50,7 @@ def test_param_of_one_stage_reruns_it_and_what_follows_only(repo):
     at = text.index("  learning_rate: ", section)
     end = text.index("\n", at)
     path.write_text(text[:at] + "  learning_rate: 0.002" + text[end:])
-    ran = set(pipeline.repro(repo))
+    ran = checked(pipeline.repro(repo))
     assert "pm" in ran
     assert ran <= {"pm"} | pipeline.descendants(repo, "pm")
 

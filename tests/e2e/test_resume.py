@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from caiforge import report
 from tests.e2e import pipeline
@@ -45,11 +46,12 @@ def test_killed_critique_revise_resumes_where_it_stopped(repo):
 
 
 def run_until(repo, script: str, ready) -> None:
-    """Start a stage script, SIGKILL it (and its children) as soon as `ready()` holds."""
+    """Start a stage script as `dvc repro` does (DVC_STAGE set: it writes the DVC output), SIGKILL it (and its
+    children) as soon as `ready()` holds."""
     proc = subprocess.Popen(
         [sys.executable, script],
         cwd=repo,
-        env=pipeline.env(repo),
+        env={**pipeline.env(repo), "DVC_STAGE": Path(script).stem, "DVC_ROOT": str(repo)},
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -67,7 +69,7 @@ def test_killed_sft_resumes_from_its_checkpoint_to_the_same_weights(repo):
     # Long enough to be killed between checkpoints; the uninterrupted run is the reference.
     pipeline.sh(repo, sys.executable, "-m", "caiforge.cli", "params", "profile=smoke", "sft.epochs=6",
                 "sft.checkpoint_every=2")  # fmt: skip
-    assert pipeline.repro(repo, "sft") == ["sft"]
+    assert pipeline.repro(repo, "sft") == ["check", "sft"], "a params edit reruns the check first"
     out = repo / "data" / "sft"
     want = (out / "model" / "model.safetensors").read_bytes()
     steps = json.loads((out / "metrics.json").read_text())["steps"]

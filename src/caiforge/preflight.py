@@ -1,0 +1,82 @@
+"""Check every stage's configuration before anything runs (`caiforge check`, and the pipeline's `check` stage).
+
+Each stage's config is built exactly as the stage will build it: its declared params read through DVC, its
+constitution parts parsed, its dataclass's own validation (`__post_init__`) run. So a value that would stop
+`evaluate` after an hour of upstream work stops the build before its first stage instead. The stage scripts
+are imported for their config classes (`stages/<name>.py` defines `<Name>Config`); nothing else of them runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from caiforge import config, constitution
+
+CHECK_STAGE = "check"
+"""The stage in dvc.yaml that runs this check first; it checks every other stage."""
+
+
+class PreflightError(config.ConfigError):
+    """One or more stages would fail on their configuration; the message lists each."""
+
+
+def stage_names(root: Path) -> list[str]:
+    """dvc.yaml's stages in file order, without the check stage itself."""
+    spec = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))
+    return [name for name in spec["stages"] if name != CHECK_STAGE]
+
+
+def config_class(root: Path, stage: str) -> type:
+    """`<Name>Config` from `stages/<name>.py` (imported under a private module name, its `main` not run)."""
+    path = root / "stages" / f"{stage}.py"
+    name = "".join(part.capitalize() for part in stage.split("_")) + "Config"
+    module_name = f"_caiforge_stage_{stage}"
+    module = sys.modules.get(module_name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        if spec is None or spec.loader is None or not path.is_file():
+            raise config.ConfigError(f"dvc.yaml: stage {stage!r}: no script {path.relative_to(root)}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # dataclasses look their module up while the class is built
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[module_name]
+            raise
+    cls = getattr(module, name, None)
+    if not isinstance(cls, type):
+        raise config.ConfigError(f"{path.relative_to(root)}: defines no {name} (each stage's config class)")
+    return cls
+
+
+def uses_constitution(root: Path, stage: str) -> bool:
+    spec = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))
+    for entry in spec["stages"][stage].get("params", ()):
+        if isinstance(entry, dict) and any(Path(f).parent == Path(config.CONSTITUTIONS) for f in entry):
+            return True
+    return False
+
+
+def check(root: Path, constitution_file: Path | None = None, stages: list[str] | None = None) -> dict[str, Any]:
+    """Build every stage's config (or those in `stages`); returns {stage: config}. Raises PreflightError listing
+    each stage that fails, with the file and key its message names. `constitution_file` replaces the configured
+    constitution (for checking a file before using it)."""
+    from dvc.repo import Repo
+
+    built: dict[str, Any] = {}
+    errors: list[str] = []
+    with Repo(str(root)) as repo:
+        for stage in stages if stages is not None else stage_names(root):
+            try:
+                values = config.declared_params(stage, root, constitution_file, repo)
+                built[stage] = config.from_declared(stage, config_class(root, stage), values)
+            except (config.ConfigError, constitution.ConstitutionError, ValueError, FileNotFoundError) as exc:
+                errors.append(f"{stage}: {exc}")
+    if errors:
+        raise PreflightError("\n".join(errors))
+    return built
