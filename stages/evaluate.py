@@ -276,6 +276,7 @@ def run(cfg: EvaluateConfig) -> dict:
         io.write_json(rows, out / "plots" / f"{name}.json")
     io.write_text(page, out / "report.html")
     io.write_json(metrics, out / "metrics.json")
+    io.write_json(evaluation.headline(per_model, metrics["label_quality"]["accuracy"]), out / "headline.json")
     log.info("evaluate: %s", json.dumps(per_model))
     return metrics
 

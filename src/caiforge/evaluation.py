@@ -366,3 +366,31 @@ def plot_rows(per_model: Mapping[str, Mapping[str, Any]]) -> dict[str, list[dict
             )
         ],
     }
+
+
+HEADLINE = {
+    "harmless": ("elo_harmlessness", "elo"),
+    "helpful": ("elo_helpfulness", "elo"),
+    "attack": ("attack_success_rate",),
+    "refusal": ("refusal_rate_red_team",),
+    "evasive": ("evasive_rate_helpful",),
+}
+"""Headline column -> where its number sits in a model's detailed metrics."""
+
+
+def headline(per_model: Mapping[str, Mapping[str, Any]], label_quality: float | None) -> dict[str, Any]:
+    """The few numbers `dvc exp show` leads with: per model, both Elo ratings (1 decimal) and the attack success,
+    refusal and evasive rates (3 decimals), then the labeller's accuracy on known answers. Short keys keep a
+    model's five columns plus the constitution inside a 120-column terminal; the details (intervals, judge,
+    sample sizes) stay in metrics.json."""
+    out: dict[str, Any] = {}
+    for name, m in per_model.items():
+        row: dict[str, Any] = {}
+        for column, path in HEADLINE.items():
+            value: Any = m
+            for key in path:
+                value = value[key]
+            row[column] = None if value is None else round(float(value), 1 if len(path) == 2 else 3)
+        out[name] = row
+    out["label_quality"] = None if label_quality is None else round(float(label_quality), 3)
+    return out

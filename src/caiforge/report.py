@@ -47,6 +47,14 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [round(first + i * step, 10) for i in range(int((hi - first) / step) + 1)]
 
 
+def _tick_labels(ticks: Sequence[float]) -> list[str]:
+    """Tick labels with as many decimals as the step needs, so close ticks never read alike ("1000" x 5)."""
+    for decimals in range(0, 11):
+        if all(abs(round(t, decimals) - t) < 1e-9 * max(1.0, abs(t)) for t in ticks):
+            return [f"{t:.{decimals}f}" for t in ticks]
+    return [_fmt(t) for t in ticks]
+
+
 def _bounds(values: Sequence[float], pad: float = 0.08) -> tuple[float, float]:
     lo, hi = min(values), max(values)
     span = hi - lo or (abs(hi) or 1.0)
@@ -75,14 +83,16 @@ class _Frame:
             f'<text x="16" y="{H / 2}" text-anchor="middle" font-size="12" '
             f'transform="rotate(-90 16 {H / 2})">{_esc(ylabel)}</text>',
         ]
-        for t in _ticks(self.x0, self.x1) if x_ticks else []:
+        x_at = _ticks(self.x0, self.x1) if x_ticks else []
+        for t, label in zip(x_at, _tick_labels(x_at), strict=True):
             x = self.px(t)
             out.append(f'<line x1="{x:.1f}" y1="{H - PAD}" x2="{x:.1f}" y2="{H - PAD + 4}" stroke="#333"/>')
-            out.append(f'<text x="{x:.1f}" y="{H - PAD + 16}" text-anchor="middle" font-size="10">{_fmt(t)}</text>')
-        for t in _ticks(self.y0, self.y1):
+            out.append(f'<text x="{x:.1f}" y="{H - PAD + 16}" text-anchor="middle" font-size="10">{label}</text>')
+        y_at = _ticks(self.y0, self.y1)
+        for t, label in zip(y_at, _tick_labels(y_at), strict=True):
             y = self.py(t)
             out.append(f'<line x1="{PAD - 4}" y1="{y:.1f}" x2="{W - PAD}" y2="{y:.1f}" stroke="#eee"/>')
-            out.append(f'<text x="{PAD - 6}" y="{y + 3:.1f}" text-anchor="end" font-size="10">{_fmt(t)}</text>')
+            out.append(f'<text x="{PAD - 6}" y="{y + 3:.1f}" text-anchor="end" font-size="10">{label}</text>')
         return out
 
 
@@ -99,6 +109,7 @@ def scatter(points: Sequence[Point], title: str, xlabel: str, ylabel: str) -> st
     ys = [v for p in points for v in (p.y, *(p.y_range or ()))]
     frame = _Frame(xs, ys)
     body = frame.axes(title, xlabel, ylabel)
+    placed: list[tuple[float, float, float]] = []  # labels drawn so far: x, y (baseline), width
     for i, p in enumerate(points):
         color = PALETTE[i % len(PALETTE)]
         cx, cy = frame.px(p.x), frame.py(p.y)
@@ -111,7 +122,12 @@ def scatter(points: Sequence[Point], title: str, xlabel: str, ylabel: str) -> st
         body.append(
             f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="6" fill="{color}"><title>{_esc(p.label)}</title></circle>'
         )
-        body.append(f'<text x="{cx + 9:.1f}" y="{cy - 8:.1f}" font-size="12" fill="{color}">{_esc(p.label)}</text>')
+        # Points at nearly the same place (models the judge cannot tell apart) get their labels stacked, not piled.
+        lx, ly, width = cx + 9, cy - 8, 7.0 * len(p.label)
+        while any(abs(ly - y) < 13 and lx < x + w and x < lx + width for x, y, w in placed):
+            ly += 14
+        placed.append((lx, ly, width))
+        body.append(f'<text x="{lx:.1f}" y="{ly:.1f}" font-size="12" fill="{color}">{_esc(p.label)}</text>')
     return _svg(body)
 
 

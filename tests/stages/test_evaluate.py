@@ -96,6 +96,7 @@ def test_outputs_and_metrics(evaluated):
     cfg, metrics, out = evaluated
     assert {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} == {
         "metrics.json",
+        "headline.json",
         "samples.parquet",
         "principles.parquet",
         "report.html",
@@ -103,6 +104,12 @@ def test_outputs_and_metrics(evaluated):
         "plots/refusals.json",
     }
     assert json.loads((out / "metrics.json").read_text()) == metrics
+    head = json.loads((out / "headline.json").read_text())
+    for name in MODELS:
+        detail = metrics["models"][name]
+        assert head[name]["harmless"] == round(detail["elo_harmlessness"]["elo"], 1)
+        assert head[name]["attack"] == round(detail["attack_success_rate"], 3)
+    assert head["label_quality"] == round(metrics["label_quality"]["accuracy"], 3)
 
     samples = io.read_parquet(out / "samples.parquet", schemas.SAMPLES)
     # smoke picks 3 prompts per kind; there are 2 red-team and 3 helpful eval prompts, never a train prompt.

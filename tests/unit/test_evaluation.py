@@ -287,3 +287,20 @@ def test_label_quality_asks_as_the_labeller_does():
     assert p["k1"] == pytest.approx(0.6), "clamped to the chain-of-thought band"
     bare = evaluation.judge(KeywordScorer(), matchups, PRINCIPLES, per_matchup=2, seed=0)
     assert bare["k1"] > 0.6
+
+
+def test_headline_has_five_short_columns_per_model_and_the_label_quality():
+    per_model = {
+        name: {
+            "elo_harmlessness": {"elo": 1003.456, "low": 990.0, "high": 1010.0},
+            "elo_helpfulness": {"elo": 996.544, "low": 980.0, "high": 1005.0},
+            "attack_success_rate": 0.62549,
+            "refusal_rate_red_team": 0.125,
+            "evasive_rate_helpful": None,
+            "distinct_2": 0.9,
+        }
+        for name in ("base", "rl")
+    }
+    head = evaluation.headline(per_model, 0.5)
+    assert head["rl"] == {"harmless": 1003.5, "helpful": 996.5, "attack": 0.625, "refusal": 0.125, "evasive": None}
+    assert head["label_quality"] == 0.5 and list(head) == ["base", "rl", "label_quality"]

@@ -87,3 +87,17 @@ def test_evaluation_page_ignores_machine_timings():
     assert "<td>0.25 [0.0457, 0.6994]</td>" in page, "attack success with its prompt-level interval"
     assert "<td>0.9 [0.699, 0.9721]</td>" in page and "20 clear-cut comparisons (easy" in page
     assert "Elo judge: <code>abc123</code>" in page and "labelled the RL training pairs" in page
+
+
+def test_small_spreads_keep_ticks_and_labels_readable():
+    """Smoke-sized Elo spreads (a point or two around 1000) must not print "1000" on every tick, and models at the
+    same place get their labels stacked instead of drawn over each other."""
+    pts = [report.Point(name, 1000 + d, 1000 - d) for name, d in (("base", 0.0), ("sft", 0.4), ("rl", 0.4))]
+    root = ET.fromstring(report.scatter(pts, "Pareto", "helpfulness", "harmlessness"))
+    elements = list(root.iter("{http://www.w3.org/2000/svg}text"))
+    texts = [(t.get("x"), t.get("y"), t.text) for t in elements]
+    for anchor in ("middle", "end"):  # x-axis ticks, y-axis ticks
+        ticks = [t.text for t in elements if t.text and t.text[0].isdigit() and t.get("text-anchor") == anchor]
+        assert len(ticks) >= 3 and len(set(ticks)) == len(ticks), ticks
+    labels = {text: (float(x), float(y)) for x, y, text in texts if text in ("base", "sft", "rl")}
+    assert labels["sft"][0] == labels["rl"][0] and abs(labels["sft"][1] - labels["rl"][1]) >= 13
