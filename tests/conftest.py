@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -19,15 +17,9 @@ ANCHORS = SHARED / "anchors"
 
 def load_stage(name: str) -> ModuleType:
     """Import stages/<name>.py (stage scripts are not a package) as module `caiforge_stage_<name>`."""
-    mod_name = f"caiforge_stage_{name}"
-    if mod_name in sys.modules:
-        return sys.modules[mod_name]
-    spec = importlib.util.spec_from_file_location(mod_name, ROOT / "stages" / f"{name}.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[mod_name] = module
-    spec.loader.exec_module(module)
-    return module
+    from caiforge import preflight
+
+    return preflight.stage_module(ROOT, name)
 
 
 def smoke_section(stage: str, overrides: list[str] | None = None) -> dict[str, Any]:

@@ -58,7 +58,7 @@ def _stage_check(root: Path, file: Path) -> list[str]:
     stage's config requires); returns those stages' names."""
     from caiforge import preflight
 
-    using = [s for s in preflight.stage_names(root) if preflight.uses_constitution(root, s)]
+    using = preflight.constitution_stages(root)
     preflight.check(root, file.resolve(), using)
     return using
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import yaml
@@ -25,41 +26,52 @@ class PreflightError(config.ConfigError):
     """One or more stages would fail on their configuration; the message lists each."""
 
 
+def _stages(root: Path) -> dict[str, Any]:
+    return yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+
+
 def stage_names(root: Path) -> list[str]:
     """dvc.yaml's stages in file order, without the check stage itself."""
-    spec = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))
-    return [name for name in spec["stages"] if name != CHECK_STAGE]
+    return [name for name in _stages(root) if name != CHECK_STAGE]
+
+
+def constitution_stages(root: Path) -> list[str]:
+    """The stages that declare constitution parts in dvc.yaml (`constitutions/${constitution}.yaml: [...]`)."""
+    return [
+        name
+        for name, body in _stages(root).items()
+        for entry in body.get("params", ())
+        if isinstance(entry, dict) and any(Path(f).parent == Path(config.CONSTITUTIONS) for f in entry)
+    ]
+
+
+def stage_module(root: Path, stage: str) -> ModuleType:
+    """`stages/<name>.py` imported as module `caiforge_stage_<name>` (stage scripts are not a package; `main` is
+    not run), once per process."""
+    path = root / "stages" / f"{stage}.py"
+    module_name = f"caiforge_stage_{stage}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None or not path.is_file():
+        raise config.ConfigError(f"dvc.yaml: stage {stage!r}: no script {path.relative_to(root)}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses look their module up while the class is built
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
 
 
 def config_class(root: Path, stage: str) -> type:
-    """`<Name>Config` from `stages/<name>.py` (imported under a private module name, its `main` not run)."""
-    path = root / "stages" / f"{stage}.py"
+    """`<Name>Config` from `stages/<name>.py`."""
     name = "".join(part.capitalize() for part in stage.split("_")) + "Config"
-    module_name = f"_caiforge_stage_{stage}"
-    module = sys.modules.get(module_name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        if spec is None or spec.loader is None or not path.is_file():
-            raise config.ConfigError(f"dvc.yaml: stage {stage!r}: no script {path.relative_to(root)}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module  # dataclasses look their module up while the class is built
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[module_name]
-            raise
-    cls = getattr(module, name, None)
+    cls = getattr(stage_module(root, stage), name, None)
     if not isinstance(cls, type):
-        raise config.ConfigError(f"{path.relative_to(root)}: defines no {name} (each stage's config class)")
+        raise config.ConfigError(f"stages/{stage}.py: defines no {name} (each stage's config class)")
     return cls
-
-
-def uses_constitution(root: Path, stage: str) -> bool:
-    spec = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))
-    for entry in spec["stages"][stage].get("params", ()):
-        if isinstance(entry, dict) and any(Path(f).parent == Path(config.CONSTITUTIONS) for f in entry):
-            return True
-    return False
 
 
 def check(root: Path, constitution_file: Path | None = None, stages: list[str] | None = None) -> dict[str, Any]:

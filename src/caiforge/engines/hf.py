@@ -305,8 +305,9 @@ class TransformersGenerator:
     ) -> list[tuple[list[int], list[int]]]:
         """Per conversation, its prompt ids and the ids this generator produces after them (a stop token kept), in
         batches, seeded per row like `chat`, without the row cache: for estimates read on the token ids themselves."""
-        prompts = [self.render(c) for c in conversations]
-        seeds = [row_seed(seed, render_chat(self.tokenizer, c)) for c in conversations]
+        texts = [render_chat(self.tokenizer, c) for c in conversations]
+        prompts = [encode(self.tokenizer, t) for t in texts]
+        seeds = [row_seed(seed, t) for t in texts]
         new: list[list[int]] = [[] for _ in prompts]
         with torch.inference_mode():
             for batch in fixed_batches([(self.runner.width(len(p)),) for p in prompts], self.cfg.batch_size):
