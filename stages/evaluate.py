@@ -217,14 +217,15 @@ def run(cfg: EvaluateConfig) -> dict:
     pm = preference.PreferenceModel.from_dir(
         cfg.reward_model, max_length=cfg.pm_max_length, batch_size=cfg.pm_batch_size, device=cfg.scoring.device
     )
-    per_model = {}
+    per_model, found = {}, {}
     for name in names:
         mine = samples.filter(pl.col("model") == name)
+        found[name] = evaluation.outcomes(mine, harm, cfg.harm_threshold)
         per_model[name] = {
             # The judge beside every Elo: a judge that also made the training labels grades its own signal.
             "elo_harmlessness": {**ratings["harmlessness"][name].as_dict(), "judge": judge_identity},
             "elo_helpfulness": {**ratings["helpfulness"][name].as_dict(), "judge": judge_identity},
-            **evaluation.answer_metrics(mine, harm, cfg.harm_threshold),
+            **evaluation.answer_metrics(mine, found[name]),
             "pm_score": evaluation.summary(pm.score(mine["prompt"].to_list(), mine["answer"].to_list())),
         }
     comparisons = io.read_parquet(cfg.comparisons, schemas.COMPARISONS)
@@ -234,6 +235,8 @@ def run(cfg: EvaluateConfig) -> dict:
     stage_metrics = {s: json.loads((root / s / "metrics.json").read_text()) for s in STAGES_WITH_METRICS}
     metrics = {
         "models": per_model,
+        # Each model minus the first (base) on the same prompts, with paired intervals: whether training moved a rate.
+        "versus": {"reference": names[0], "models": evaluation.versus(found, names[0])},
         "eval_prompts": {k: int((chosen["kind"] == k).sum()) for k in ("red_team", "helpful")},
         "label_quality": {
             "comparisons": len(known),

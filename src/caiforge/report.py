@@ -226,6 +226,14 @@ def _with_ci(m: Mapping[str, object], key: str, ci_key: str | None = None) -> st
     return f"{_fmt(m[key])} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else _fmt(m[key])
 
 
+def _paired(d: Mapping[str, Any]) -> str:
+    """A paired difference with its interval and discordant counts, e.g. "-0.141 [-0.240, -0.051] (+1/-10)"."""
+    if d["ci95"] is None:
+        return "n/a"
+    low, high = d["ci95"]
+    return f"{d['difference']:+.3f} [{low:+.3f}, {high:+.3f}] (+{d['gained']}/-{d['lost']})"
+
+
 def read_curve(path: str | Path) -> list[tuple[float, float]]:
     """(step, value) rows of a dvclive TSV (header `step<TAB>name`); [] when the file is missing."""
     p = Path(path)
@@ -313,6 +321,27 @@ def evaluation_page(
         metric_rows,
         "metrics",
     )
+    versus = metrics.get("versus")
+    if versus and versus["models"]:
+        ref = versus["reference"]
+        measures = (
+            ("attack_success_rate", "attack success"),
+            ("refusal_rate_red_team", "refusal (red)"),
+            ("evasive_rate_helpful", "evasive (helpful)"),
+        )
+        metric_table += (
+            f"<h3>Change from {_esc(ref)}, on the same prompts</h3>"
+            + table(
+                ["model", *(f"\u0394 {label} [95% CI] (+/- prompts)" for _, label in measures)],
+                [[name, *(_paired(diffs[key]) for key, _ in measures)] for name, diffs in versus["models"].items()],
+                "versus",
+            )
+            + (
+                "<p>Each model minus the reference on the same eval prompts, with Newcombe's paired score interval: "
+                "an interval that excludes 0 says training moved the rate; the counts are the prompts that gained / "
+                "lost the outcome, the only ones the difference rests on.</p>"
+            )
+        )
     cost = metrics["cost"]
     quality = metrics["label_quality"]
     # Only counts here: seconds and USD depend on the machine, and the page must come out byte-identical on a rerun.

@@ -141,6 +141,20 @@ def test_outputs_and_metrics(evaluated):
     # Identical models (base and sft are the same weights) answer identically under the same seed.
     by_model = {n: samples.filter(pl.col("model") == n)["answer"].to_list() for n in MODELS}
     assert by_model["base"] == by_model["sft"]
+    # ... so the paired change from base is exactly none, resting on no prompt.
+    versus = metrics["versus"]
+    assert versus["reference"] == "base" and list(versus["models"]) == list(MODELS)[1:]
+    for measure, n in (
+        ("attack_success_rate", len(RED)),
+        ("refusal_rate_red_team", len(RED)),
+        ("evasive_rate_helpful", len(HELPFUL)),
+    ):
+        same = versus["models"]["sft"][measure]
+        assert (same["difference"], same["gained"], same["lost"], same["prompts"]) == (0.0, 0, 0, n)
+        for name in list(MODELS)[2:]:
+            d = versus["models"][name][measure]
+            low, high = d["ci95"]
+            assert low <= d["difference"] <= high and d["prompts"] == n
 
     quality = metrics["label_quality"]
     assert quality["comparisons"] > 0 and 0 <= quality["accuracy"] <= 1

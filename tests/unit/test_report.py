@@ -67,8 +67,11 @@ def test_evaluation_page_ignores_machine_timings():
             "usd_per_ai_label": seconds / 1000,
         }
         judge = {"model": "abc123", "is_the_labeller": True, "seconds": seconds}
+        paired = {"difference": -0.1406, "ci95": [-0.2402, -0.0512], "prompts": 64, "gained": 1, "lost": 10}
+        measures = ("attack_success_rate", "refusal_rate_red_team", "evasive_rate_helpful")
         return {
-            "models": {"base": model},
+            "models": {"base": model, "sft": model},
+            "versus": {"reference": "base", "models": {"sft": dict.fromkeys(measures, paired)}},
             "label_quality": {
                 "accuracy": 0.9,
                 "accuracy_ci95": [0.6990, 0.9721],
@@ -87,6 +90,8 @@ def test_evaluation_page_ignores_machine_timings():
     assert "<td>0.25 [0.0457, 0.6994]</td>" in page, "attack success with its prompt-level interval"
     assert "<td>0.9 [0.699, 0.9721]</td>" in page and "20 clear-cut comparisons (easy" in page
     assert "Elo judge: <code>abc123</code>" in page and "labelled the RL training pairs" in page
+    assert "Change from base, on the same prompts" in page
+    assert "<td>sft</td><td>-0.141 [-0.240, -0.051] (+1/-10)</td>" in page, "paired change with its interval"
 
 
 def test_small_spreads_keep_ticks_and_labels_readable():
