@@ -34,7 +34,7 @@ from typing import Any, Literal
 import polars as pl
 
 from caiforge import config, engines, formats, io, models, preference, schemas, training
-from caiforge.engines import hf
+from caiforge.engines import hf, rendering
 
 log = logging.getLogger("caiforge.stages.rlaif")
 
@@ -178,6 +178,12 @@ def make_trainer(
     from datasets import Dataset
 
     model, tokenizer = models.load_pretrained(cfg.policy)
+    specials = rendering.special_strings(tokenizer)
+
+    def text(t: str) -> str:
+        """TRL renders these chats itself: a prompt or answer spelling a control token must stay text."""
+        return rendering.neutralize(tokenizer, t, specials)
+
     shared = {
         "model": model,
         "processing_class": tokenizer,
@@ -190,9 +196,9 @@ def make_trainer(
         pairs, _ = dpo_pairs(cfg)
         data = Dataset.from_dict(
             {
-                "prompt": [[{"role": "user", "content": t}] for t in pairs["prompt"]],
-                "chosen": [[{"role": "assistant", "content": t}] for t in pairs["chosen"]],
-                "rejected": [[{"role": "assistant", "content": t}] for t in pairs["rejected"]],
+                "prompt": [[{"role": "user", "content": text(t)}] for t in pairs["prompt"]],
+                "chosen": [[{"role": "assistant", "content": text(t)}] for t in pairs["chosen"]],
+                "rejected": [[{"role": "assistant", "content": text(t)}] for t in pairs["rejected"]],
             }
         )
         args = DPOConfig(
@@ -205,7 +211,7 @@ def make_trainer(
             dataset_num_proc=None,
         )
         return DPOTrainer(args=args, train_dataset=data, **shared), pairs.height
-    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": t}] for t in train["text"]]})
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": text(t)}] for t in train["text"]]})
     if cfg.algorithm == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 

@@ -159,10 +159,13 @@ def logit_trainer_class() -> type:
 
 
 def completion_tokens(tokenizer: Any, prompt: str, response: str) -> tuple[list[int], int]:
-    """Token ids of the rendered (user prompt, assistant response) chat and where the assistant turn starts."""
+    """Token ids of the rendered (user prompt, assistant response) chat and where the assistant turn starts (text
+    never becomes a control token, as every engine renders it)."""
+    from caiforge.engines.rendering import render_chat
+
     turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-    head = tokenizer.apply_chat_template(turns[:1], tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=False)
+    head = render_chat(tokenizer, turns[:1])
+    full = render_chat(tokenizer, turns, open_turn=False)
     if not full.startswith(head):
         raise ValueError("the chat template does not render the prompt as a prefix of the full chat")
     head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]

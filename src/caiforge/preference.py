@@ -102,10 +102,12 @@ def chat(prompt: str, response: str) -> list[Message]:
 
 
 def encode_chat(tokenizer: Any, messages: Sequence[Message], max_length: int) -> list[int]:
-    """Token ids of a rendered chat, keeping the last `max_length` tokens (the reward is read at the end)."""
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=False)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids[-max_length:]
+    """Token ids of a rendered chat, keeping the last `max_length` tokens (the reward is read at the end). Message
+    text never becomes a control token: an answer spelling `<|im_end|>` cannot end its turn early (see
+    `engines.rendering.neutralize`)."""
+    from caiforge.engines.rendering import encode, render_chat
+
+    return encode(tokenizer, render_chat(tokenizer, messages, open_turn=False))[-max_length:]
 
 
 def pair_dataset(rows: pl.DataFrame, tokenizer: Any, max_length: int) -> Any:

@@ -12,7 +12,7 @@ import subprocess
 import polars as pl
 import pytest
 
-from caiforge import config, constitution, io, models, schemas
+from caiforge import config, constitution, evaluation, harm_judge, io, models, schemas
 from tests.conftest import load_stage, smoke_section
 from tests.stages.test_critique_revise import make_cfg as make_revise_cfg
 from tests.stages.test_label import make_cfg as make_label_cfg
@@ -299,3 +299,41 @@ def test_row_cache_keeps_unchanged_models_answers_and_changes_no_byte(tmp_path, 
     stage.run(make_cfg(tmp_path / "d", retrained, (), full))
     for name in ("samples.parquet", "principles.parquet"):
         assert (tmp_path / "c" / "evaluate" / name).read_bytes() == (tmp_path / "d" / "evaluate" / name).read_bytes()
+
+
+def test_label_quality_asks_the_labeller_with_labels_own_settings(upstream, tmp_path, monkeypatch):
+    """The known-answer questions go to the judge with label's demos, principle draws and reasoning step (the
+    reported settings alone would not show that the stage passes them)."""
+    cfg = make_cfg(
+        tmp_path,
+        upstream,
+        [
+            "evaluate.labeller.few_shot=1",
+            "evaluate.labeller.chain_of_thought=true",
+            "evaluate.labeller.principles_per_pair=3",
+        ],
+    )
+    seen, real = {}, evaluation.judge
+
+    class Asked(Exception):
+        pass
+
+    def spy(scorer, matchups, principles, **kw):
+        if matchups and all(m.key.startswith("k") for m in matchups):  # the known-answer questions
+            seen.update(kw, principles=principles)
+            raise Asked
+        return real(scorer, matchups, principles, **kw)
+
+    monkeypatch.setattr(stage.evaluation, "judge", spy)
+    with pytest.raises(Asked):
+        stage.run(cfg)
+    assert seen["per_matchup"] == 3 and len(seen["examples"]) == 1 and seen["reasoner"] is not None
+    assert list(seen["band"]) == list(cfg.labeller.cot_band)
+
+
+def test_harm_judge_quality_is_reported_beside_attack_success(evaluated):
+    cfg, metrics, out = evaluated
+    assert metrics["harm_judge"] == harm_judge.HarmJudge.load(cfg.harm_judge).heldout
+    low, high = metrics["harm_judge"]["ci95"]
+    assert low < metrics["harm_judge"]["accuracy"] < high and metrics["harm_judge"]["responses"] > 100
+    assert "harm judge held-out accuracy [95% CI]" in (out / "report.html").read_text()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import polars as pl
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from caiforge import config, formats
@@ -97,3 +99,23 @@ def test_dpo_confidence_filter_and_its_bounds(tmp_path, tiny_model_dir, pm_dir):
     assert (kept["confidence"] >= 0.99999).all() and dropped > 0
     with pytest.raises(config.ConfigError, match="dpo_min_confidence must be in"):
         make_cfg(tmp_path, tiny_model_dir, pm_dir, ["rlaif.dpo_min_confidence=1.0"])
+
+
+def test_online_sampling_is_explicit_and_masks_truncated_completions(tmp_path, tiny_model_dir, pm_dir):
+    """GRPO/RLOO sample with exactly the params' settings (TRL's own defaults would leave top-k, min-p and the
+    repetition penalty to the model's generation_config), and a completion cut off at max_completion_length gets no
+    loss (TRL's default would train on it as if complete). The paper-shaped default keeps the mask on."""
+    from trl import GRPOConfig
+
+    defaults = yaml.safe_load((Path(__file__).resolve().parents[2] / "conf/rlaif/default.yaml").read_text())
+    assert defaults["mask_truncated_completions"] is True
+    cfg = make_cfg(tmp_path, tiny_model_dir, pm_dir, ["rlaif.mask_truncated_completions=true", "rlaif.top_p=0.9"])
+    args = GRPOConfig(output_dir=str(tmp_path / "scratch"), use_cpu=True, **stage.online_args(cfg))
+    assert args.mask_truncated_completions is True
+    assert (args.temperature, args.top_p, args.top_k, args.min_p, args.repetition_penalty) == (
+        cfg.temperature,
+        0.9,
+        0,
+        None,
+        1.0,
+    )

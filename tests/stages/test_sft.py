@@ -70,3 +70,20 @@ def test_lora_is_merged_into_saved_weights(tmp_path, tiny_model_dir):
         before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"]
     )
     assert torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_a_cut_off_revision_is_trained_without_the_end_token(tiny_model_dir):
+    """sft.parquet's `finished` reaches the training rows: a revision that hit the token cap is not closed by the
+    chat template's end token (which would teach the model to stop mid-sentence)."""
+    _, tok = models.load_pretrained(tiny_model_dir)
+    rows = pl.DataFrame(
+        [
+            {"prompt": [{"role": "user", "content": "Q"}], "completion": [{"role": "assistant", "content": a}],
+             "finished": done}
+            for a, done in (("A whole answer.", True), ("An answer cut off at", False))
+        ]
+    )  # fmt: skip
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    done, cut = stage.chats(tok, rows)
+    completion = lambda row: [i for i, m in zip(row["input_ids"], row["completion_mask"], strict=True) if m]  # noqa: E731
+    assert end in completion(done) and end not in completion(cut)

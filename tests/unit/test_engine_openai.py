@@ -105,3 +105,15 @@ def test_the_row_cache_answers_without_asking_the_server(llama_server, smollm2_t
     scorer.cache.close()
     cached = engines.make_choice_scorer(smollm2_tokenizer_dir, cfg, rowcache.RowCache(tmp_path / "s"))
     assert cached.choice_logprobs(QUESTIONS, prefills) == scores and cached.fleet.requests_sent == 0
+
+
+def test_every_decoding_field_is_pinned_in_the_request(llama_server, smollm2_tokenizer_dir, server_env):
+    """Servers fill unset fields with their own defaults (llama.cpp: top-k 40, min-p 0.05, repeat penalty 1.1):
+    each request names every one, so a server never changes what the params say."""
+    gen = generator(smollm2_tokenizer_dir, llama_server.url, temperature=0.7, top_p=0.9, top_k=0)
+    body = gen.payload("x", seed=7)
+    assert (body["temperature"], body["top_p"], body["top_k"], body["min_p"], body["seed"]) == (0.7, 0.9, 0, 0.0, 7)
+    assert body["repeat_penalty"] == body["repetition_penalty"] == 1.0
+    assert body["frequency_penalty"] == body["presence_penalty"] == 0.0
+    greedy = generator(smollm2_tokenizer_dir, llama_server.url, temperature=0.0, top_p=0.5).payload("x", seed=1)
+    assert greedy["temperature"] == 0.0 and greedy["top_p"] == 1.0, "greedy decoding is not also nucleus-cut"

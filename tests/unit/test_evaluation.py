@@ -358,3 +358,29 @@ def test_versus_pairs_models_on_shared_prompts():
     assert list(v) == ["sft"]
     assert v["sft"]["attack_success_rate"]["difference"] == pytest.approx(-1 / 3, abs=1e-4)
     assert v["sft"]["attack_success_rate"]["lost"] == 1
+
+
+class FirstWins:
+    """A ChoiceScorer that always prefers option (A) a little: every question gets an answer."""
+
+    identity = "first-wins"
+
+    def __init__(self) -> None:
+        self.stats = engines.Stats()
+
+    def choice_logprobs(self, conversations, prefills, options=("A", "B")):
+        return [(math.log(0.6), math.log(0.4)) for _ in conversations]
+
+
+def test_judge_games_cluster_by_prompt_and_carry_every_principle_verdict():
+    """The Elo bootstrap resamples prompts and redraws principles only if each game says its prompt and carries
+    one verdict per drawn principle."""
+    matchups = [
+        evaluation.Matchup(f"{a}|{b}|{pid}", f"prompt {pid}", f"{a} says", f"{b} says")
+        for a, b in (("base", "sft"), ("base", "rl"), ("sft", "rl"))
+        for pid in ("q1", "q2")
+    ]
+    games = evaluation.judge_games(FirstWins(), matchups, PRINCIPLES, per_matchup=3, seed=0)
+    assert len(games) == len(matchups)
+    assert sorted({g.cluster for g in games}) == ["q1", "q2"]
+    assert all(len(g.verdicts) == 3 for g in games)

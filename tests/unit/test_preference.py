@@ -126,3 +126,30 @@ def test_sampled_kl_is_an_unbiased_estimate_of_the_true_kl(tiny_model_dir):
     assert abs(mean - exact) < 4 * spread / n**0.5 + 1e-6, (mean, exact)
     greedy = float(log_ratio[int(p.argmax())])
     assert abs(greedy - exact) > 4 * spread / n**0.5, "the test can tell the estimators apart"
+
+
+def test_sampled_kl_scores_the_sampled_ids_not_their_retokenised_text(tiny_model_dir, monkeypatch):
+    """A sample whose ids do not survive decode + encode ("t", "h" re-encodes as "th"): the KL must be read on the
+    ids the policy drew, end token included."""
+    from caiforge import models
+    from caiforge.engines import hf
+    from caiforge.engines.rendering import encode, stop_token_ids
+
+    model, tokenizer = models.load_pretrained(tiny_model_dir)
+    vocab = tokenizer.get_vocab()
+    merged = next(t for t in sorted(vocab) if len(t) == 2 and t.isalpha() and t[0] in vocab and t[1] in vocab)
+    drawn = [vocab[merged[0]], vocab[merged[1]], stop_token_ids(tokenizer)[0]]  # two pieces of one merged token
+    assert encode(tokenizer, tokenizer.decode(drawn[:2])) != drawn[:2], "the sample must not round-trip"
+    head = [1, 2, 3]
+    monkeypatch.setattr(hf.TransformersGenerator, "sample_ids", lambda self, convs, seed: [(head, drawn)])
+    scored = []
+    real = preference._token_logprobs
+
+    def spy(model_, ids, start):
+        scored.append((list(ids), start))
+        return real(model_, ids, start)
+
+    monkeypatch.setattr(preference, "_token_logprobs", spy)
+    kl = preference.sampled_kl(model, model, tokenizer, ["hi"], seed=0, max_new_tokens=3)
+    assert scored == [(head + drawn, len(head))] * 2, "policy and reference both read the drawn ids"
+    assert kl["tokens"] == 3 and kl["truncated"] == 0.0
