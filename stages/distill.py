@@ -169,6 +169,7 @@ def run(cfg: DistillConfig) -> dict:
         "mean_train_loss": round(result.training_loss, 6),
         "heldout_before": before,
         "heldout_after": after,
+        **training.batch_metrics(cfg),
         "train_seconds": round(result.metrics["train_runtime"], 2),
     }
     io.write_json(metrics, out / "metrics.json")

@@ -66,7 +66,8 @@ def run(cfg: PmConfig) -> dict:
     out = Path(cfg.out_dir)
     model, tokenizer = preference.init_from_causal_lm(cfg.policy, seed=cfg.seed)
     pm = preference.PreferenceModel(model, tokenizer, max_length=cfg.max_length, batch_size=cfg.score_batch_size)
-    before = heldout_metrics(pm, evals, cfg.calibration_bins)
+    main = training.is_main_process()  # held-out scoring and every output: rank 0 only
+    before = heldout_metrics(pm, evals, cfg.calibration_bins) if main else None
     ckpt = training.Checkpoints.for_stage(cfg, out, cfg.data, cfg.policy)
     resume = ckpt.resume()
     with tempfile.TemporaryDirectory(prefix="caiforge-pm-") as scratch:
@@ -87,6 +88,8 @@ def run(cfg: PmConfig) -> dict:
             callbacks=ckpt.callbacks(resume),
         )
         result = trainer.train(resume_from_checkpoint=resume)
+        if not main:
+            return {}
         trained = trainer.model.merge_and_unload() if cfg.lora.enabled else trainer.model
         pm = preference.PreferenceModel(trained, tokenizer, max_length=cfg.max_length, batch_size=cfg.score_batch_size)
         after = heldout_metrics(pm, evals, cfg.calibration_bins)
@@ -101,6 +104,7 @@ def run(cfg: PmConfig) -> dict:
         "heldout_before": before,
         "heldout_after": after,
         "mean_p_chosen": round(float(rows["p_chosen"].mean()), 6),
+        **training.batch_metrics(cfg),
         "lora": cfg.lora.enabled,
         "resumed_from_step": training.step_of(resume),
         "train_seconds": round(result.metrics["train_runtime"], 2),

@@ -305,6 +305,7 @@ def run(cfg: RlaifConfig) -> dict:
         "kl_train_mean": mean_logged(history, "kl"),
         "dpo_reward_margin_mean": mean_logged(history, "rewards/margins"),
         "train_reward_mean": mean_logged(history, "reward"),
+        **training.batch_metrics(cfg),
         "lora": cfg.lora.enabled,
         "train_seconds": round(result.metrics["train_runtime"], 2),
     }

@@ -59,30 +59,28 @@ def run(cfg: SftConfig) -> dict:
     ckpt = training.Checkpoints.for_stage(cfg, out, cfg.data, cfg.policy)
     resume = ckpt.resume()
     model, tokenizer = models.load_pretrained(cfg.policy)
+    main = training.is_main_process()  # the held-out loss and every output: rank 0 only
+    heldout = chats(tokenizer, evals) if evals.height else None
+    before = training.completion_loss(model, heldout, cfg.max_length) if heldout is not None and main else None
     with tempfile.TemporaryDirectory(prefix="caiforge-sft-") as scratch:
         args = SFTConfig(
             **ckpt.trainer_args(cfg, Path(scratch)),
-            per_device_eval_batch_size=cfg.batch_size,
             **training.prompt_completion_args(cfg.max_length),
         )
         trainer = SFTTrainer(
             model=model,
             args=args,
             train_dataset=chats(tokenizer, train),
-            eval_dataset=chats(tokenizer, evals) if evals.height else None,
             processing_class=tokenizer,
             peft_config=training.peft_config(cfg.lora),
-            callbacks=[ckpt.callback()],
+            callbacks=ckpt.callbacks(resume),
         )
-        live = training.dvclive_callback(out / "dvclive", resume=resume is not None)
-        if resume is None:
-            trainer.add_callback(live)  # the curve starts with the held-out loss before training
-        before = trainer.evaluate()["eval_loss"] if evals.height else None
-        if resume is not None:
-            trainer.add_callback(live)  # the restored curve already has it
         result = trainer.train(resume_from_checkpoint=resume)
-        after = trainer.evaluate()["eval_loss"] if evals.height else None
-        training.save_model(trainer.model, tokenizer, out / "model", cfg)
+        if not main:
+            return {}  # rank 0 writes the one copy of every output
+        trained = trainer.model.merge_and_unload() if cfg.lora.enabled else trainer.model
+        after = training.completion_loss(trained, heldout, cfg.max_length) if heldout is not None else None
+        training.save_model(trained, tokenizer, out / "model", cfg)
     ckpt.done()
     metrics = {
         "train_rows": train.height,
@@ -92,6 +90,7 @@ def run(cfg: SftConfig) -> dict:
         "mean_train_loss": round(result.training_loss, 6),
         "heldout_loss_before": before,
         "heldout_loss_after": after,
+        **training.batch_metrics(cfg),
         "lora": cfg.lora.enabled,
         "resumed_from_step": training.step_of(resume),
         "train_seconds": round(result.metrics["train_runtime"], 2),

@@ -333,7 +333,8 @@ def from_declared(stage: str, cls: type[T], values: Mapping[str, tuple[str, Any]
         raise ConfigError(f"dvc.yaml: stage {stage!r} does not declare its params section {stage!r}")
     source, section = values[stage]
     data = dict(section)
-    others = {k: v for k, v in values.items() if k != stage}
+    # `launch` (process counts) is read by caiforge.launch, not by the stage: declared so a change reruns it.
+    others = {k: v for k, v in values.items() if k not in (stage, "launch")}
     if others:
         field_names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         if "constitution" not in field_names:
@@ -399,7 +400,8 @@ def stage_main(stage: str, cls: type[T], run: typing.Callable[[T], Any]) -> None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = _outside_dvc(stage, load(stage, cls))
-        if isinstance(getattr(cfg, "out_dir", None), str) and not planmode.active():
+        main = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch`, only rank 0 touches outputs
+        if isinstance(getattr(cfg, "out_dir", None), str) and not planmode.active() and main:
             from caiforge import io
 
             for path in io.remove_stale_temporaries(cfg.out_dir):

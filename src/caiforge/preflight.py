@@ -89,6 +89,15 @@ def check(root: Path, constitution_file: Path | None = None, stages: list[str] |
                 built[stage] = config.from_declared(stage, config_class(root, stage), values)
             except (config.ConfigError, constitution.ConstitutionError, ValueError, FileNotFoundError) as exc:
                 errors.append(f"{stage}: {exc}")
+    if stages is None and (root / "params.yaml").is_file():
+        from caiforge import launch
+
+        try:  # how the training stages will be launched (process counts, the accelerate config file)
+            cfg = launch.read(root)
+            if cfg.config_file is not None and not (root / cfg.config_file).is_file():
+                raise config.ConfigError(f"params.yaml: launch.config_file: {cfg.config_file} does not exist")
+        except (config.ConfigError, ValueError) as exc:
+            errors.append(f"{launch.SECTION}: {exc}")
     if errors:
         raise PreflightError("\n".join(errors))
     return built

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,27 @@ class LoraConfig:
     """Linear layers that get adapters."""
 
 
+def world_size() -> int:
+    """Training processes of this run: 1 for a plain process, WORLD_SIZE under `accelerate launch` / torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Global rank 0: the only process that writes outputs (model/, metrics.json, dvclive/, checkpoint markers).
+    Read from the launcher's environment, so it is known before any distributed state exists."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def batch_metrics(cfg: TrainingSchedule) -> dict[str, int]:
+    """The global batch and its three factors, for metrics.json."""
+    return {
+        "processes": world_size(),
+        "per_device_batch_size": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "global_batch_size": world_size() * cfg.batch_size * cfg.gradient_accumulation_steps,
+    }
+
+
 def precision(choice: Literal["auto", "fp32", "bf16"]) -> dict[str, bool]:
     """Trainer precision flags: bf16 on a CUDA device that supports it (auto), fp32 on CPU."""
     bf16 = choice == "bf16" or (choice == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
@@ -59,6 +81,9 @@ def common_args(
         "gradient_checkpointing": gradient_checkpointing,
         "dataloader_num_workers": 0,
         "use_cpu": not torch.cuda.is_available(),
+        # Token-level losses average over the tokens of every process's batch, not per process: N processes of
+        # batch b then take the same step as one process of batch N x b.
+        "average_tokens_across_devices": True,
         "full_determinism": False,
         **precision(precision_choice),
     }
@@ -149,7 +174,7 @@ class Checkpoints:
         self.root = out_dir / CHECKPOINTS
         self.dir = self.root / fingerprint[:16]
         self.live_dir = live_dir
-        if self.root.is_dir():
+        if self.root.is_dir() and is_main_process():
             for other in self.root.iterdir():
                 if other != self.dir:
                     shutil.rmtree(other, ignore_errors=True)
@@ -161,15 +186,19 @@ class Checkpoints:
         from caiforge import models
 
         paths = [models.resolve(p) if Path(p).is_dir() else p for p in inputs]
-        return cls(cfg.checkpoint_every, out_dir, inputs_fingerprint(cfg, *paths), out_dir / "dvclive")
+        fingerprint = inputs_fingerprint(cfg, *paths)
+        if world_size() > 1:  # the process count is part of the data order: 2 processes never resume at 1
+            fingerprint = hashlib.sha256(f"{fingerprint}/processes={world_size()}".encode()).hexdigest()
+        return cls(cfg.checkpoint_every, out_dir, fingerprint, out_dir / "dvclive")
 
     def trainer_args(self, cfg: TrainingSchedule, scratch: Path) -> dict[str, Any]:
         """`trainer_args` with this run's checkpointing."""
         return {**trainer_args(cfg, scratch), **self.args(scratch)}
 
     def callbacks(self, resume: str | None) -> list[Any]:
-        """The dvclive curve (continued when resuming) and the checkpoint completer."""
-        return [dvclive_callback(self.live_dir, resume=resume is not None), self.callback()]
+        """The dvclive curve (continued when resuming; main process only) and the checkpoint completer."""
+        live = dvclive_callback(self.live_dir, resume=resume is not None)
+        return [live, self.callback()] if live is not None else [self.callback()]
 
     def args(self, scratch: Path) -> dict[str, Any]:
         """Trainer arguments: save every `every` steps (keeping two, so one is always whole), else nothing."""
@@ -187,6 +216,8 @@ class Checkpoints:
         last = self.latest()
         if last is None:
             return None
+        if not is_main_process():
+            return str(last)
         if self.live_dir.exists():
             shutil.rmtree(self.live_dir)
         if (last / "dvclive").is_dir():
@@ -203,7 +234,7 @@ class Checkpoints:
         class Complete(TrainerCallback):
             def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
                 ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                if not ckpt.is_dir():
+                if not is_main_process() or not ckpt.is_dir():
                     return
                 if outer.live_dir.is_dir():
                     shutil.copytree(outer.live_dir, ckpt / "dvclive", dirs_exist_ok=True)
@@ -213,7 +244,8 @@ class Checkpoints:
 
     def done(self) -> None:
         """The stage completed: no checkpoint is needed any more."""
-        shutil.rmtree(self.root, ignore_errors=True)
+        if is_main_process():
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def step_of(checkpoint: str | None) -> int | None:
@@ -250,9 +282,12 @@ def peft_config(lora: LoraConfig, task_type: str = "CAUSAL_LM") -> Any:
 
 def dvclive_callback(live_dir: Path, resume: bool = False) -> Any:
     """Loss curves into `live_dir` (declared as DVC plots); dvcyaml=False so the root dvc.yaml is left alone.
+    None on every process but the main one (which logs the loss averaged over all of them).
 
     `resume`: continue the curve already in `live_dir` (restored from a checkpoint) instead of starting afresh.
     """
+    if not is_main_process():
+        return None
     from dvclive import Live
     from transformers.integrations import DVCLiveCallback
 
@@ -272,6 +307,26 @@ def save_model(model: Any, tokenizer: Any, out_dir: Path, stage_cfg: Any) -> Non
         tokenizer.save_pretrained(tmp)
         cfg = config.to_dict(stage_cfg)
         (tmp / "caiforge_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@torch.no_grad()
+def completion_loss(model: Any, dataset: Any, max_length: int) -> float | None:
+    """Mean cross-entropy per completion token of a `formats.completion_dataset` (rows truncated to `max_length`,
+    as the trainer truncates them), one row per forward pass: no padding, and the same number whatever the batch
+    size or process count. The caller runs it on one process (the main one). None for no rows."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    for row in dataset:
+        ids = torch.tensor([row["input_ids"][:max_length]], device=device)
+        mask = torch.tensor(row["completion_mask"][:max_length], device=device)[1:].bool()
+        logits = model(input_ids=ids).logits[0, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+        total += float(nll[mask].sum())
+        tokens += int(mask.sum())
+    model.train(was_training)
+    return round(total / tokens, 6) if tokens else None
 
 
 def final_train_loss(log_history: list[dict[str, Any]]) -> float | None:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from caiforge import config
+from caiforge import config, launch
 
 ROOT = config.ROOT
 PIPELINE = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -86,7 +86,11 @@ def test_check_stage_reads_everything_and_runs_first():
 def test_stage_is_consistent(name):
     stage = STAGES[name]
     script = ROOT / "stages" / f"{name}.py"
-    assert stage["cmd"] == f"python stages/{name}.py"
+    launched = name in launch.MULTI_PROCESS_STAGES  # run through caiforge.launch (one process or accelerate)
+    assert stage["cmd"] == (f"python -m caiforge.launch {name}" if launched else f"python stages/{name}.py")
+    if launched:
+        assert "src/caiforge/launch.py" in stage["deps"]
+        assert {"launch.num_processes", "launch.num_machines"} <= set(stage["params"]), "the global batch's factors"
     assert script.is_file()
     assert (ROOT / "tests" / "stages" / f"test_{name}.py").is_file(), "every stage has a stage test"
     assert name in PARAMS and name in stage["params"], "the stage declares its own params section"

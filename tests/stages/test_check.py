@@ -18,6 +18,7 @@ CASES = [
     ("unknown-key", r"(?m)^  bootstrap: ", "  bootstrp: ", ["evaluate:", "bootstrp", "did you mean"]),
     ("missing-constitution", r"(?m)^constitution: default$", "constitution: nope",
      ["constitutions/nope.yaml", "does not exist", "default, minimal"]),
+    ("launch-without-launcher", r"(?m)^  num_processes: 1$", "  num_processes: 2", ["launch:", "needs config_file"]),
 ]  # fmt: skip
 
 

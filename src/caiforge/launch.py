@@ -1,0 +1,143 @@
+"""Run a training stage the way params.yaml's `launch:` section says: one plain process, or `accelerate launch`.
+
+    python -m caiforge.launch STAGE [launch.KEY=VALUE ...] [STAGE.KEY=VALUE ...]
+
+dvc.yaml runs the training stages through this. With `launch=single` (the default) it runs
+`python stages/<stage>.py`; otherwise `accelerate launch --config_file <launch.config_file> --num_processes ...`
+(DDP, FSDP, DeepSpeed ZeRO files under conf/accelerate/, in the form TRL ships them), and accelerate (torchrun
+underneath) starts, watches and stops the processes: caiforge only builds its command line. `launch.*` overrides
+on the command line are for the machine at hand (a node's `launch.machine_rank`, the main node's address); every
+other argument goes to the stage.
+
+What a launcher change reruns: the training stages declare `launch.num_processes` and `launch.num_machines`,
+because the global batch (per-device batch x processes x accumulation steps) changes the result. The accelerate
+config file, ports and addresses do not: DDP, FSDP and ZeRO compute the same update up to floating point, so
+switching among them at the same process count reruns nothing (`dvc repro -f <stage>` rebuilds by hand).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from caiforge import config
+
+SECTION = "launch"
+MULTI_PROCESS_STAGES = ("sft", "pm")
+"""Stages that run under several processes today. rlaif and distill generate inside training (answers before and
+after, teacher answers), which is not yet sharded or kept to the main process: they refuse more than one."""
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    config_file: str | None
+    """accelerate config file (conf/accelerate/ddp.yaml, fsdp.yaml, zero2.yaml, zero3.yaml); null: plain python."""
+    num_processes: int
+    """Processes on all machines together (GPUs per node x nodes)."""
+    num_machines: int
+    """Nodes; each runs this command with its own `launch.machine_rank`."""
+    machine_rank: int
+    """This node's rank, 0 on the main node (the only one that writes outputs)."""
+    main_process_ip: str | None
+    """The main node's address (multi-node only)."""
+    main_process_port: int
+    """The main node's rendezvous port."""
+
+    def __post_init__(self) -> None:
+        if self.num_processes < 1 or self.num_machines < 1:
+            raise ValueError(
+                f"num_processes and num_machines must be >= 1, got {self.num_processes}, {self.num_machines}"
+            )
+        if self.num_processes % self.num_machines:
+            raise ValueError(
+                f"num_processes ({self.num_processes}) must be a multiple of num_machines ({self.num_machines}): "
+                "it counts the processes of every machine"
+            )
+        if not 0 <= self.machine_rank < self.num_machines:
+            raise ValueError(f"machine_rank must be in [0, {self.num_machines}), got {self.machine_rank}")
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ValueError("main_process_ip: needed with num_machines > 1 (the address of machine_rank 0)")
+        if self.config_file is None and self.num_processes > 1:
+            raise ValueError(
+                f"num_processes={self.num_processes} needs config_file: (e.g. conf/accelerate/ddp.yaml, or launch=ddp)"
+            )
+
+    @property
+    def multi_process(self) -> bool:
+        return self.num_processes > 1
+
+
+def read(root: Path, argv: list[str] | tuple[str, ...] = ()) -> LaunchConfig:
+    """The `launch:` section of root/params.yaml with `launch.KEY=VALUE` overrides applied."""
+    params = root / "params.yaml"
+    data = (yaml.safe_load(params.read_text(encoding="utf-8")) or {}) if params.is_file() else {}
+    if SECTION not in data:
+        raise config.ConfigError(f"{params}: {SECTION}: missing (recompose it: uv run caiforge params)")
+    values = config.apply_overrides({SECTION: (str(params), data[SECTION])}, list(argv))
+    return config.build(LaunchConfig, dict(values[SECTION][1]), values[SECTION][0], SECTION)
+
+
+def command(stage: str, cfg: LaunchConfig, stage_args: list[str], root: Path) -> list[str]:
+    """The command line that runs `stage` under `cfg`."""
+    script = str(root / "stages" / f"{stage}.py")
+    if cfg.config_file is None:
+        return [sys.executable, script, *stage_args]
+    if cfg.multi_process and stage not in MULTI_PROCESS_STAGES:
+        raise config.ConfigError(
+            f"launch.num_processes={cfg.num_processes}: stage {stage!r} runs in one process only so far "
+            f"(multi-process: {', '.join(MULTI_PROCESS_STAGES)})"
+        )
+    accel = root / cfg.config_file
+    if not accel.is_file():
+        raise config.ConfigError(f"params.yaml: launch.config_file: {cfg.config_file} does not exist")
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(accel),
+        "--num_processes",
+        str(cfg.num_processes),
+        "--num_machines",
+        str(cfg.num_machines),
+        "--machine_rank",
+        str(cfg.machine_rank),
+        "--main_process_port",
+        str(cfg.main_process_port),
+    ]
+    if cfg.main_process_ip:
+        cmd += ["--main_process_ip", cfg.main_process_ip]
+    return [*cmd, script, *stage_args]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0].startswith("-"):
+        print(__doc__.split("\n\n")[1].strip(), file=sys.stderr)
+        return 2
+    stage, rest = args[0], args[1:]
+    root = config.project_root()
+    ours = [a for a in rest if a.startswith(f"{SECTION}.")]
+    try:
+        cfg = read(root, ours)
+        cmd = command(stage, cfg, [a for a in rest if a not in ours], root)
+    except (config.ConfigError, ValueError) as exc:
+        print(f"{stage}: error: {exc}", file=sys.stderr)
+        return 1
+    done = subprocess.run(cmd, cwd=root, env=os.environ.copy(), check=False)
+    if done.returncode and cfg.config_file is not None:
+        print(
+            f"{stage}: error: a training process failed (exit {done.returncode}); accelerate stopped the others "
+            "and the stage wrote no output: see the first traceback above",
+            file=sys.stderr,
+        )
+    return done.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

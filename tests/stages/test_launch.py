@@ -1,0 +1,269 @@
+"""Training stages under `accelerate launch`: 2 real processes (DDP over gloo on loopback) against 1 process.
+
+What must hold: one copy of each output (written by rank 0), the global batch recorded, and the same weights as
+one process with the same global batch. Tolerance: 1e-5 max absolute difference. The two runs take the same
+optimizer steps on the same examples (accelerate shards the seeded order batch by batch, and token-level losses
+average over every process's tokens), so what remains is float32 summation order: the all-reduce adds two
+half-batch gradients where one process sums the whole batch. Measured: 1e-8 (sft) and 9e-8 (pm) on weights that
+training moved by 4e-3 and 1.
+
+The training rows here divide by the global batch. When they do not, accelerate completes each epoch's last step
+with rows from the epoch's start (`even_batches`), so that one step differs from one process's shorter last step:
+2e-3 on 17 rows. The held-out losses are computed on rank 0 alone (a Trainer.evaluate() before training moved
+the 2-process data order).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from caiforge import launch
+from tests.stages.test_pm import write_preferences
+from tests.stages.test_sft import write_sft
+
+ROOT = Path(__file__).resolve().parents[2]
+TOLERANCE = 1e-5
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_stage(stage: str, processes: int, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    how = (
+        ["launch.config_file=null", "launch.num_processes=1"]
+        if processes == 1
+        else [
+            "launch.config_file=conf/accelerate/ddp.yaml",
+            f"launch.num_processes={processes}",
+            f"launch.main_process_port={free_port()}",
+        ]
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    env.pop("DVC_STAGE", None)
+    return subprocess.run(
+        [sys.executable, "-m", "caiforge.launch", stage, *how, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def max_difference(a: Path, b: Path) -> float:
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+
+
+def trained(tmp_path: Path, stage: str, processes: int, batch: int, common: list[str]) -> tuple[Path, dict]:
+    out = tmp_path / f"{stage}-{processes}"
+    done = run_stage(stage, processes, [*common, f"{stage}.out_dir={out}", f"{stage}.batch_size={batch}"])
+    assert done.returncode == 0, done.stderr[-4000:]
+    # One copy of every output: rank 1 wrote nothing, not even a second dvclive run.
+    assert sorted(p.name for p in out.iterdir()) == ["dvclive", "metrics.json", "model"]
+    return out, json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("stage", ["sft", "pm"])
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, stage):
+    if stage == "sft":
+        write_sft(tmp_path / "data.parquet", n=18)  # 16 training rows and 2 held out
+    else:
+        write_preferences(tmp_path / "data.parquet")
+    common = [
+        f"{stage}.data={tmp_path / 'data.parquet'}",
+        f"{stage}.policy={tiny_model_dir}",
+        f"{stage}.epochs=2",
+        f"{stage}.gradient_accumulation_steps=1",
+        f"{stage}.learning_rate=0.001",
+        f"{stage}.max_length=64",
+        f"{stage}.checkpoint_every=0",
+        f"{stage}.lora.enabled=false",
+    ]
+    one, m1 = trained(tmp_path, stage, 1, 4, common)
+    two, m2 = trained(tmp_path, stage, 2, 2, common)
+    assert (m1["processes"], m1["per_device_batch_size"], m1["global_batch_size"]) == (1, 4, 4)
+    assert (m2["processes"], m2["per_device_batch_size"], m2["global_batch_size"]) == (2, 2, 4)
+    assert m1["steps"] == m2["steps"] > 0
+    assert m1.get("train_rows", m1.get("train_pairs")) % 4 == 0, "rows that divide by the global batch (see above)"
+    before, after = (
+        ("heldout_loss_before", "heldout_loss_after") if stage == "sft" else ("heldout_before", "heldout_after")
+    )
+    assert m1[before] == m2[before] and m1[after] == pytest.approx(m2[after], rel=1e-4)
+    moved = max_difference(tiny_model_dir, one / "model") if stage == "sft" else 1.0
+    diff = max_difference(one / "model", two / "model")
+    print(f"{stage}: max |w_1proc - w_2proc| = {diff:.3g} (training moved weights by up to {moved:.3g})")
+    assert diff <= TOLERANCE
+    assert moved > 100 * TOLERANCE, "the comparison means something only if training moved the weights"
+
+
+def rank_pids(parent: int, rank: str) -> list[int]:
+    """Descendants of `parent` whose environment says RANK=`rank` (torchrun's workers)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and _descends(int(proc.name), parent):
+            found.append(int(proc.name))
+    return found
+
+
+def _descends(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
+
+
+def test_a_killed_rank_fails_the_stage_and_a_rerun_succeeds(tmp_path, tiny_model_dir):
+    """SIGKILL rank 1 mid-training: accelerate (torchrun) stops rank 0, the stage exits non-zero saying so, and
+    no model is written; the same command afterwards builds the stage cleanly."""
+    write_sft(tmp_path / "data.parquet", n=64)
+    out = tmp_path / "out"
+    args = [
+        f"sft.data={tmp_path / 'data.parquet'}",
+        f"sft.policy={tiny_model_dir}",
+        f"sft.out_dir={out}",
+        "sft.batch_size=2",
+        "sft.gradient_accumulation_steps=1",
+        "sft.max_length=64",
+        "sft.checkpoint_every=0",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("DVC_STAGE", None)
+    cmd = [
+        sys.executable,
+        "-m",
+        "caiforge.launch",
+        "sft",
+        "launch.config_file=conf/accelerate/ddp.yaml",
+        "launch.num_processes=2",
+        f"launch.main_process_port={free_port()}",
+        *args,
+        "sft.epochs=200",  # minutes of training: the kill lands mid-run
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "dvclive").exists():  # rank 0 has built its Trainer: training is about to start
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the 2-process run never started training"
+            time.sleep(0.2)
+        time.sleep(3)
+        victims = rank_pids(proc.pid, "1")
+        assert len(victims) == 1, f"expected one rank-1 worker, found {victims}"
+        os.kill(victims[0], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert "sft: error: a training process failed" in stderr
+    assert not (out / "model").exists() and not (out / "metrics.json").exists()
+    assert not rank_pids(proc.pid, "0"), "rank 0 must not outlive the stage"
+    rerun = run_stage("sft", 2, [*args, "sft.epochs=1"])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["dvclive", "metrics.json", "model"]
+
+
+def test_launch_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match="needs config_file"):
+        launch.LaunchConfig(None, 2, 1, 0, None, 29500)
+    with pytest.raises(ValueError, match="multiple of num_machines"):
+        launch.LaunchConfig("conf/accelerate/ddp.yaml", 3, 2, 0, "10.0.0.1", 29500)
+    with pytest.raises(ValueError, match="main_process_ip"):
+        launch.LaunchConfig("conf/accelerate/ddp.yaml", 16, 2, 1, None, 29500)
+    cfg = launch.LaunchConfig("conf/accelerate/ddp.yaml", 2, 1, 0, None, 29500)
+    with pytest.raises(launch.config.ConfigError, match="'rlaif' runs in one process only"):
+        launch.command("rlaif", cfg, [], ROOT)
+    multi = launch.LaunchConfig("conf/accelerate/zero3.yaml", 16, 2, 1, "10.0.0.1", 29501)
+    cmd = launch.command("sft", multi, ["sft.epochs=1"], ROOT)
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and cmd[-2:] == [
+        str(ROOT / "stages/sft.py"),
+        "sft.epochs=1",
+    ]
+    flags = dict(zip(cmd[3:-2:2], cmd[4:-2:2], strict=True))
+    assert flags == {
+        "--config_file": str(ROOT / "conf/accelerate/zero3.yaml"),
+        "--num_processes": "16",
+        "--num_machines": "2",
+        "--machine_rank": "1",
+        "--main_process_port": "29501",
+        "--main_process_ip": "10.0.0.1",
+    }
+    single = launch.read(ROOT)
+    assert launch.command("sft", single, [], ROOT) == [sys.executable, str(ROOT / "stages/sft.py")]
+    done = run_stage("sft", 1, ["launch.num_processes=0"])
+    assert done.returncode == 1 and "num_processes" in done.stderr and "params.yaml" in done.stderr
+
+
+def test_two_machines_on_loopback_run_one_stage_with_the_readme_commands(tmp_path, tiny_model_dir):
+    """The multi-node recipe, with two "machines" on 127.0.0.1: each runs `python -m caiforge.launch sft` with its
+    own machine_rank; they train as one 2-process job and only machine 0 writes (to the out_dir both name)."""
+    write_sft(tmp_path / "data.parquet", n=18)
+    port = free_port()
+    common = [
+        "launch.config_file=conf/accelerate/ddp.yaml",
+        "launch.num_processes=2",
+        "launch.num_machines=2",
+        "launch.main_process_ip=127.0.0.1",
+        f"launch.main_process_port={port}",
+        f"sft.data={tmp_path / 'data.parquet'}",
+        f"sft.policy={tiny_model_dir}",
+        "sft.batch_size=2",
+        "sft.gradient_accumulation_steps=1",
+        "sft.max_length=64",
+        "sft.checkpoint_every=0",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("DVC_STAGE", None)
+    nodes = {
+        rank: subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "caiforge.launch",
+                "sft",
+                f"launch.machine_rank={rank}",
+                *common,
+                f"sft.out_dir={tmp_path / f'node{rank}'}",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    }
+    results = {rank: proc.communicate(timeout=300) for rank, proc in nodes.items()}
+    for rank, proc in nodes.items():
+        assert proc.returncode == 0, results[rank][1][-3000:]
+    assert sorted(p.name for p in (tmp_path / "node0").iterdir()) == ["dvclive", "metrics.json", "model"]
+    assert not (tmp_path / "node1").exists(), "machine 1 writes nothing"
+    metrics = json.loads((tmp_path / "node0" / "metrics.json").read_text())
+    assert (metrics["processes"], metrics["global_batch_size"]) == (2, 4)

@@ -1,0 +1,50 @@
+"""Pure pieces of caiforge.training: the held-out completion loss and the global-batch record."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from caiforge import formats, models, training
+
+
+def test_completion_loss_is_the_token_weighted_completion_cross_entropy(tiny_model_dir):
+    model, tokenizer = models.load_pretrained(tiny_model_dir)
+    prompts = [[{"role": "user", "content": "Hi there"}], [{"role": "user", "content": "A longer question, please?"}]]
+    answers = ["Hello!", "A much longer answer than the first."]
+    rows = formats.completion_dataset(tokenizer, prompts, answers, [True, True])
+    # The model's own loss with the prompt masked out, row by row, weighted by completion tokens.
+    total, tokens = 0.0, 0
+    for row in rows:
+        ids = torch.tensor([row["input_ids"]])
+        labels = ids.clone()
+        labels[0, torch.tensor(row["completion_mask"]) == 0] = -100
+        with torch.no_grad():
+            loss = float(model(input_ids=ids, labels=labels).loss)
+        n = sum(row["completion_mask"][1:])
+        total, tokens = total + loss * n, tokens + n
+    assert training.completion_loss(model, rows, max_length=512) == pytest.approx(total / tokens, rel=1e-5)
+    short = training.completion_loss(model, rows, max_length=len(rows[0]["input_ids"]) - 1)
+    assert short != pytest.approx(total / tokens, rel=1e-5), "truncation to max_length applies, as in training"
+    assert training.completion_loss(model, rows.select([]), max_length=512) is None
+    model.train()
+    training.completion_loss(model, rows, max_length=512)
+    assert model.training, "the model's train/eval mode is restored"
+
+
+def test_batch_metrics_multiply_out_the_global_batch(monkeypatch):
+    class Schedule:
+        batch_size, gradient_accumulation_steps = 3, 2
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert training.batch_metrics(Schedule())["global_batch_size"] == 6 and training.is_main_process()
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    assert training.batch_metrics(Schedule()) == {
+        "processes": 4,
+        "per_device_batch_size": 3,
+        "gradient_accumulation_steps": 2,
+        "global_batch_size": 24,
+    }
+    assert not training.is_main_process()
