@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,26 +28,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.stages.test_launch import launch_overrides, stage_command, stage_env  # noqa: E402
 from tests.stages.test_sft import write_sft  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sft(processes: int, batch: int, data: Path, model: Path, out: Path, max_length: int) -> float:
     """Train once; the Trainer's own seconds."""
-    how = (
-        ["launch.config_file=null", "launch.num_processes=1"]
-        if processes == 1
-        else [
-            "launch.config_file=conf/accelerate/ddp.yaml",
-            f"launch.num_processes={processes}",
-            f"launch.main_process_port={free_port()}",
-        ]
-    )
     args = [
         f"sft.data={data}",
         f"sft.policy={model}",
@@ -60,13 +45,12 @@ def sft(processes: int, batch: int, data: Path, model: Path, out: Path, max_leng
         f"sft.max_length={max_length}",
         "sft.checkpoint_every=0",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "DVC_STAGE"}
-    if processes > 1:  # share the cores: torch would otherwise start one thread per core in every process
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
+    # The processes share the cores: one process gets them all, two get half each.
+    threads = max(1, (os.cpu_count() or 1) // processes)
     done = subprocess.run(
-        [sys.executable, "-m", "caiforge.launch", "sft", *how, *args],
+        stage_command("sft", *launch_overrides(processes), *args),
         cwd=ROOT,
-        env=env,
+        env=stage_env(threads),
         capture_output=True,
         text=True,
         check=False,

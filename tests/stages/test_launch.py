@@ -4,7 +4,7 @@ What must hold: one copy of each output (written by rank 0), the global batch re
 one process with the same global batch. Tolerance: 1e-5 max absolute difference. The two runs take the same
 optimizer steps on the same examples (accelerate shards the seeded order batch by batch, and token-level losses
 average over every process's tokens), so what remains is float32 summation order: the all-reduce adds two
-half-batch gradients where one process sums the whole batch. Measured: 1e-8 (sft) and 9e-8 (pm) on weights that
+half-batch gradients where one process sums the whole batch. Measured: 6e-8 (sft) and 9e-8 (pm) on weights that
 training moved by 4e-3 and 1.
 
 The training rows here divide by the global batch. When they do not, accelerate completes each epoch's last step
@@ -42,22 +42,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_stage(stage: str, processes: int, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    how = (
-        ["launch.config_file=null", "launch.num_processes=1"]
-        if processes == 1
-        else [
-            "launch.config_file=conf/accelerate/ddp.yaml",
-            f"launch.num_processes={processes}",
-            f"launch.main_process_port={free_port()}",
-        ]
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+def launch_overrides(processes: int) -> list[str]:
+    """One plain process, or DDP with `processes` processes on a free loopback port."""
+    if processes == 1:
+        return ["launch.config_file=null", "launch.num_processes=1"]
+    return [
+        "launch.config_file=conf/accelerate/ddp.yaml",
+        f"launch.num_processes={processes}",
+        f"launch.main_process_port={free_port()}",
+    ]
+
+
+def stage_command(stage: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "caiforge.launch", stage, *args]
+
+
+def stage_env(threads: int = 1) -> dict[str, str]:
+    """The environment of a stage run by hand (not by DVC), with `threads` torch threads per process."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     env.pop("DVC_STAGE", None)
+    return env
+
+
+def small_sft(tmp_path: Path, model: Path, rows: int) -> list[str]:
+    """sft overrides for a few quick steps on `rows` synthetic rows (written to tmp_path/data.parquet)."""
+    write_sft(tmp_path / "data.parquet", n=rows)
+    return [
+        f"sft.data={tmp_path / 'data.parquet'}",
+        f"sft.policy={model}",
+        "sft.batch_size=2",
+        "sft.gradient_accumulation_steps=1",
+        "sft.max_length=64",
+        "sft.checkpoint_every=0",
+    ]
+
+
+def run_stage(stage: str, processes: int, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "caiforge.launch", stage, *how, *args],
+        stage_command(stage, *launch_overrides(processes), *args),
         cwd=ROOT,
-        env=env,
+        env=stage_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -142,31 +166,10 @@ def _descends(pid: int, ancestor: int) -> bool:
 def test_a_killed_rank_fails_the_stage_and_a_rerun_succeeds(tmp_path, tiny_model_dir):
     """SIGKILL rank 1 mid-training: accelerate (torchrun) stops rank 0, the stage exits non-zero saying so, and
     no model is written; the same command afterwards builds the stage cleanly."""
-    write_sft(tmp_path / "data.parquet", n=64)
     out = tmp_path / "out"
-    args = [
-        f"sft.data={tmp_path / 'data.parquet'}",
-        f"sft.policy={tiny_model_dir}",
-        f"sft.out_dir={out}",
-        "sft.batch_size=2",
-        "sft.gradient_accumulation_steps=1",
-        "sft.max_length=64",
-        "sft.checkpoint_every=0",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("DVC_STAGE", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "caiforge.launch",
-        "sft",
-        "launch.config_file=conf/accelerate/ddp.yaml",
-        "launch.num_processes=2",
-        f"launch.main_process_port={free_port()}",
-        *args,
-        "sft.epochs=200",  # minutes of training: the kill lands mid-run
-    ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [*small_sft(tmp_path, tiny_model_dir, 64), f"sft.out_dir={out}"]
+    cmd = stage_command("sft", *launch_overrides(2), *args, "sft.epochs=200")  # minutes of training: killed mid-run
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
         while not (out / "dvclive").exists():  # rank 0 has built its Trainer: training is about to start
@@ -224,36 +227,19 @@ def test_launch_config_errors_name_the_key(tmp_path):
 def test_two_machines_on_loopback_run_one_stage_with_the_readme_commands(tmp_path, tiny_model_dir):
     """The multi-node recipe, with two "machines" on 127.0.0.1: each runs `python -m caiforge.launch sft` with its
     own machine_rank; they train as one 2-process job and only machine 0 writes (to the out_dir both name)."""
-    write_sft(tmp_path / "data.parquet", n=18)
-    port = free_port()
     common = [
         "launch.config_file=conf/accelerate/ddp.yaml",
         "launch.num_processes=2",
         "launch.num_machines=2",
         "launch.main_process_ip=127.0.0.1",
-        f"launch.main_process_port={port}",
-        f"sft.data={tmp_path / 'data.parquet'}",
-        f"sft.policy={tiny_model_dir}",
-        "sft.batch_size=2",
-        "sft.gradient_accumulation_steps=1",
-        "sft.max_length=64",
-        "sft.checkpoint_every=0",
+        f"launch.main_process_port={free_port()}",
+        *small_sft(tmp_path, tiny_model_dir, 18),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("DVC_STAGE", None)
     nodes = {
         rank: subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "caiforge.launch",
-                "sft",
-                f"launch.machine_rank={rank}",
-                *common,
-                f"sft.out_dir={tmp_path / f'node{rank}'}",
-            ],
+            stage_command("sft", f"launch.machine_rank={rank}", *common, f"sft.out_dir={tmp_path / f'node{rank}'}"),
             cwd=ROOT,
-            env=env,
+            env=stage_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
