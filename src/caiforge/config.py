@@ -400,10 +400,10 @@ def stage_main(stage: str, cls: type[T], run: typing.Callable[[T], Any]) -> None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = _outside_dvc(stage, load(stage, cls))
-        main = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch`, only rank 0 touches outputs
-        if isinstance(getattr(cfg, "out_dir", None), str) and not planmode.active() and main:
-            from caiforge import io
+        from caiforge import io
 
+        # Under `accelerate launch`, only rank 0 touches outputs.
+        if isinstance(getattr(cfg, "out_dir", None), str) and not planmode.active() and io.is_main_process():
             for path in io.remove_stale_temporaries(cfg.out_dir):
                 logging.getLogger("caiforge").info("%s: removed %s, left by a killed run", stage, path)
         run(cfg)

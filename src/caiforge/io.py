@@ -40,6 +40,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def is_main_process() -> bool:
+    """Global rank 0 under `accelerate launch` / torchrun (and any plain process): the only process that writes
+    outputs. Read from the launcher's environment, so it is known before any distributed state exists."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def read_utf8(path: str | os.PathLike[str]) -> str:
     """A text file's contents; a file that is not UTF-8 is a ValueError naming the file, line and column."""
     data = Path(path).read_bytes()

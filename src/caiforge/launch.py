@@ -73,13 +73,17 @@ class LaunchConfig:
 
 
 def read(root: Path, argv: list[str] | tuple[str, ...] = ()) -> LaunchConfig:
-    """The `launch:` section of root/params.yaml with `launch.KEY=VALUE` overrides applied."""
+    """The `launch:` section of root/params.yaml with `launch.KEY=VALUE` overrides applied; its accelerate config
+    file must exist."""
     params = root / "params.yaml"
     data = (yaml.safe_load(params.read_text(encoding="utf-8")) or {}) if params.is_file() else {}
     if SECTION not in data:
         raise config.ConfigError(f"{params}: {SECTION}: missing (recompose it: uv run caiforge params)")
     values = config.apply_overrides({SECTION: (str(params), data[SECTION])}, list(argv))
-    return config.build(LaunchConfig, dict(values[SECTION][1]), values[SECTION][0], SECTION)
+    cfg = config.build(LaunchConfig, dict(values[SECTION][1]), values[SECTION][0], SECTION)
+    if cfg.config_file is not None and not (root / cfg.config_file).is_file():
+        raise config.ConfigError(f"params.yaml: launch.config_file: {cfg.config_file} does not exist")
+    return cfg
 
 
 def command(stage: str, cfg: LaunchConfig, stage_args: list[str], root: Path) -> list[str]:
@@ -92,15 +96,12 @@ def command(stage: str, cfg: LaunchConfig, stage_args: list[str], root: Path) ->
             f"launch.num_processes={cfg.num_processes}: stage {stage!r} runs in one process only so far "
             f"(multi-process: {', '.join(MULTI_PROCESS_STAGES)})"
         )
-    accel = root / cfg.config_file
-    if not accel.is_file():
-        raise config.ConfigError(f"params.yaml: launch.config_file: {cfg.config_file} does not exist")
     cmd = [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
         "--config_file",
-        str(accel),
+        str(root / cfg.config_file),
         "--num_processes",
         str(cfg.num_processes),
         "--num_machines",

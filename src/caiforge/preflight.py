@@ -93,9 +93,7 @@ def check(root: Path, constitution_file: Path | None = None, stages: list[str] |
         from caiforge import launch
 
         try:  # how the training stages will be launched (process counts, the accelerate config file)
-            cfg = launch.read(root)
-            if cfg.config_file is not None and not (root / cfg.config_file).is_file():
-                raise config.ConfigError(f"params.yaml: launch.config_file: {cfg.config_file} does not exist")
+            launch.read(root)
         except (config.ConfigError, ValueError) as exc:
             errors.append(f"{launch.SECTION}: {exc}")
     if errors:

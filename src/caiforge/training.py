@@ -43,10 +43,8 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def is_main_process() -> bool:
-    """Global rank 0: the only process that writes outputs (model/, metrics.json, dvclive/, checkpoint markers).
-    Read from the launcher's environment, so it is known before any distributed state exists."""
-    return int(os.environ.get("RANK", "0")) == 0
+is_main_process = io.is_main_process
+"""Rank 0 alone writes model/, metrics.json, dvclive/ and checkpoint markers."""
 
 
 def batch_metrics(cfg: TrainingSchedule) -> dict[str, int]:
