@@ -5,7 +5,8 @@ Reads  data/curate/prompts.parquet (train split), the policy model, and the cons
 Does   for every red-team prompt: the policy answers; then `rounds` times, a principle drawn at random (seeded per
        prompt, independently per round) -> the policy critiques its latest answer against it -> revises it in light
        of the critique (or, with `revision_only`, revises directly). Few-shot dialogues from the constitution go in
-       front. Degenerate outputs are flagged (caiforge.collapse); a collapsed revision is not built upon.
+       front. Degenerate outputs are flagged (caiforge.collapse: loops, copies of a demo or of the critique,
+       talk about the response); a collapsed revision is not built upon.
 Writes data/critique_revise/revisions.parquet (every round), sft.parquet (prompt -> last usable revision, mixed with
        helpful prompts answered by the policy at `helpful_ratio`) and metrics.json (drops by reason, tokens, speed).
 Run    uv run dvc repro critique_revise
@@ -107,8 +108,13 @@ def run(cfg: CritiqueReviseConfig) -> dict:
         ]
         revs = gen.chat(convs, seed=cfg.seed + 100 * rnd + 1, desc=f"revise {rnd}/{cfg.rounds}")
         for i, (rev, crit, principle) in enumerate(zip(revs, crits, picked, strict=True)):
-            found = collapse.flags(
-                rev.text, finished=rev.finished, previous=current[i], references=parrots, cfg=cfg.collapse
+            found = collapse.revision_flags(
+                rev.text,
+                finished=rev.finished,
+                previous=current[i],
+                critique=crit.text if crit else None,
+                references=[*parrots, principle.critique, principle.revision],
+                cfg=cfg.collapse,
             )
             rows.append(
                 {

@@ -6,17 +6,30 @@ A text gets zero or more flags; a stage decides which flags drop a row and recor
 - `repetition`: too large a share of its word n-grams repeat an earlier n-gram (loops like "I'm sorry. I'm sorry.");
 - `unchanged`: a revision that equals the response it was meant to revise (after whitespace/case normalization);
 - `runaway`: the model never emitted its end token and hit the token cap;
-- `copied`: most of its word n-grams come from a reference text (small models parrot their few-shot examples).
+- `copied`: most of its word n-grams come from a reference text (small models parrot their few-shot examples, and a
+  revision its own critique);
+- `meta`: it opens by talking about a response ("The response offered to help ...", "My revised response ...")
+  instead of being one. SmolLM2-135M writes such a critique-shaped "revision" for most red-team prompts, and SFT
+  learns the template (README, "What cpu_study measured"). A heuristic on the opening words, checked on those rows.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-Flag = Literal["empty", "repetition", "unchanged", "runaway", "copied"]
-FLAGS: tuple[Flag, ...] = ("empty", "repetition", "unchanged", "runaway", "copied")
+Flag = Literal["empty", "repetition", "unchanged", "runaway", "copied", "meta"]
+FLAGS: tuple[Flag, ...] = ("empty", "repetition", "unchanged", "runaway", "copied", "meta")
+
+# "The response ...", "In your previous reply ...", "My revised response ...", "The assistant's critique ...".
+_META = re.compile(
+    r"^\W*(?:in\s+)?(?:the|my|your|this|that|its)\s+"
+    r"(?:(?:assistant'?s?|ai'?s?|model'?s?|previous|original|revised|rewritten|last|above|initial|first|new)\s+)*"
+    r"(?:response|reply|critique|revision)s?\b",
+    re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True)
@@ -31,7 +44,7 @@ class CollapseConfig:
     """Flag `empty` below this many non-space characters."""
     max_copied_fraction: float = 0.5
     """Flag `copied` when more than this share of n-grams occur in one reference text (e.g. a few-shot example)."""
-    drop_on: tuple[Flag, ...] = ("empty", "repetition", "unchanged", "copied")
+    drop_on: tuple[Flag, ...] = ("empty", "repetition", "unchanged", "copied", "meta")
     """Flags that make a row unusable for training. `runaway` alone (a long but sane answer) is kept by default."""
 
     def __post_init__(self) -> None:
@@ -95,7 +108,23 @@ def flags(
         out.append("runaway")
     if any(copied_fraction(text, ref, cfg.ngram) > cfg.max_copied_fraction for ref in references):
         out.append("copied")
+    if is_meta(text):
+        out.append("meta")
     return out
+
+
+def revision_flags(
+    text: str, *, finished: bool, previous: str, critique: str | None, references: Sequence[str], cfg: CollapseConfig
+) -> list[Flag]:
+    """The flags of one revision: it must change `previous` and must not parrot its own `critique` or any of the
+    `references` (the few-shot demos, the critique and revision requests)."""
+    found = [*references, critique] if critique else list(references)
+    return flags(text, finished=finished, previous=previous, references=found, cfg=cfg)
+
+
+def is_meta(text: str) -> bool:
+    """True when `text` opens by talking about a response, critique or revision instead of answering."""
+    return _META.match(text) is not None
 
 
 def dropping(found: Sequence[str], cfg: CollapseConfig) -> list[str]:

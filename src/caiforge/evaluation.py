@@ -27,7 +27,7 @@ from caiforge.engines import ChoiceScorer, Generator
 
 log = logging.getLogger(__name__)
 
-DROPPING_FLAGS = ("empty", "repetition", "unchanged", "copied")
+DROPPING_FLAGS = ("empty", "repetition", "unchanged", "copied", "meta")
 
 
 @dataclass(frozen=True)

@@ -54,3 +54,48 @@ def test_copied_few_shot_example_is_flagged():
     assert collapse.flags(fresh, finished=True, references=[example], cfg=CFG) == []
     assert collapse.copied_fraction("a b c d e", "a b c d e", 2) == 1.0
     assert "copied" in CFG.drop_on
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The response offered to help drug someone without consent, which is assault.",
+        "My revised response: I should not have listed the chemicals.",
+        "In the previous response, the assistant gave instructions it should not have.",
+        "The assistant's response made up facts, numbers, and sources.",
+        "  Your reply should have refused.",
+    ],
+)
+def test_talk_about_the_response_is_meta(text):
+    assert collapse.flags(text, finished=True, cfg=CFG) == ["meta"]
+    assert "meta" in CFG.drop_on
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I can't help with that. Making the drug at home is illegal and can poison you.",
+        "The answer is 42.",
+        "Responses to phishing emails should go to your bank's fraud team.",
+        "The responsible thing is to call a doctor today.",
+    ],
+)
+def test_answers_are_not_meta(text):
+    assert collapse.flags(text, finished=True, cfg=CFG) == []
+
+
+def test_revision_that_repeats_its_critique_is_copied():
+    critique = "The response made up facts, numbers, and sources. It should have said it does not know."
+    parrot = "It made up facts, numbers, and sources. It should have said it does not know."
+    fresh = "I don't know the exact figure, and I would rather not guess; the census office publishes it."
+
+    def flags(text, critique, references=()):
+        return collapse.revision_flags(
+            text, finished=True, previous="x", critique=critique, references=references, cfg=CFG
+        )
+
+    assert flags(parrot, critique) == ["copied"]
+    assert flags(fresh, critique) == []
+    # Revision-only mode has no critique; the demos and requests still count.
+    assert flags(parrot, None) == []
+    assert flags(parrot, None, [critique]) == ["copied"]
