@@ -91,7 +91,9 @@ def split_prompts(cfg: DistillConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
 def init_student(cfg: DistillConfig, teacher: Any, tokenizer: Any) -> tuple[Any, list[int] | None]:
     if cfg.init == "prune":
         return distillation.prune_layers(teacher, cfg.prune_every)
-    student, student_tokenizer = models.load_pretrained(cfg.student, device=str(next(teacher.parameters()).device))
+    student, student_tokenizer = models.load_pretrained(
+        cfg.student, device=str(next(teacher.parameters()).device), attention=training.attention(cfg.attention)
+    )
     distillation.check_same_vocabulary(tokenizer, student_tokenizer, cfg.student)
     return student, None
 

@@ -64,7 +64,9 @@ def run(cfg: PmConfig) -> dict:
     if train.is_empty():
         raise ValueError(f"{cfg.data}: no training pairs left (heldout_fraction={cfg.heldout_fraction})")
     out = Path(cfg.out_dir)
-    model, tokenizer = preference.init_from_causal_lm(cfg.policy, seed=cfg.seed)
+    model, tokenizer = preference.init_from_causal_lm(
+        cfg.policy, seed=cfg.seed, attention=training.attention(cfg.attention)
+    )
     pm = preference.PreferenceModel(model, tokenizer, max_length=cfg.max_length, batch_size=cfg.score_batch_size)
     main = training.is_main_process()  # held-out scoring and every output: rank 0 only
     before = heldout_metrics(pm, evals, cfg.calibration_bins) if main else None

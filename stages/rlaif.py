@@ -177,7 +177,7 @@ def make_trainer(
 ) -> Any:
     from datasets import Dataset
 
-    model, tokenizer = models.load_pretrained(cfg.policy)
+    model, tokenizer = models.load_pretrained(cfg.policy, attention=training.attention(cfg.attention))
     specials = rendering.special_strings(tokenizer)
 
     def text(t: str) -> str:

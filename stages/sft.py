@@ -16,6 +16,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import polars as pl
 
@@ -38,6 +39,9 @@ class SftConfig(training.TrainingSchedule):
     """Token cap per row (prompt + completion); longer rows are truncated."""
     lora: training.LoraConfig
     """LoRA instead of a full fine-tune (merged on save)."""
+    batching: Literal["padded", "padding_free", "auto"]
+    """padding_free: each batch flattened into one sequence without pad tokens (TRL; needs flash_attention_2);
+    auto: padding_free when the attention kernel is flash_attention_2, else padded."""
 
 
 def chats(tokenizer, rows: pl.DataFrame):
@@ -58,14 +62,16 @@ def run(cfg: SftConfig) -> dict:
     out = Path(cfg.out_dir)
     ckpt = training.Checkpoints.for_stage(cfg, out, cfg.data, cfg.policy)
     resume = ckpt.resume()
-    model, tokenizer = models.load_pretrained(cfg.policy)
+    kernel = training.attention(cfg.attention)
+    padding_free = training.padding_free(cfg.batching, kernel)
+    model, tokenizer = models.load_pretrained(cfg.policy, attention=kernel)
     main = training.is_main_process()  # the held-out loss and every output: rank 0 only
     heldout = chats(tokenizer, evals) if evals.height else None
     before = training.completion_loss(model, heldout, cfg.max_length) if heldout is not None and main else None
     with tempfile.TemporaryDirectory(prefix="caiforge-sft-") as scratch:
         args = SFTConfig(
             **ckpt.trainer_args(cfg, Path(scratch)),
-            **training.prompt_completion_args(cfg.max_length),
+            **training.prompt_completion_args(cfg.max_length, padding_free),
         )
         trainer = SFTTrainer(
             model=model,

@@ -244,13 +244,17 @@ def resolve(model_dir: str | Path) -> Path:
     return path
 
 
-def load_pretrained(model_dir: str | Path, *, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any]:
-    """Load a model saved by caiforge (any stage's model/ directory or a models role) with its tokenizer."""
+def load_pretrained(
+    model_dir: str | Path, *, dtype: str = "float32", device: str = "cpu", attention: str | None = None
+) -> tuple[Any, Any]:
+    """Load a model saved by caiforge (any stage's model/ directory or a models role) with its tokenizer;
+    `attention` is transformers' `attn_implementation` (None: its default)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True)
+    kwargs = {"attn_implementation": attention} if attention else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True, **kwargs)
     return model.to(device), tokenizer
 
 

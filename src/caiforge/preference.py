@@ -178,8 +178,9 @@ def soft_label_trainer_class() -> type:
     return SoftLabelRewardTrainer
 
 
-def init_from_causal_lm(model_dir: str | Path, *, seed: int) -> tuple[Any, Any]:
-    """A 1-output sequence classifier on top of a causal LM's weights, with its tokenizer; the new head is seeded."""
+def init_from_causal_lm(model_dir: str | Path, *, seed: int, attention: str | None = None) -> tuple[Any, Any]:
+    """A 1-output sequence classifier on top of a causal LM's weights, with its tokenizer; the new head is seeded.
+    `attention` is transformers' `attn_implementation` (None: its default)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -192,8 +193,9 @@ def init_from_causal_lm(model_dir: str | Path, *, seed: int) -> tuple[Any, Any]:
     try:
         with torch.random.fork_rng(devices=[]), models.quiet_progress():
             torch.manual_seed(seed)
+            kwargs = {"attn_implementation": attention} if attention else {}
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, dtype=torch.float32, use_safetensors=True
+                path, num_labels=1, dtype=torch.float32, use_safetensors=True, **kwargs
             )
     finally:
         hf_logging.set_verbosity(verbosity)

@@ -7,6 +7,7 @@ every one that matters through `common_args`, so a library upgrade cannot silent
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -65,8 +66,58 @@ def precision(choice: Literal["auto", "fp32", "bf16"]) -> dict[str, bool]:
     return {"bf16": bf16, "fp16": False}
 
 
+Attention = Literal["auto", "eager", "sdpa", "flash_attention_2"]
+FusedLoss = Literal["auto", "liger", "none"]
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def attention(choice: Attention) -> str:
+    """The attention kernel a training stage loads its model with (transformers' `attn_implementation`).
+
+    auto: FlashAttention 2 on CUDA when the flash-attn package is installed, else PyTorch's SDPA (fused kernels on
+    GPU, the math path on CPU). Asking for flash_attention_2 where it cannot run is an error, not a silent fallback.
+    """
+    flash = torch.cuda.is_available() and _installed("flash_attn")
+    if choice == "flash_attention_2" and not flash:
+        raise ValueError(
+            "attention: flash_attention_2 needs a CUDA device and the flash-attn package (pip install flash-attn); "
+            "use sdpa, or auto to take it when it is there"
+        )
+    if choice == "auto":
+        return "flash_attention_2" if flash else "sdpa"
+    return choice
+
+
+def fused_loss(choice: FusedLoss) -> bool:
+    """Whether the trainer uses Liger's fused kernels (`use_liger_kernel`: the linear layer and cross-entropy in one
+    kernel, so the logits of a long sequence are never materialised). auto: on CUDA when liger-kernel is installed."""
+    liger = torch.cuda.is_available() and _installed("liger_kernel")
+    if choice == "liger" and not liger:
+        raise ValueError(
+            "fused_loss: liger needs a CUDA device and the liger-kernel package (pip install liger-kernel); "
+            "use none, or auto to take it when it is there"
+        )
+    return choice == "liger" or (choice == "auto" and liger)
+
+
+def padding_free(batching: Literal["padded", "padding_free", "auto"], kernel: str) -> bool:
+    """Whether SFT batches go padding-free. TRL flattens the rows of a batch into one sequence, which only
+    FlashAttention's variable-length kernel keeps apart: with any other kernel the rows would attend to each other."""
+    if batching == "padding_free" and kernel != "flash_attention_2":
+        raise ValueError(f"batching: padding_free needs attention flash_attention_2, but attention is {kernel}")
+    return batching == "padding_free" or (batching == "auto" and kernel == "flash_attention_2")
+
+
 def common_args(
-    *, out_dir: Path, seed: int, precision_choice: Literal["auto", "fp32", "bf16"], gradient_checkpointing: bool
+    *,
+    out_dir: Path,
+    seed: int,
+    precision_choice: Literal["auto", "fp32", "bf16"],
+    gradient_checkpointing: bool,
+    fused_loss_choice: FusedLoss = "none",
 ) -> dict[str, Any]:
     """Trainer arguments every stage sets explicitly (checkpoints go to a scratch dir; nothing reports online)."""
     return {
@@ -77,6 +128,7 @@ def common_args(
         "save_strategy": "no",
         "disable_tqdm": False,
         "gradient_checkpointing": gradient_checkpointing,
+        "use_liger_kernel": fused_loss(fused_loss_choice),
         "dataloader_num_workers": 0,
         "use_cpu": not torch.cuda.is_available(),
         # Token-level losses average over the tokens of every process's batch, not per process: N processes of
@@ -110,6 +162,10 @@ class TrainingSchedule:
     """auto: bf16 on CUDA, fp32 on CPU."""
     gradient_checkpointing: bool
     """Trade compute for memory on large models."""
+    attention: Attention
+    """Attention kernel: auto (FlashAttention 2 on CUDA when installed, else SDPA), sdpa, flash_attention_2, eager."""
+    fused_loss: FusedLoss
+    """Liger's fused linear + cross-entropy kernels: auto (on CUDA when liger-kernel is installed), liger, none."""
     logging_steps: int
     """Log the loss (and the dvclive curve) every N steps."""
     checkpoint_every: int
@@ -125,6 +181,7 @@ def trainer_args(cfg: TrainingSchedule, out_dir: Path) -> dict[str, Any]:
             seed=cfg.seed,
             precision_choice=cfg.precision,
             gradient_checkpointing=cfg.gradient_checkpointing,
+            fused_loss_choice=cfg.fused_loss,
         ),
         "num_train_epochs": cfg.epochs,
         "learning_rate": cfg.learning_rate,
@@ -251,11 +308,13 @@ def step_of(checkpoint: str | None) -> int | None:
     return int(checkpoint.rsplit("-", 1)[1]) if checkpoint else None
 
 
-def prompt_completion_args(max_length: int) -> dict[str, Any]:
-    """SFTConfig data settings for prompt-completion chats: loss on the completion only, no packing, shuffled."""
+def prompt_completion_args(max_length: int, padding_free: bool = False) -> dict[str, Any]:
+    """SFTConfig data settings for prompt-completion chats: loss on the completion only, no packing, shuffled;
+    `padding_free` flattens each batch into one sequence without pad tokens (TRL: FlashAttention only)."""
     return {
         "max_length": max_length,
         "packing": False,
+        "padding_free": padding_free,
         "completion_only_loss": True,
         "assistant_only_loss": False,
         "shuffle_dataset": True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import polars as pl
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -87,3 +88,21 @@ def test_a_cut_off_revision_is_trained_without_the_end_token(tiny_model_dir):
     done, cut = stage.chats(tok, rows)
     completion = lambda row: [i for i, m in zip(row["input_ids"], row["completion_mask"], strict=True) if m]  # noqa: E731
     assert end in completion(done) and end not in completion(cut)
+
+
+def test_attention_kernels_train_the_same_weights(tmp_path, tiny_model_dir):
+    """eager and SDPA are two kernels for one computation: the stage's choice changes speed, not the model."""
+    trained = {}
+    for kernel in ("eager", "sdpa"):
+        cfg = make_cfg(tmp_path / kernel, tiny_model_dir, [f"sft.attention={kernel}"])
+        stage.run(cfg)
+        trained[kernel] = weights(tmp_path / kernel / "out" / "model")
+    gap = max(float((trained["eager"][k] - trained["sdpa"][k]).abs().max()) for k in trained["eager"])
+    assert gap < 1e-5, f"eager and sdpa weights differ by {gap}"
+
+
+def test_padding_free_without_flash_attention_is_refused_before_training(tmp_path, tiny_model_dir):
+    cfg = make_cfg(tmp_path, tiny_model_dir, ["sft.batching=padding_free", "sft.attention=sdpa"])
+    with pytest.raises(ValueError, match="batching: padding_free needs attention flash_attention_2"):
+        stage.run(cfg)
+    assert not (tmp_path / "out").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -48,3 +50,35 @@ def test_batch_metrics_multiply_out_the_global_batch(monkeypatch):
         "global_batch_size": 24,
     }
     assert not training.is_main_process()
+
+
+def test_kernel_choices_resolve_to_what_this_machine_can_run(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training.attention("auto") == "sdpa"
+    assert training.attention("eager") == "eager"
+    assert training.fused_loss("auto") is False and training.fused_loss("none") is False
+    assert training.padding_free("auto", "sdpa") is False and training.padding_free("padded", "sdpa") is False
+    with pytest.raises(ValueError, match="attention: flash_attention_2 needs a CUDA device and the flash-attn"):
+        training.attention("flash_attention_2")
+    with pytest.raises(ValueError, match="fused_loss: liger needs a CUDA device and the liger-kernel"):
+        training.fused_loss("liger")
+    with pytest.raises(ValueError, match="batching: padding_free needs attention flash_attention_2"):
+        training.padding_free("padding_free", "sdpa")
+    # A GPU with both packages: auto takes FlashAttention 2, Liger and padding-free batches.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(training, "_installed", lambda module: module in {"flash_attn", "liger_kernel"})
+    assert training.attention("auto") == "flash_attention_2"
+    assert training.fused_loss("auto") is True
+    assert training.padding_free("auto", "flash_attention_2") is True
+    monkeypatch.setattr(training, "_installed", lambda module: False)
+    assert training.attention("auto") == "sdpa" and training.fused_loss("auto") is False
+
+
+def test_the_kernel_choice_reaches_the_model_and_the_trainer(tiny_model_dir):
+    for kernel in ("eager", "sdpa"):
+        model, _ = models.load_pretrained(tiny_model_dir, attention=kernel)
+        assert model.config._attn_implementation == kernel
+    args = training.common_args(out_dir=Path("x"), seed=0, precision_choice="fp32", gradient_checkpointing=True)
+    assert args["use_liger_kernel"] is False and args["gradient_checkpointing"] is True
+    assert training.prompt_completion_args(64, padding_free=True)["padding_free"] is True
+    assert training.prompt_completion_args(64)["padding_free"] is False
