@@ -89,10 +89,11 @@ def split_prompts(cfg: DistillConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
 
 
 def init_student(cfg: DistillConfig, teacher: Any, tokenizer: Any) -> tuple[Any, list[int] | None]:
+    kernel = training.attention(cfg.attention)  # the student's: it is the model that trains
     if cfg.init == "prune":
-        return distillation.prune_layers(teacher, cfg.prune_every)
+        return distillation.prune_layers(teacher, cfg.prune_every, attention=kernel)
     student, student_tokenizer = models.load_pretrained(
-        cfg.student, device=str(next(teacher.parameters()).device), attention=training.attention(cfg.attention)
+        cfg.student, device=str(next(teacher.parameters()).device), attention=kernel
     )
     distillation.check_same_vocabulary(tokenizer, student_tokenizer, cfg.student)
     return student, None

@@ -44,9 +44,10 @@ def kept_layers(num_layers: int, every: int) -> list[int]:
     return list(range(0, num_layers, every))
 
 
-def prune_layers(teacher: Any, every: int) -> tuple[Any, list[int]]:
+def prune_layers(teacher: Any, every: int, attention: str | None = None) -> tuple[Any, list[int]]:
     """A copy of causal LM `teacher` keeping every `every`-th decoder layer, with the kept layers' weights and the
-    teacher's embeddings, final norm and head; returns (student, kept layer indices). The teacher is not changed."""
+    teacher's embeddings, final norm and head; returns (student, kept layer indices). The teacher is not changed.
+    `attention` is the student's `attn_implementation` (None: transformers' default)."""
     from transformers import AutoModelForCausalLM
 
     n = teacher.config.num_hidden_layers
@@ -59,7 +60,8 @@ def prune_layers(teacher: Any, every: int) -> tuple[Any, list[int]]:
             setattr(cfg, name, type(value)(value[i] for i in kept))
     # Every weight is overwritten below; the fork keeps the throwaway random init from touching global RNG state.
     with torch.random.fork_rng(devices=[]):
-        student = AutoModelForCausalLM.from_config(cfg, dtype=teacher.dtype)
+        kwargs = {"attn_implementation": attention} if attention else {}
+        student = AutoModelForCausalLM.from_config(cfg, dtype=teacher.dtype, **kwargs)
     new_index = {old: new for new, old in enumerate(kept)}
     state = {}
     for key, tensor in teacher.state_dict().items():

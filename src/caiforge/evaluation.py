@@ -27,7 +27,7 @@ from caiforge.engines import ChoiceScorer, Generator
 
 log = logging.getLogger(__name__)
 
-DROPPING_FLAGS = ("empty", "repetition", "unchanged", "copied", "meta")
+DROPPING_FLAGS = collapse.CollapseConfig().drop_on
 
 
 @dataclass(frozen=True)
