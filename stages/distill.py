@@ -106,7 +106,8 @@ def run(cfg: DistillConfig) -> dict:
     out = Path(cfg.out_dir)
     texts = train["text"].to_list() + heldout["text"].to_list()
     teacher_gen = engines.make_generator(cfg.teacher, cfg.generation)
-    outs = teacher_gen.chat([[{"role": "user", "content": t}] for t in texts], seed=cfg.seed)
+    # Under several processes each answers its share and every process gets all answers, in row order.
+    outs = engines.chat_shared(teacher_gen, [[{"role": "user", "content": t}] for t in texts], seed=cfg.seed)
     del teacher_gen
     answers = [c.text for c in outs]
     train = train.with_columns(
@@ -119,7 +120,8 @@ def run(cfg: DistillConfig) -> dict:
     device, _ = hf.resolve_device(cfg.generation.device, cfg.generation.dtype)
     teacher, tokenizer = models.load_pretrained(cfg.teacher, device=device)
     student, kept = init_student(cfg, teacher, tokenizer)
-    before = distillation.agreement(student, teacher, tokenizer, held_prompts, held_answers)
+    main = training.is_main_process()  # held-out agreement and every output: rank 0 only
+    before = distillation.agreement(student, teacher, tokenizer, held_prompts, held_answers) if main else None
     # A teacher answer cut off at the token cap is learned without the end token (never as a finished answer).
     data = formats.completion_dataset(
         tokenizer,
@@ -148,6 +150,8 @@ def run(cfg: DistillConfig) -> dict:
         else:
             trainer = SFTTrainer(**shared)
         result = trainer.train(resume_from_checkpoint=resume)
+        if not main:
+            return {}
         training.save_model(trainer.model, tokenizer, out / "model", cfg)
     ckpt.done()
     history = trainer.state.log_history

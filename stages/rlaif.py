@@ -263,12 +263,17 @@ def run(cfg: RlaifConfig) -> dict:
         dtype=cfg.generation.dtype,
     )
     texts = heldout["text"].to_list()
-    reward_before = pm.score(texts, answer(cfg.policy, cfg, texts, "sft answers"))
+    # Under several processes every one trains (each samples and rewards its own prompts); the held-out answers,
+    # rewards and KL are rank 0's alone, on a capped set, as are every output.
+    main = training.is_main_process()
+    reward_before = pm.score(texts, answer(cfg.policy, cfg, texts, "sft answers")) if main else []
     ckpt = training.Checkpoints.for_stage(cfg, out, cfg.prompts, cfg.policy, cfg.reward_model, cfg.preferences)
     resume = ckpt.resume()
     with tempfile.TemporaryDirectory(prefix="caiforge-rlaif-") as scratch:
         trainer, train_rows = make_trainer(cfg, train, pm, Path(scratch), ckpt, resume)
         result = trainer.train(resume_from_checkpoint=resume)
+        if not main:
+            return {}
         training.save_model(trainer.model, trainer.processing_class, out / "model", cfg)
     ckpt.done()
     history = trainer.state.log_history

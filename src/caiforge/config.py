@@ -406,6 +406,10 @@ def stage_main(stage: str, cls: type[T], run: typing.Callable[[T], Any]) -> None
         if isinstance(getattr(cfg, "out_dir", None), str) and not planmode.active() and io.is_main_process():
             for path in io.remove_stale_temporaries(cfg.out_dir):
                 logging.getLogger("caiforge").info("%s: removed %s, left by a killed run", stage, path)
+        if not planmode.active():
+            from caiforge import distributed
+
+            distributed.init()  # under `accelerate launch`: the process group, and this process's GPU
         run(cfg)
     except planmode.Done:
         return  # `caiforge plan`: the stage has counted its requests and writes nothing

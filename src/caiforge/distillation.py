@@ -123,8 +123,10 @@ def logit_trainer_class() -> type:
     from trl import SFTTrainer
 
     class LogitDistillationTrainer(SFTTrainer):
-        # The loss is a per-micro-batch mean: the Trainer divides by the accumulation steps itself.
-        loss_is_scaled_for_ga = False
+        # The loss is normalized by `num_items_in_batch`: the answer tokens of every accumulation step on every
+        # process, as SFTTrainer's own loss is. So the gradient is the mean over all of them, whatever the number of
+        # processes (one process with batch 2b equals two with batch b) and however unevenly they hold tokens.
+        loss_is_scaled_for_ga = True
 
         def __init__(self, *args: Any, teacher: Any, temperature: float, ce_weight: float, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -143,14 +145,22 @@ def logit_trainer_class() -> type:
                 teacher_logits = self.teacher(**forward).logits
             student_logits = outputs.logits[:, :-1]
             target = labels[:, 1:]
-            mask = target != -100
-            kl = distillation_loss(teacher_logits[:, :-1], student_logits, mask, self.temperature)
-            loss = (1 - self.ce_weight) * kl
+            mask = (target != -100).to(torch.float32)
+            kl = self.temperature**2 * (forward_kl(teacher_logits[:, :-1], student_logits, self.temperature) * mask)
+            total = (1 - self.ce_weight) * kl.sum()
             if self.ce_weight:
-                ce = F.cross_entropy(student_logits.float().flatten(0, 1), target.flatten(), ignore_index=-100)
-                loss = loss + self.ce_weight * ce
+                ce = F.cross_entropy(
+                    student_logits.float().flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum"
+                )
+                total = total + self.ce_weight * ce
+            if num_items_in_batch is None:  # no count from the Trainer: this micro-batch's mean, scaled for GA
+                loss = total / mask.sum().clamp(min=1) / self.current_gradient_accumulation_steps
+            else:
+                loss = total / num_items_in_batch
+                if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                    loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
             mode = "train" if model.training else "eval"
-            self._metrics[mode]["kl"].append(float(kl.detach()))
+            self._metrics[mode]["kl"].append(float(kl.detach().sum() / mask.sum().clamp(min=1)))
             return (loss, outputs) if return_outputs else loss
 
     return LogitDistillationTrainer

@@ -19,6 +19,7 @@ from typing import Any
 import polars as pl
 import pyarrow.parquet as pq
 
+from caiforge import distributed
 from caiforge.schemas import Schema
 
 
@@ -43,7 +44,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 def is_main_process() -> bool:
     """Global rank 0 under `accelerate launch` / torchrun (and any plain process): the only process that writes
     outputs. Read from the launcher's environment, so it is known before any distributed state exists."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return distributed.rank() == 0
 
 
 def read_utf8(path: str | os.PathLike[str]) -> str:

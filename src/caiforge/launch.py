@@ -28,9 +28,10 @@ import yaml
 from caiforge import config
 
 SECTION = "launch"
-MULTI_PROCESS_STAGES = ("sft", "pm")
-"""Stages that run under several processes today. rlaif and distill generate inside training (answers before and
-after, teacher answers), which is not yet sharded or kept to the main process: they refuse more than one."""
+MULTI_PROCESS_STAGES = ("sft", "pm", "rlaif", "distill")
+"""The training stages: they run under several processes. Generation inside them is either rank 0's alone (the
+held-out answers before and after, on a capped set) or sharded and gathered in row order (distill's teacher
+answers, `caiforge.distributed`)."""
 
 
 @dataclass(frozen=True)

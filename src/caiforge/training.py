@@ -10,7 +10,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 
-from caiforge import config, io
+from caiforge import config, distributed, io
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +38,8 @@ class LoraConfig:
     """Linear layers that get adapters."""
 
 
-def world_size() -> int:
-    """Training processes of this run: 1 for a plain process, WORLD_SIZE under `accelerate launch` / torchrun."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+world_size = distributed.world_size
+"""Training processes of this run: 1 for a plain process, WORLD_SIZE under `accelerate launch` / torchrun."""
 
 
 is_main_process = io.is_main_process

@@ -1,4 +1,5 @@
 """Training stages under `accelerate launch`: 2 real processes (DDP over gloo on loopback) against 1 process.
+sft, pm and distill (whose teacher answers are sharded and gathered) must match one process; rlaif runs a GRPO step.
 
 What must hold: one copy of each output (written by rank 0), the global batch recorded, and the same weights as
 one process with the same global batch. Tolerance: 1e-5 max absolute difference. The two runs take the same
@@ -30,7 +31,9 @@ import pytest
 from safetensors.torch import load_file
 
 from caiforge import launch
+from tests.conftest import write_prompts
 from tests.stages.test_pm import write_preferences
+from tests.stages.test_rlaif import pm_dir  # noqa: F401 (the fixture: a PM trained on synthetic preferences)
 from tests.stages.test_sft import write_sft
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -140,6 +143,79 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
     assert moved > 100 * TOLERANCE, "the comparison means something only if training moved the weights"
 
 
+def sampled_generation(stage: str) -> list[str]:
+    """A few sampled tokens per answer: a random tiny model decodes greedily into special tokens (empty answers)."""
+    return [
+        f"{stage}.generation.batch_size=8",
+        f"{stage}.generation.max_new_tokens=8",
+        f"{stage}.generation.temperature=1.0",
+        f"{stage}.generation.progress=false",
+    ]
+
+
+def test_distill_shards_the_teacher_answers_and_matches_one_process(tmp_path, tiny_model_dir):
+    """distill under 2 processes: each answers half of the teacher's prompts, the halves are gathered in row order,
+    and the student ends where one process with the same global batch leaves it (the tolerance above). Answers
+    gathered out of order would pair prompts with other prompts' answers: other data, other weights."""
+    common = [
+        f"distill.prompts={write_prompts(tmp_path / 'prompts.parquet')}",
+        f"distill.teacher={tiny_model_dir}",
+        f"distill.student={tiny_model_dir}",
+        "distill.prune_every=2",
+        "distill.heldout_fraction=0.3",
+        "distill.max_prompts=8",
+        "distill.max_heldout_prompts=4",
+        "distill.epochs=2",
+        "distill.learning_rate=0.001",
+        "distill.gradient_accumulation_steps=1",
+        "distill.max_length=128",
+        "distill.checkpoint_every=0",
+        *sampled_generation("distill"),
+    ]
+    one, m1 = trained(tmp_path, "distill", 1, 4, common)
+    two, m2 = trained(tmp_path, "distill", 2, 2, common)
+    assert (m1["global_batch_size"], m2["processes"], m2["global_batch_size"]) == (4, 2, 4)
+    assert m1["steps"] == m2["steps"] > 0 and m1["train_rows"] % 4 == 0
+    assert m1["heldout_before"] == m2["heldout_before"]
+    assert m1["heldout_after"]["top1_agreement"] == pytest.approx(m2["heldout_after"]["top1_agreement"], abs=1e-6)
+    moved = max_difference(one / "model", tiny_model_dir, shared_only=True)
+    diff = max_difference(one / "model", two / "model")
+    print(f"distill: max |w_1proc - w_2proc| = {diff:.3g} (training moved weights by up to {moved:.3g})")
+    assert diff <= TOLERANCE
+    assert moved > 100 * TOLERANCE
+
+
+def test_rlaif_grpo_step_under_two_processes(tmp_path, tiny_model_dir, pm_dir):  # noqa: F811
+    """One GRPO step on 2 processes: each samples and rewards its own prompts (2 answers each), rank 0 alone
+    answers the held-out prompts before and after and writes the one copy of every output."""
+    common = [
+        f"rlaif.prompts={write_prompts(tmp_path / 'prompts.parquet')}",
+        f"rlaif.policy={tiny_model_dir}",
+        f"rlaif.reward_model={pm_dir / 'pm' / 'model'}",
+        f"rlaif.preferences={pm_dir / 'preferences.parquet'}",
+        "rlaif.algorithm=grpo",
+        "rlaif.max_steps=1",
+        "rlaif.gradient_accumulation_steps=1",
+        "rlaif.num_generations=2",
+        "rlaif.max_completion_length=8",
+        "rlaif.mask_truncated_completions=false",
+        "rlaif.heldout_fraction=0.3",
+        "rlaif.max_prompts=8",
+        "rlaif.max_heldout_prompts=2",
+        "rlaif.kl_max_new_tokens=8",
+        "rlaif.reward_max_length=128",
+        "rlaif.checkpoint_every=0",
+        "rlaif.lora.enabled=false",
+        *sampled_generation("rlaif"),
+    ]
+    out, metrics = trained(tmp_path, "rlaif", 2, 2, common)
+    assert (metrics["processes"], metrics["per_device_batch_size"], metrics["global_batch_size"]) == (2, 2, 4)
+    assert metrics["steps"] == 1 and metrics["heldout_prompts"] == 2
+    assert isinstance(metrics["reward_before"], float) and isinstance(metrics["reward_after"], float)
+    assert metrics["train_reward_mean"] is not None, "every process rewarded its samples with the PM"
+    assert max_difference(out / "model", tiny_model_dir) > 0, "the step moved the policy"
+
+
 def rank_pids(parent: int, rank: str) -> list[int]:
     """Descendants of `parent` whose environment says RANK=`rank` (torchrun's workers)."""
     found = []
@@ -188,8 +264,8 @@ def test_launch_config_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match="main_process_ip"):
         launch.LaunchConfig("conf/accelerate/ddp.yaml", 16, 2, 1, None, 29500)
     cfg = launch.LaunchConfig("conf/accelerate/ddp.yaml", 2, 1, 0, None, 29500)
-    with pytest.raises(launch.config.ConfigError, match="'rlaif' runs in one process only"):
-        launch.command("rlaif", cfg, [], ROOT)
+    with pytest.raises(launch.config.ConfigError, match="'label' runs in one process only"):
+        launch.command("label", cfg, [], ROOT)
     multi = launch.LaunchConfig("conf/accelerate/zero3.yaml", 16, 2, 1, "10.0.0.1", 29501)
     cmd = launch.command("sft", multi, ["sft.epochs=1"], ROOT)
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and cmd[-2:] == [

@@ -73,6 +73,37 @@ def test_prefix_reuse_equals_recomputing_every_row(tiny):
         assert full.stats.prefix_tokens_reused == 0
 
 
+def test_shards_of_a_call_add_up_to_the_whole_call(tiny, tmp_path, monkeypatch):
+    """Under several processes each runs a shard of the requests (`engines.Shard`); the shards' answers, taken
+    together, are the one-process answers, row by row: the prefix is the whole call's, duplicate rows are one
+    request, and rows the row cache holds come back on every shard without running."""
+    from caiforge import rowcache
+
+    convs = [[*DEMOS, *c] for c in CONVS] * 2  # every row twice: 7 distinct requests
+    kw = {"temperature": 1.0, "top_p": 0.9}
+    whole = engine(tiny, **kw).chat(convs, seed=5)
+    shards = [engine(tiny, **kw) for _ in range(3)]
+    parts = [g.chat(convs, seed=5, shard=engines.Shard(i, 3)) for i, g in enumerate(shards)]
+    assert [g.stats.rows for g in shards] == [3, 2, 2], "distinct requests dealt round-robin"
+    for row in range(len(convs)):
+        (answer,) = {p[row] for p in parts if p[row] is not None}
+        assert answer == whole[row]
+    cached = engine(tiny, **kw)
+    cached.cache = rowcache.RowCache(tmp_path)
+    cached.chat(convs[:2], seed=5)  # rows 0 and 1 in the cache: shards deal the other 5 requests
+    again = [engine(tiny, **kw) for _ in range(2)]
+    for g in again:
+        g.cache = rowcache.RowCache(tmp_path)
+    halves = [g.chat(convs, seed=5, shard=engines.Shard(i, 2)) for i, g in enumerate(again)]
+    assert [g.stats.rows for g in again] == [3, 2] and [g.stats.cache_hits for g in again] == [2, 2]
+    assert halves[0][:2] == halves[1][:2] == whole[:2]
+    # One process: chat_shared is chat itself.
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert engines.chat_shared(engine(tiny, **kw), convs, seed=5) == whole
+    with pytest.raises(ValueError, match="shard index"):
+        engines.Shard(2, 2)
+
+
 def test_decoding_is_fully_explicit(tiny):
     """Nothing leaks in from the model's generation_config.json (repetition penalty, top-k 50, sampling flags);
     top_k and top_p do cut the distribution."""

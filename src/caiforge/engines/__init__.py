@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from caiforge import distributed
 from caiforge.config import StageError
 
 if TYPE_CHECKING:
@@ -198,7 +199,12 @@ class Generator(Protocol):
     cache: RowCache | None
     """Where answers are looked up before running and stored as they finish (None: no cache)."""
 
-    def chat(self, conversations: Sequence[Sequence[Message]], *, seed: int, desc: str = "") -> list[Completion]: ...
+    def chat(
+        self, conversations: Sequence[Sequence[Message]], *, seed: int, desc: str = "", shard: Shard | None = None
+    ) -> list[Completion]:
+        """With `shard`, this process runs only its share of the requests and the other rows come back None
+        (`caiforge.distributed.chat` gathers every process's share)."""
+        ...
 
 
 class ChoiceScorer(Protocol):
@@ -229,22 +235,46 @@ def row_seed(seed: int, prompt: str) -> int:
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
-def cache_lookup(cache: RowCache | None, keys: Sequence[str], stats: Stats) -> tuple[list[Any], dict[str, int]]:
-    """(cached value or None per row, {key: first row} of the distinct requests still to run).
+@dataclass(frozen=True)
+class Shard:
+    """One process's share of a call under several processes (`accelerate launch`): of the distinct requests the
+    row cache does not hold, number k (in row order) runs on the process with index k % count. A row's answer does
+    not depend on which process or batch runs it (`row_seed`, and the transformers engine's fixed batch shapes),
+    so gathering the shares gives the answers one process gives."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"shard index must be in [0, {self.count}), got {self.index}")
+
+    def owns(self, k: int) -> bool:
+        return k % self.count == self.index
+
+
+def cache_lookup(
+    cache: RowCache | None, keys: Sequence[str], stats: Stats, shard: Shard | None = None
+) -> tuple[list[Any], dict[str, int]]:
+    """(cached value or None per row, {key: first row} of the distinct requests still to run here).
 
     Rows with equal keys are one request: it is looked up or run once, and every such row gets its answer
-    (`fill_in`); hits and runs are counted per distinct request.
+    (`fill_in`); hits and runs are counted per distinct request. With `shard`, only this process's share of the
+    requests to run is returned.
     """
     found: list[Any] = [None] * len(keys)
     todo: dict[str, int] = {}
     seen: set[str] = set()
+    missing = 0
     for i, k in enumerate(keys):
         if k in seen:
             continue
         seen.add(k)
         value = cache.get(k) if cache is not None else None
         if value is None:
-            todo[k] = i
+            if shard is None or shard.owns(missing):
+                todo[k] = i
+            missing += 1
         else:
             found[i] = value
             stats.cache_hits += 1
@@ -253,10 +283,11 @@ def cache_lookup(cache: RowCache | None, keys: Sequence[str], stats: Stats) -> t
     return found, todo
 
 
-def fill_in(found: list[Any], keys: Sequence[str]) -> list[Any]:
-    """Every row's answer: duplicate rows get the answer of the first row with their key."""
+def fill_in(found: list[Any], keys: Sequence[str], shard: Shard | None = None) -> list[Any]:
+    """Every row's answer: duplicate rows get the answer of the first row with their key. With `shard`, rows another
+    process runs are None."""
     by_key = {k: v for k, v in zip(keys, found, strict=True) if v is not None}
-    return [by_key[k] for k in keys]
+    return [by_key.get(k) for k in keys] if shard is not None else [by_key[k] for k in keys]
 
 
 def make_generator(model_dir: str | Path, cfg: GenerationConfig, cache: RowCache | None = None) -> Generator:
@@ -280,6 +311,24 @@ def make_generator(model_dir: str | Path, cfg: GenerationConfig, cache: RowCache
         raise ValueError(f"generation.backend: unknown backend {cfg.backend!r}")
     engine.cache = cache
     return engine
+
+
+def chat_shared(
+    gen: Generator, conversations: Sequence[Sequence[Message]], *, seed: int, desc: str = ""
+) -> list[Completion]:
+    """`gen.chat`, split over every process of the run (`accelerate launch`): each runs its `Shard`, and every
+    process gets all answers in row order. Every process must call it with the same conversations."""
+    size = distributed.world_size()
+    if size == 1:
+        return gen.chat(conversations, seed=seed, desc=desc)
+    mine = gen.chat(conversations, seed=seed, desc=desc, shard=Shard(distributed.rank(), size))
+    answers: dict[int, Completion] = {}
+    for i, completion in distributed.gather([(i, c) for i, c in enumerate(mine) if c is not None]):
+        answers.setdefault(i, completion)  # rows from the row cache come back from every process
+    missing = [i for i in range(len(conversations)) if i not in answers]
+    if missing:
+        raise RuntimeError(f"rows {missing[:5]} were answered by no process (did the processes ask different rows?)")
+    return [answers[i] for i in range(len(conversations))]
 
 
 def make_choice_scorer(model_dir: str | Path, cfg: ScoringConfig, cache: RowCache | None = None) -> ChoiceScorer:

@@ -43,6 +43,7 @@ from caiforge.engines import (
     GenerationConfig,
     Message,
     ScoringConfig,
+    Shard,
     Stats,
     cache_lookup,
     fill_in,
@@ -271,7 +272,9 @@ class TransformersGenerator:
             }
         )
 
-    def chat(self, conversations: Sequence[Sequence[Message]], *, seed: int, desc: str = "") -> list[Completion]:
+    def chat(
+        self, conversations: Sequence[Sequence[Message]], *, seed: int, desc: str = "", shard: Shard | None = None
+    ) -> list[Completion]:
         if not conversations:
             return []
         texts = [render_chat(self.tokenizer, c) for c in conversations]
@@ -280,7 +283,7 @@ class TransformersGenerator:
         # The prefix is the whole call's (cached rows included), so a row's key does not depend on what is cached.
         plen = self.runner.prefix_len(prompts, min(len(p) for p in prompts) - 1, self.cfg.prefix_reuse)
         keys = [self.key(t, s, plen) for t, s in zip(texts, seeds, strict=True)]
-        found, todo = cache_lookup(self.cache, keys, self.stats)
+        found, todo = cache_lookup(self.cache, keys, self.stats, shard)
         run = list(todo.values())
         batches = fixed_batches([(self.runner.width(len(prompts[i]) - plen),) for i in run], self.cfg.batch_size)
         with torch.inference_mode(), progress(len(run), desc or "generate", self.cfg.progress) as bar:
@@ -298,7 +301,7 @@ class TransformersGenerator:
                 self.stats.seconds += time.perf_counter() - t0
                 bar.update(len(rows))
                 bar.set_postfix(tok_s=f"{self.stats.tokens_per_second:.0f}")
-        return [Completion(**v) for v in fill_in(found, keys)]
+        return [Completion(**v) if v is not None else None for v in fill_in(found, keys, shard)]
 
     def sample_ids(
         self, conversations: Sequence[Sequence[Message]], *, seed: int

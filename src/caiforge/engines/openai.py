@@ -38,6 +38,7 @@ from caiforge.engines import (
     Message,
     ScoringConfig,
     ServerConfig,
+    Shard,
     Stats,
     cache_lookup,
     fill_in,
@@ -245,10 +246,12 @@ class _Client:
         self.stats.engine = {"backend": "openai", "model": model, "servers": len(self.fleet.urls)}
         self.cache: RowCache | None = None
 
-    def cached_run(self, keys: list[str], payloads: list[dict], parse: Any, desc: str) -> list[Any]:
+    def cached_run(
+        self, keys: list[str], payloads: list[dict], parse: Any, desc: str, shard: Shard | None = None
+    ) -> list[Any]:
         """The answers of `payloads` as `parse(i, answer)` makes them: from the row cache, else from the servers
-        (stored as each answer arrives, so a killed run keeps them)."""
-        found, todo = cache_lookup(self.cache, keys, self.stats)
+        (stored as each answer arrives, so a killed run keeps them). With `shard`, only this process's share runs."""
+        found, todo = cache_lookup(self.cache, keys, self.stats, shard)
         run = list(todo.values())
 
         def store(j: int, answer: dict) -> None:
@@ -258,7 +261,7 @@ class _Client:
                 self.cache.put([(keys[i], found[i])])
 
         self.run([payloads[i] for i in run], desc, store)
-        return fill_in(found, keys)
+        return fill_in(found, keys, shard)
 
     def run(self, payloads: list[dict], desc: str, on_done: Any = None) -> list[dict]:
         """Every payload's answer, in order; `on_done(i, answer)` as each one arrives (to store it at once)."""
@@ -291,7 +294,9 @@ class OpenAIGenerator(_Client):
     def from_config(cls, model_dir: str | Path, cfg: GenerationConfig) -> OpenAIGenerator:
         return cls(load_tokenizer(model_dir, cfg.server), cfg)
 
-    def chat(self, conversations: Sequence[Sequence[Message]], *, seed: int, desc: str = "") -> list[Completion]:
+    def chat(
+        self, conversations: Sequence[Sequence[Message]], *, seed: int, desc: str = "", shard: Shard | None = None
+    ) -> list[Completion]:
         texts = [render_chat(self.tokenizer, c) for c in conversations]
         payloads = [self.payload(t, row_seed(seed, t)) for t in texts]
         keys = [rowcache.key({"kind": "chat", "model": self.identity, **p}) for p in payloads]
@@ -306,7 +311,8 @@ class OpenAIGenerator(_Client):
             self.stats.completion_tokens += int(generated)
             return Completion(choice["text"].strip(), prompt_tokens, int(generated), done).as_dict()
 
-        return [Completion(**v) for v in self.cached_run(keys, payloads, parse, desc or "generate")]
+        answers = self.cached_run(keys, payloads, parse, desc or "generate", shard)
+        return [Completion(**v) if v is not None else None for v in answers]
 
     def payload(self, prompt: str, seed: int) -> dict:
         c = self.cfg
