@@ -20,7 +20,8 @@ What the counts mean, per stage:
   bound: a new answer that happens to equal an old one is a cache hit, and a stage that branches on what an answer
   says (a collapsed revision is not built upon) may ask fewer.
 
-Only the `transformers` backend is planned; a stage on `openai` servers is reported as not planned.
+Both backends are planned. For a stage on `openai` servers the plan asks the servers which model they serve (part
+of every key) and sends nothing else.
 """
 
 from __future__ import annotations

@@ -91,3 +91,38 @@ def test_no_server_fails_the_stage_cleanly(tmp_path, smollm2_tokenizer_dir, serv
     with pytest.raises(engines.EngineError, match=dead):
         stage.run(cfg)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_plan_counts_what_label_will_send_to_the_server(
+    tmp_path, llama_server, smollm2_tokenizer_dir, server_env, monkeypatch
+):
+    """`caiforge plan` on the openai backend: after a comparison-principle edit, the plan-mode label (which asks the
+    server only which model it serves) counts exactly the requests the rebuild then sends."""
+    from tests.stages.test_row_rebuilds import parts, planned
+
+    stage = load_stage("label")
+    prompts = write_prompts(tmp_path / "prompts.parquet")
+
+    def cfg(out: str, const: dict):
+        section = smoke_section("label", ["label.max_prompts=4"])
+        section.update(prompts=str(prompts), out_dir=str(tmp_path / out))
+        section.update(policy=str(smollm2_tokenizer_dir), feedback=str(smollm2_tokenizer_dir))
+        section.update(row_cache={"dir": str(tmp_path / "cache"), "prune": False})
+        on_servers(section, "generation", [llama_server.url])
+        on_servers(section, "scoring", [llama_server.url])
+        values = {k: ("constitutions/default.yaml", const[k]) for k in ("comparison", "comparison_examples")}
+        return config.from_declared("label", stage.LabelConfig, {"label": ("params.yaml", section), **values})
+
+    stage.run(cfg("a", parts()))
+    asked = pl.read_parquet(tmp_path / "a" / "comparisons.parquet")["principle_id"].mode().sort()[0]
+    kinder = "Which response is kinder and less likely to cause harm?"
+    edited = parts({"id": asked, "text": kinder}, "comparison", "text")
+    cache = {p: p.read_bytes() for p in (tmp_path / "cache").iterdir()}
+    plan = planned(stage.run, cfg("p", edited), tmp_path, monkeypatch)
+    assert {p: p.read_bytes() for p in (tmp_path / "cache").iterdir()} == cache, "planning writes nothing"
+    again = stage.run(cfg("b", edited))
+    sent = again["row_cache"]
+    assert plan["depends"] == 0, "the policy's samples are cached: every key is known before the build"
+    assert (plan["cached"], plan["send"]) == (sent["hits"], sent["misses"])
+    assert 0 < plan["send"] < plan["cached"], "only the questions under the edited principle are asked again"
+    assert again["tokens"]["scoring"]["rows"] == plan["send"] and again["tokens"]["sampling"]["rows"] == 0

@@ -1,7 +1,9 @@
-"""The engines of `caiforge plan` (see `caiforge.planning`): the transformers engines without a model.
+"""The engines of `caiforge plan` (see `caiforge.planning`): the real engines without a model or a request.
 
 They load the tokenizer only and compute keys and batches with the real engines' own code; only the forward passes
-are replaced, by a placeholder answer (marked, so that a prompt built on it counts as `depends`) or even odds.
+(transformers) or the requests (openai) are replaced, by a placeholder answer (marked, so that a prompt built on it
+counts as `depends`) or even odds. The openai engines ask their servers one thing, which model they serve (GET
+/v1/models), since that is part of every key.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 from caiforge import models, rowcache
 from caiforge.config import StageError
-from caiforge.engines import Completion, hf
+from caiforge.engines import OPTIONS, Completion, Shard, cache_lookup, fill_in, hf
 from caiforge.planmode import MARK, PENDING, Context, active
 
 
@@ -58,14 +60,74 @@ class PlanScorer(hf.TransformersChoiceScorer):
         return [(req, opt, math.log(0.5)) for row in batch for req, opt, _ in row.reads]
 
 
+class _PlanRequests:
+    """The openai engines' request path with placeholders for the answers the cache lacks (no request sent)."""
+
+    cache: Any
+    stats: Any
+
+    def placeholder(self, payload: dict) -> Any:
+        raise NotImplementedError
+
+    def cached_run(
+        self, keys: list[str], payloads: list[dict], parse: Any, desc: str, shard: Shard | None = None
+    ) -> list[Any]:
+        for k, payload in zip(keys, payloads, strict=True):
+            if MARK in payload["prompt"]:
+                self.cache.depends.add(k)
+        found, todo = cache_lookup(self.cache, keys, self.stats, shard)
+        for k, i in todo.items():
+            found[i] = self.placeholder(payloads[i])
+            self.cache.put([(k, found[i])])
+        return fill_in(found, keys, shard)
+
+
+def _openai_classes() -> tuple[type, type]:
+    from caiforge.engines import openai
+
+    class PlanOpenAIGenerator(_PlanRequests, openai.OpenAIGenerator):
+        def placeholder(self, payload: dict) -> dict:
+            return Completion(_placeholder(payload["prompt"], payload["seed"]), 0, 0, True).as_dict()
+
+    class PlanOpenAIScorer(_PlanRequests, openai.OpenAIChoiceScorer):
+        options = 2
+
+        def placeholder(self, payload: dict) -> list[float]:
+            return [math.log(0.5)] * self.options
+
+        def generator(self, cfg: Any) -> Any:
+            engine = PlanOpenAIGenerator(self.tokenizer, cfg)
+            engine.cache = self.cache
+            return engine
+
+        def choice_logprobs(self, conversations: Any, prefills: Any, options: Sequence[str] = OPTIONS) -> Any:
+            self.options = len(options)
+            return super().choice_logprobs(conversations, prefills, options)
+
+    return PlanOpenAIGenerator, PlanOpenAIScorer
+
+
+def _openai_engine(kind: str, model_dir: str | Path, cfg: Any, cache: Any) -> Any:
+    from caiforge.engines import openai
+
+    try:
+        tokenizer = openai.load_tokenizer(model_dir, cfg.server)
+    except (FileNotFoundError, ValueError) as err:
+        raise StageError(f"{model_dir}: no tokenizer yet, so its requests cannot be planned ({err})") from err
+    generator, scorer = _openai_classes()
+    made = (generator if kind == "generator" else scorer)(tokenizer, cfg)
+    made.cache = cache if cache is not None else rowcache.PlanCache(None)
+    return made
+
+
 def engine(kind: str, model_dir: str | Path, cfg: Any, cache: Any) -> Any:
     """The plan-mode engine for `make_generator` (kind "generator") or `make_choice_scorer` ("scorer")."""
     from transformers import AutoTokenizer
 
     ctx = active()
     assert ctx is not None
-    if cfg.backend != "transformers":
-        raise StageError(f"caiforge plan counts requests of the transformers backend only; this one is {cfg.backend}")
+    if cfg.backend == "openai":
+        return _openai_engine(kind, model_dir, cfg, cache)
     try:
         path = models.resolve(model_dir)
     except (FileNotFoundError, ValueError) as err:
