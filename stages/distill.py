@@ -155,6 +155,7 @@ def run(cfg: DistillConfig) -> dict:
         training.save_model(trainer.model, tokenizer, out / "model", cfg)
     ckpt.done()
     history = trainer.state.log_history
+    batch = training.batch_metrics(cfg, trainer)
     student = trainer.model
     del trainer
     after = distillation.agreement(student, teacher, tokenizer, held_prompts, held_answers)
@@ -176,7 +177,7 @@ def run(cfg: DistillConfig) -> dict:
         "mean_train_loss": round(result.training_loss, 6),
         "heldout_before": before,
         "heldout_after": after,
-        **training.batch_metrics(cfg),
+        **batch,
         "train_seconds": round(result.metrics["train_runtime"], 2),
     }
     io.write_json(metrics, out / "metrics.json")

@@ -106,7 +106,7 @@ def run(cfg: PmConfig) -> dict:
         "heldout_before": before,
         "heldout_after": after,
         "mean_p_chosen": round(float(rows["p_chosen"].mean()), 6),
-        **training.batch_metrics(cfg),
+        **training.batch_metrics(cfg, trainer),
         "lora": cfg.lora.enabled,
         "resumed_from_step": training.step_of(resume),
         "train_seconds": round(result.metrics["train_runtime"], 2),

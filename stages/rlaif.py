@@ -277,6 +277,7 @@ def run(cfg: RlaifConfig) -> dict:
         training.save_model(trainer.model, trainer.processing_class, out / "model", cfg)
     ckpt.done()
     history = trainer.state.log_history
+    batch = training.batch_metrics(cfg, trainer)
     del trainer
     responses = answer(out / "model", cfg, texts, "rlaif answers")
     reward_after = pm.score(texts, responses)
@@ -310,7 +311,7 @@ def run(cfg: RlaifConfig) -> dict:
         "kl_train_mean": mean_logged(history, "kl"),
         "dpo_reward_margin_mean": mean_logged(history, "rewards/margins"),
         "train_reward_mean": mean_logged(history, "reward"),
-        **training.batch_metrics(cfg),
+        **batch,
         "lora": cfg.lora.enabled,
         "train_seconds": round(result.metrics["train_runtime"], 2),
     }

@@ -96,7 +96,7 @@ def run(cfg: SftConfig) -> dict:
         "mean_train_loss": round(result.training_loss, 6),
         "heldout_loss_before": before,
         "heldout_loss_after": after,
-        **training.batch_metrics(cfg),
+        **training.batch_metrics(cfg, trainer),
         "lora": cfg.lora.enabled,
         "resumed_from_step": training.step_of(resume),
         "train_seconds": round(result.metrics["train_runtime"], 2),

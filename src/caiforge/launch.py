@@ -87,6 +87,38 @@ def read(root: Path, argv: list[str] | tuple[str, ...] = ()) -> LaunchConfig:
     return cfg
 
 
+SHARDED = {"FSDP": "FSDP", "DEEPSPEED": "DeepSpeed ZeRO"}
+"""accelerate distributed types that need CUDA: without a GPU accelerate would quietly run plain DDP instead."""
+
+
+def check_runnable(config_file: Path, cuda: bool | None = None) -> None:
+    """A ConfigError, before any process starts, when this machine cannot run the accelerate config as written:
+    FSDP or ZeRO without CUDA (accelerate falls back to DDP without a word), ZeRO without the deepspeed package."""
+    import importlib.util
+
+    try:
+        kind = (yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}).get("distributed_type")
+    except (OSError, yaml.YAMLError) as exc:
+        raise config.ConfigError(
+            f"launch.config_file: {config_file}: not a readable accelerate config: {exc}"
+        ) from None
+    if kind not in SHARDED:
+        return
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if not cuda:
+        raise config.ConfigError(
+            f"launch.config_file: {config_file.name} asks for {SHARDED[kind]}, which needs CUDA GPUs; on this machine "
+            "accelerate would silently train plain DDP instead (use launch=ddp)"
+        )
+    if kind == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+        raise config.ConfigError(
+            f"launch.config_file: {config_file.name} needs DeepSpeed: uv pip install deepspeed (or use launch=fsdp)"
+        )
+
+
 def command(stage: str, cfg: LaunchConfig, stage_args: list[str], root: Path) -> list[str]:
     """The command line that runs `stage` under `cfg`."""
     script = str(root / "stages" / f"{stage}.py")
@@ -128,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = read(root, ours)
         cmd = command(stage, cfg, [a for a in rest if a not in ours], root)
+        if cfg.config_file is not None:
+            check_runnable(root / cfg.config_file)
     except (config.ConfigError, ValueError) as exc:
         print(f"{stage}: error: {exc}", file=sys.stderr)
         return 1

@@ -46,9 +46,22 @@ is_main_process = io.is_main_process
 """Rank 0 alone writes model/, metrics.json, dvclive/ and checkpoint markers."""
 
 
-def batch_metrics(cfg: TrainingSchedule) -> dict[str, int]:
-    """The global batch and its three factors, for metrics.json."""
+def parallelism(trainer: Any) -> str:
+    """How the Trainer's accelerator trained: NO (one process), MULTI_CPU or MULTI_GPU (DDP), FSDP1 or FSDP2, or
+    DEEPSPEED_ZERO<stage>, as the accelerate config file made it."""
+    state = trainer.accelerator.state
+    kind = state.distributed_type.value
+    if kind == "FSDP":
+        return f"FSDP{state.fsdp_plugin.fsdp_version}"
+    if kind == "DEEPSPEED":
+        return f"DEEPSPEED_ZERO{state.deepspeed_plugin.zero_stage}"
+    return kind
+
+
+def batch_metrics(cfg: TrainingSchedule, trainer: Any) -> dict[str, int | str]:
+    """How the run was parallel and the global batch with its three factors, for metrics.json."""
     return {
+        "parallelism": parallelism(trainer),
         "processes": world_size(),
         "per_device_batch_size": cfg.batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from caiforge import launch
@@ -107,7 +108,10 @@ def trained(tmp_path: Path, stage: str, processes: int, batch: int, common: list
     assert done.returncode == 0, done.stderr[-4000:]
     # One copy of every output: rank 1 wrote nothing, not even a second dvclive run.
     assert sorted(p.name for p in out.iterdir()) == ["dvclive", "metrics.json", "model"]
-    return out, json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    ddp = "MULTI_GPU" if torch.cuda.is_available() else "MULTI_CPU"
+    assert metrics["parallelism"] == ("NO" if processes == 1 else ddp), "the Trainer really ran DDP"
+    return out, metrics
 
 
 @pytest.mark.parametrize("stage", ["sft", "pm"])
@@ -281,6 +285,15 @@ def test_launch_config_errors_name_the_key(tmp_path):
         "--main_process_port": "29501",
         "--main_process_ip": "10.0.0.1",
     }
+    # FSDP and ZeRO need CUDA: without it accelerate would quietly train DDP (measured: metrics said MULTI_CPU).
+    for name, cuda in (("fsdp", False), ("zero3", False)):
+        with pytest.raises(launch.config.ConfigError, match=r"needs CUDA GPUs.*launch=ddp"):
+            launch.check_runnable(ROOT / "conf" / "accelerate" / f"{name}.yaml", cuda=cuda)
+    launch.check_runnable(ROOT / "conf" / "accelerate" / "fsdp.yaml", cuda=True)
+    launch.check_runnable(ROOT / "conf" / "accelerate" / "ddp.yaml", cuda=False)
+    if not torch.cuda.is_available():
+        done = run_stage("sft", 1, ["launch.config_file=conf/accelerate/fsdp.yaml", "launch.num_processes=2"])
+        assert done.returncode == 1 and "fsdp.yaml asks for FSDP, which needs CUDA GPUs" in done.stderr
     single = launch.read(ROOT)
     assert launch.command("sft", single, [], ROOT) == [sys.executable, str(ROOT / "stages/sft.py")]
     done = run_stage("sft", 1, ["launch.num_processes=0"])

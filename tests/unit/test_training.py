@@ -35,20 +35,33 @@ def test_completion_loss_is_the_token_weighted_completion_cross_entropy(tiny_mod
 
 
 def test_batch_metrics_multiply_out_the_global_batch(monkeypatch):
+    """Pure arithmetic and naming; the launch tests check the same keys on real multi-process runs."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
     class Schedule:
         batch_size, gradient_accumulation_steps = 3, 2
 
+    def trainer(kind: DistributedType, **plugins) -> SimpleNamespace:
+        return SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace(distributed_type=kind, **plugins)))
+
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("RANK", raising=False)
-    assert training.batch_metrics(Schedule())["global_batch_size"] == 6 and training.is_main_process()
+    one = training.batch_metrics(Schedule(), trainer(DistributedType.NO))
+    assert (one["global_batch_size"], one["parallelism"]) == (6, "NO") and training.is_main_process()
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "2")
-    assert training.batch_metrics(Schedule()) == {
+    fsdp = trainer(DistributedType.FSDP, fsdp_plugin=SimpleNamespace(fsdp_version=2))
+    assert training.batch_metrics(Schedule(), fsdp) == {
+        "parallelism": "FSDP2",
         "processes": 4,
         "per_device_batch_size": 3,
         "gradient_accumulation_steps": 2,
         "global_batch_size": 24,
     }
+    zero = trainer(DistributedType.DEEPSPEED, deepspeed_plugin=SimpleNamespace(zero_stage=3))
+    assert training.parallelism(zero) == "DEEPSPEED_ZERO3"
     assert not training.is_main_process()
 
 
