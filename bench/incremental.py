@@ -12,11 +12,17 @@
 Prints each wall time and, last, `ratios: rebuild=.. pull=.. row_rebuild=.. resume=..` (each over full, resume over
 the uninterrupted stage).
 
-    uv run python bench/incremental.py
+`--profile` picks the scale (default `smoke`, minutes on 2 cores). On `smoke` every stage's start-up (about 8 to 12 s:
+interpreter, torch, DVC's bookkeeping) outweighs its work, so `rebuild` and `row_rebuild` both measure how many stages
+rerun more than how many rows. `--profile cpu_demo` (the embedded SmolLM2, about an hour, 20 GB of disk) is where rows
+cost what they cost in real use; there the resume run is the profile's own critique_revise.
+
+    uv run python bench/incremental.py [--profile cpu_demo]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -60,9 +66,9 @@ def journal_rows(repo: Path) -> int:
     return sum(p.read_bytes().count(b"\n") for p in (repo / "data" / "critique_revise" / "rowcache").glob("journal-*"))
 
 
-def stage(repo: Path, kill_at_rows: int | None = None) -> float:
+def stage(repo: Path, args: list[str], kill_at_rows: int | None = None) -> float:
     """Seconds to run the critique_revise script (killed with SIGKILL once `kill_at_rows` requests are kept)."""
-    cmd = [sys.executable, "stages/critique_revise.py", *RESUME_ARGS]
+    cmd = [sys.executable, "stages/critique_revise.py", *args]
     t0 = time.perf_counter()
     env = {**pipeline.env(repo), "DVC_STAGE": "critique_revise", "DVC_ROOT": str(repo)}  # as `dvc repro` runs it
     proc = subprocess.Popen(cmd, cwd=repo, env=env, start_new_session=True, stderr=subprocess.PIPE)
@@ -77,9 +83,13 @@ def stage(repo: Path, kill_at_rows: int | None = None) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="smoke", help="the profile every build composes (default: smoke)")
+    profile = parser.parse_args().profile
+    resume_args = RESUME_ARGS if profile == "smoke" else []
     with tempfile.TemporaryDirectory(prefix="caiforge-bench-") as tmp:
         work = Path(tmp)
-        repo = pipeline.make_repo(work / "repo")
+        repo = pipeline.make_repo(work / "repo", profile)
         full, ran = timed(lambda: pipeline.repro(repo))
         print(f"full:        {full:7.1f} s  ran {ran}")
         pipeline.dvc(repo, "remote", "add", "-d", "team", str(work / "remote"))
@@ -94,12 +104,14 @@ def main() -> None:
         pipeline.edit_principle(cold, asked, "text", PRINCIPLE)
         rebuild, ran = timed(lambda: pipeline.repro(cold))
         print(f"rebuild:     {rebuild:7.1f} s  ran {ran}  (row caches deleted)")
+        shutil.rmtree(cold)  # a copy of every model: on cpu_demo the copies fill a small disk
 
         warm = work / "warm"
         shutil.copytree(repo, warm, symlinks=True)
         pipeline.edit_principle(warm, asked, "text", PRINCIPLE)
         row_rebuild, ran = timed(lambda: pipeline.repro(warm))
         print(f"row_rebuild: {row_rebuild:7.1f} s  ran {ran}  (row caches kept)")
+        shutil.rmtree(warm)
 
         mate = work / "mate"
         pipeline.sh(work, "git", "clone", "-q", str(repo), str(mate))
@@ -107,16 +119,17 @@ def main() -> None:
         print(f"pull:        {pull:7.1f} s  ran {ran}")
 
         drop_row_caches(repo)
-        whole = stage(repo)
+        whole = stage(repo, resume_args)
         rows = json.loads((repo / "data" / "critique_revise" / "metrics.json").read_text())["generation"]["rows"]
         drop_row_caches(repo)
-        killed = stage(repo, kill_at_rows=rows // 2)
+        killed = stage(repo, resume_args, kill_at_rows=rows // 2)
         kept = journal_rows(repo)
-        finish = stage(repo)
+        finish = stage(repo, resume_args)
         print(
             f"stage:       {whole:7.1f} s uninterrupted ({rows} requests); killed after {killed:.1f} s with {kept} "
             f"kept, finished in {finish:.1f} s"
         )
+    print(f"profile: {profile}")
     print(
         f"ratios: rebuild={rebuild / full:.3f} pull={pull / full:.3f} row_rebuild={row_rebuild / full:.3f} "
         f"resume={finish / whole:.3f}"
