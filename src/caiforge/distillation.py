@@ -21,7 +21,7 @@ import functools
 import logging
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -104,12 +104,17 @@ def forward_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, tempe
 
 
 def distillation_loss(
-    teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0
+    teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+    reduction: Literal["mean", "sum"] = "mean",
 ) -> torch.Tensor:
-    """T^2 * mean over masked positions of KL(teacher || student); 0 when no position is masked in."""
+    """T^2 * mean (or sum) over masked positions of KL(teacher || student); 0 when no position is masked in."""
     kl = forward_kl(teacher_logits, student_logits, temperature)
     mask = mask.to(kl.dtype)
-    return temperature**2 * (kl * mask).sum() / mask.sum().clamp(min=1)
+    total = temperature**2 * (kl * mask).sum()
+    return total if reduction == "sum" else total / mask.sum().clamp(min=1)
 
 
 @functools.cache
@@ -145,22 +150,23 @@ def logit_trainer_class() -> type:
                 teacher_logits = self.teacher(**forward).logits
             student_logits = outputs.logits[:, :-1]
             target = labels[:, 1:]
-            mask = (target != -100).to(torch.float32)
-            kl = self.temperature**2 * (forward_kl(teacher_logits[:, :-1], student_logits, self.temperature) * mask)
-            total = (1 - self.ce_weight) * kl.sum()
+            mask = target != -100
+            tokens = mask.sum().clamp(min=1)
+            kl = distillation_loss(teacher_logits[:, :-1], student_logits, mask, self.temperature, reduction="sum")
+            total = (1 - self.ce_weight) * kl
             if self.ce_weight:
                 ce = F.cross_entropy(
                     student_logits.float().flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum"
                 )
                 total = total + self.ce_weight * ce
             if num_items_in_batch is None:  # no count from the Trainer: this micro-batch's mean, scaled for GA
-                loss = total / mask.sum().clamp(min=1) / self.current_gradient_accumulation_steps
+                loss = total / tokens / self.current_gradient_accumulation_steps
             else:
                 loss = total / num_items_in_batch
                 if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
                     loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
             mode = "train" if model.training else "eval"
-            self._metrics[mode]["kl"].append(float(kl.detach().sum() / mask.sum().clamp(min=1)))
+            self._metrics[mode]["kl"].append(float(kl.detach() / tokens))
             return (loss, outputs) if return_outputs else loss
 
     return LogitDistillationTrainer

@@ -203,7 +203,7 @@ class Generator(Protocol):
         self, conversations: Sequence[Sequence[Message]], *, seed: int, desc: str = "", shard: Shard | None = None
     ) -> list[Completion]:
         """With `shard`, this process runs only its share of the requests and the other rows come back None
-        (`caiforge.distributed.chat` gathers every process's share)."""
+        (`chat_shared` gathers every process's share)."""
         ...
 
 
