@@ -15,6 +15,7 @@ import re
 import sys
 import types
 import typing
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -220,10 +221,7 @@ def declared_params(
         with Repo(str(root or project_root())) as opened:
             return declared_params(stage, root, constitution, opened)
     out: dict[str, tuple[str, dict[str, Any]]] = {}
-    stages = repo.stage.collect(stage)
-    if len(stages) != 1:
-        raise ConfigError(f"dvc.yaml: stage {stage!r} not found")
-    for dep in stages[0].params:
+    for dep in _stage(repo, stage).params:
         rel = os.path.relpath(dep.fs_path, repo.root_dir)
         if Path(rel).parent == Path(CONSTITUTIONS) and constitution is not None:
             from caiforge import constitution as parts
@@ -249,6 +247,25 @@ def declared_params(
                 raise ConfigError(f"{rel}: {top}: also declared from {out[top][0]} for stage {stage!r}")
             out[top] = (rel, value)
     return out
+
+
+_LOADERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _stage(repo: Any, stage: str) -> Any:
+    """dvc.yaml's stage `stage`, from one parse of dvc.yaml and dvc.lock per open Repo: `repo.stage.collect` parses
+    both files again for every stage (with ruamel, about 0.6 s on cpu_demo's lock file), which made `check`, which
+    reads all nine, cost 5 s of its 8."""
+    from dvc.dvcfile import load_file
+    from dvc.exceptions import DvcException
+
+    loader = _LOADERS.get(repo)
+    if loader is None:
+        loader = _LOADERS[repo] = load_file(repo, os.path.join(repo.root_dir, "dvc.yaml")).stages
+    try:
+        return loader[stage]
+    except DvcException:
+        raise ConfigError(f"dvc.yaml: stage {stage!r} not found") from None
 
 
 def _others(root: str, rel: str) -> str:
