@@ -108,6 +108,9 @@ class EvaluateConfig:
     """Prompts per kind shown side by side in the report."""
     labeller: LabellerConfig
     """The labeller's settings, for label quality."""
+    collapse_drop_on: tuple[str, ...]
+    """critique_revise's `collapse.drop_on`: a revision carrying one of these flags counts as collapsed in the
+    per-principle table (it is the one SFT never saw)."""
     generation: engines.GenerationConfig
     """Decoding for the models' answers (greedy by default). With the openai backend each model's requests name
     it (`base`, `sft`, `rl`, `student`): the servers must list every one of them (e.g. a multi-model router)."""
@@ -229,7 +232,9 @@ def run(cfg: EvaluateConfig) -> dict:
             "pm_score": evaluation.summary(pm.score(mine["prompt"].to_list(), mine["answer"].to_list())),
         }
     comparisons = io.read_parquet(cfg.comparisons, schemas.COMPARISONS)
-    table = evaluation.per_principle_table(io.read_parquet(cfg.revisions, schemas.REVISIONS), comparisons)
+    table = evaluation.per_principle_table(
+        io.read_parquet(cfg.revisions, schemas.REVISIONS), comparisons, cfg.collapse_drop_on
+    )
     labellers = sorted(set(comparisons["model_fingerprint"]))
     root = Path(cfg.metrics_dir)
     stage_metrics = {s: json.loads((root / s / "metrics.json").read_text()) for s in STAGES_WITH_METRICS}

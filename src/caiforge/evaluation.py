@@ -27,8 +27,6 @@ from caiforge.engines import ChoiceScorer, Generator
 
 log = logging.getLogger(__name__)
 
-DROPPING_FLAGS = collapse.CollapseConfig().drop_on
-
 
 @dataclass(frozen=True)
 class Matchup:
@@ -175,8 +173,11 @@ def read_known_answers(path: str | Path) -> list[tuple[str, str, str]]:
     return items
 
 
-def per_principle_table(revisions: pl.DataFrame, comparisons: pl.DataFrame) -> pl.DataFrame:
-    """Per principle: how often it was drawn, how much its revisions changed the text, how often they collapsed,
+def per_principle_table(
+    revisions: pl.DataFrame, comparisons: pl.DataFrame, drop_on: Sequence[str] = collapse.CollapseConfig().drop_on
+) -> pl.DataFrame:
+    """Per principle: how often it was drawn, how much its revisions changed the text, how often they collapsed
+    (carry a flag in `drop_on`: critique_revise's `collapse.drop_on`, the flags that keep a revision out of SFT),
     and how often its (order-debiased) verdict agreed with the rest of the pair's ensemble (leave-one-out: an
     ensemble that includes the principle itself would inflate its agreement; a pair judged under one principle
     has nothing to agree with and does not count)."""
@@ -185,7 +186,7 @@ def per_principle_table(revisions: pl.DataFrame, comparisons: pl.DataFrame) -> p
         entry = rows[r["principle_id"]]
         entry["drawn"] += 1
         entry["edit"] += 1.0 - difflib.SequenceMatcher(None, r["response"], r["revision"]).ratio()
-        entry["collapsed"] += any(f in DROPPING_FLAGS for f in r["flags"])
+        entry["collapsed"] += any(f in drop_on for f in r["flags"])
     judgements = [
         labeling.Judgement(r["pair_id"], r["principle_id"], r["order"], r["logprob_a"], r["logprob_b"])
         for r in comparisons.iter_rows(named=True)

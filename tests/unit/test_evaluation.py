@@ -103,6 +103,9 @@ def test_per_principle_table():
     # (against an ensemble that includes itself, p0 would have agreed with 0.55). Pair z has one principle only.
     assert p0["label_agreement"] == 0.5 and p1["label_agreement"] == 0.5
     assert p0["drawn_in_labels"] == 2
+    # Collapsed means what critique_revise dropped: with `drop_on: [empty]` an unchanged revision reached SFT.
+    kept = evaluation.per_principle_table(revisions, pl.DataFrame(rows), drop_on=("empty",)).to_dicts()
+    assert kept[0]["collapse_rate"] == 0.0
 
 
 def test_cost_accounting():
