@@ -7,7 +7,10 @@
 - pull:        a teammate's fresh clone doing `dvc repro --pull` from a local remote (nothing recomputes);
 - resume:      `critique_revise` killed (SIGKILL) half-way through its requests (once half of them are in its row
                cache's journal), then finished by a rerun, over its uninterrupted time (runs of the stage script
-               itself, from an empty row cache, sized so that its requests, not its start-up, dominate).
+               itself, from an empty row cache, sized so that its requests, not its start-up, dominate). Also
+               printed: how long the uninterrupted run took after it had kept as many requests as the killed one,
+               so what the rerun adds on top of the work that was left (start-up, replaying the journal) shows
+               apart from how the work happens to be spread over the requests (later rounds read longer prompts).
 
 Prints each wall time with the seconds of every stage that ran (from one "Running stage" line of dvc's to the next,
 so DVC's own bookkeeping counts to the stage before it), then `retrained:` -- the seconds the row rebuild spent in
@@ -34,6 +37,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -99,20 +103,52 @@ def journal_rows(repo: Path) -> int:
     return sum(p.read_bytes().count(b"\n") for p in (repo / "data" / "critique_revise" / "rowcache").glob("journal-*"))
 
 
-def stage(repo: Path, args: list[str], kill_at_rows: int | None = None) -> float:
-    """Seconds to run the critique_revise script (killed with SIGKILL once `kill_at_rows` requests are kept)."""
+def stage(repo: Path, args: list[str], kill_at_rows: int | None = None) -> tuple[float, list[tuple[float, int]]]:
+    """Seconds to run the critique_revise script (killed with SIGKILL once `kill_at_rows` requests are kept), and
+    when each count of kept requests was first seen (polled every 50 ms)."""
     cmd = [sys.executable, "stages/critique_revise.py", *args]
     t0 = time.perf_counter()
     env = {**pipeline.env(repo), "DVC_STAGE": "critique_revise", "DVC_ROOT": str(repo)}  # as `dvc repro` runs it
     proc = subprocess.Popen(cmd, cwd=repo, env=env, start_new_session=True, stderr=subprocess.PIPE)
-    if kill_at_rows is not None:
-        while proc.poll() is None and journal_rows(repo) < kill_at_rows:
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-    _, err = proc.communicate()
+    seen: list[tuple[float, int]] = []
+    # Drain stderr in the background: the stage logs a progress bar per batch, which could fill the pipe.
+    err: list[bytes] = []
+    drain = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
+    drain.start()
+    while proc.poll() is None:
+        rows = journal_rows(repo)
+        if not seen or rows > seen[-1][1]:
+            seen.append((time.perf_counter() - t0, rows))
+        if kill_at_rows is not None and rows >= kill_at_rows:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    drain.join()
     if kill_at_rows is None and proc.returncode != 0:
-        raise RuntimeError(err.decode()[-2000:])
-    return time.perf_counter() - t0
+        raise RuntimeError(b"".join(err).decode()[-2000:])
+    return time.perf_counter() - t0, seen
+
+
+def resume(repo: Path, args: list[str]) -> tuple[float, float]:
+    """critique_revise from an empty row cache, uninterrupted; then killed once half its requests are kept and
+    finished by a rerun. Prints the three times and what the uninterrupted run still had to do after the point the
+    kill left (the rerun's own work; the rest of its time is start-up and replaying the journal). Returns the
+    uninterrupted and the finishing seconds."""
+    drop_row_caches(repo, ("critique_revise",))
+    whole, timeline = stage(repo, args)
+    rows = json.loads((repo / "data" / "critique_revise" / "metrics.json").read_text())["generation"]["rows"]
+    drop_row_caches(repo, ("critique_revise",))
+    killed, _ = stage(repo, args, kill_at_rows=rows // 2)
+    kept = journal_rows(repo)
+    finish, _ = stage(repo, args)
+    reached = next(t for t, n in timeline if n >= kept)  # when the uninterrupted run had kept as many
+    print(
+        f"stage:       {whole:7.1f} s uninterrupted ({rows} requests); killed after {killed:.1f} s with {kept} "
+        f"kept, finished in {finish:.1f} s; the uninterrupted run kept {kept} at {reached:.1f} s and needed "
+        f"{whole - reached:.1f} s more, so the rerun added {finish - (whole - reached):.1f} s (start-up, replay)"
+    )
+    return whole, finish
 
 
 def main() -> None:
@@ -153,17 +189,7 @@ def main() -> None:
         pull, ran = repro(mate, "--pull")
         show("pull", pull, ran)
 
-        drop_row_caches(repo)
-        whole = stage(repo, resume_args)
-        rows = json.loads((repo / "data" / "critique_revise" / "metrics.json").read_text())["generation"]["rows"]
-        drop_row_caches(repo)
-        killed = stage(repo, resume_args, kill_at_rows=rows // 2)
-        kept = journal_rows(repo)
-        finish = stage(repo, resume_args)
-        print(
-            f"stage:       {whole:7.1f} s uninterrupted ({rows} requests); killed after {killed:.1f} s with {kept} "
-            f"kept, finished in {finish:.1f} s"
-        )
+        whole, finish = resume(repo, resume_args)
     print(f"profile: {profile}")
     print(
         f"ratios: rebuild={rebuild / full:.3f} pull={pull / full:.3f} row_rebuild={row_rebuild / full:.3f} "
