@@ -37,7 +37,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -109,24 +108,21 @@ def stage(repo: Path, args: list[str], kill_at_rows: int | None = None) -> tuple
     cmd = [sys.executable, "stages/critique_revise.py", *args]
     t0 = time.perf_counter()
     env = {**pipeline.env(repo), "DVC_STAGE": "critique_revise", "DVC_ROOT": str(repo)}  # as `dvc repro` runs it
-    proc = subprocess.Popen(cmd, cwd=repo, env=env, start_new_session=True, stderr=subprocess.PIPE)
     seen: list[tuple[float, int]] = []
-    # Drain stderr in the background: the stage logs a progress bar per batch, which could fill the pipe.
-    err: list[bytes] = []
-    drain = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
-    drain.start()
-    while proc.poll() is None:
-        rows = journal_rows(repo)
-        if not seen or rows > seen[-1][1]:
-            seen.append((time.perf_counter() - t0, rows))
-        if kill_at_rows is not None and rows >= kill_at_rows:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    proc.wait()
-    drain.join()
-    if kill_at_rows is None and proc.returncode != 0:
-        raise RuntimeError(b"".join(err).decode()[-2000:])
+    with tempfile.TemporaryFile() as err:  # not a pipe: the progress bars would fill it while this loop polls
+        proc = subprocess.Popen(cmd, cwd=repo, env=env, start_new_session=True, stderr=err)
+        while proc.poll() is None:
+            rows = journal_rows(repo)
+            if not seen or rows > seen[-1][1]:
+                seen.append((time.perf_counter() - t0, rows))
+            if kill_at_rows is not None and rows >= kill_at_rows:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        proc.wait()
+        if kill_at_rows is None and proc.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(err.read().decode()[-2000:])
     return time.perf_counter() - t0, seen
 
 
