@@ -102,6 +102,11 @@ def test_declared_params_are_only_the_stage_section():
     assert values["models"][0] == "params.yaml"
 
 
+def test_declared_params_of_a_stage_dvc_yaml_lacks_names_the_file_and_stage():
+    with pytest.raises(ConfigError, match="dvc.yaml: stage 'sfft' not found"):
+        config.declared_params("sfft")
+
+
 def test_stage_script_rejects_bad_override_cleanly():
     proc = subprocess.run(
         [sys.executable, "stages/models.py", "models.dtype=float8"],
