@@ -8,11 +8,20 @@ Same model, prompts and settings (greedy, N new tokens, stop at the chat end tok
 - openai:  caiforge.engines.openai.OpenAIGenerator against a llama.cpp server on 127.0.0.1 serving the embedded
            SmolLM2 GGUF (needs the `server` dependency group; skipped with a note otherwise).
 
+Stage-shaped: the calls real `critique_revise` and `label` make on the profile in params.yaml (cpu_demo by default),
+rebuilt with the stages' own prompt builders from data/curate/prompts.parquet: mixed lengths, sampled, their batch
+sizes and token caps; the answers of one call feed the next (answer -> critique -> revision). They run under both
+`batching` settings, and the naive loop (one prompt at a time, `model.generate`, same sampling settings) runs the
+same calls.
+
 And choice scoring shaped like `label`'s (few-shot comparison demos in front of every question, both orders), with
 and without prefix reuse.
 
 Prints tokens/s of each and, last, the ratios measured side by side in this run:
-`speedup: <engine/naive>`, `prefix_reuse: <scoring without reuse / with>` and `openai: <openai/naive>`.
+`speedup: <engine/naive>`, `prefix_reuse: <scoring without reuse / with>`, `openai: <openai/naive>`, and for the
+stage-shaped calls `stage_naive:` (tokens/s), `stage_shaped: <stage-shaped engine tokens/s / uniform engine tokens/s>`
+per batching setting, and `wasted_slots:` (the share of decoded row positions that were filler rows or rows that had
+already finished).
 Timed runs alternate `--repeats` times and the fastest of each counts, so a busy machine disturbs the ratios as
 little as possible.
 
@@ -25,17 +34,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import polars as pl
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from caiforge import constitution, engines, labeling, models  # noqa: E402
+from caiforge import constitution, engines, labeling, models, prompts  # noqa: E402
 from caiforge.engines import hf  # noqa: E402
 
 
@@ -57,6 +69,98 @@ def label_questions(n: int, few_shot: int) -> list[list[dict[str, str]]]:
         a, b = f"A short answer to: {prompt}", f"A longer, more careful answer to: {prompt} with details."
         out.append(labeling.comparison_turns(prompt, *((a, b) if i % 2 else (b, a)), principle, demos, by_id))
     return out
+
+
+def _gen_cfg(section: dict, batching: str) -> engines.GenerationConfig:
+    keys = ("batch_size", "max_new_tokens", "temperature", "top_p", "top_k", "prefix_reuse")
+    return engines.GenerationConfig(**{k: section[k] for k in keys}, batching=batching, progress=False)
+
+
+def stage_run(chat, params: dict, batching: str, rounds: int) -> list[engines.Completion]:
+    """The generation calls of `critique_revise` (its first `rounds` rounds) and `label`'s sampling, in the stages'
+    order, through `chat(cfg, conversations, seed)`; returns every completion."""
+    cr, lb = params["critique_revise"], params["label"]
+    table = pl.read_parquet(ROOT / cr["prompts"]).filter(pl.col("split") == "train").sort("id")
+    red = table.filter(pl.col("kind") == "red_team")
+    ids = sorted(random.Random(cr["seed"]).sample(sorted(red["id"].to_list()), cr["max_prompts"]))
+    texts = red.filter(pl.col("id").is_in(ids)).sort("id")["text"].to_list()
+    parts = constitution.load(ROOT / "constitutions" / f"{params['constitution']}.yaml")
+    examples = parts.critique_revision_examples[: cr["few_shot"]]
+    cfg = _gen_cfg(cr["generation"], batching)
+    seed = cr["seed"]
+    out = chat(cfg, [prompts.answer(t) for t in texts], seed)
+    current = [c.text for c in out]
+    drawn = [constitution.draw(parts.critique_revision, random.Random(f"{seed}/{i}"), cr["rounds"]) for i in ids]
+    for rnd in range(1, min(rounds, cr["rounds"]) + 1):
+        picked = [d[rnd - 1] for d in drawn]
+        convs = [prompts.critique(t, a, p, examples) for t, a, p in zip(texts, current, picked, strict=True)]
+        crits = chat(cfg, convs, seed + 100 * rnd)
+        convs = [
+            prompts.revision(t, a, p, c.text, examples)
+            for t, a, p, c in zip(texts, current, picked, crits, strict=True)
+        ]
+        revs = chat(cfg, convs, seed + 100 * rnd + 1)
+        out += crits + revs
+        current = [r.text for r in revs]
+    lab = table.filter(pl.col("kind") == "red_team")
+    keep = random.Random(lb["seed"]).sample(lab["id"].to_list(), min(lb["max_prompts"], lab.height))
+    convs = [prompts.answer(t) for t in lab.filter(pl.col("id").is_in(keep))["text"]]
+    lcfg = _gen_cfg(lb["generation"], batching)
+    for k in range(lb["samples_per_prompt"]):
+        out += chat(lcfg, convs, lb["seed"] + 1000 * k)
+    return out
+
+
+@torch.inference_mode()
+def naive_chat(engine: hf.TransformersGenerator, cfg: engines.GenerationConfig, convs, seed: int):
+    """One prompt at a time through `model.generate`, sampling with the call's settings."""
+    outs = []
+    gen = torch.Generator().manual_seed(seed)
+    for conv in convs:
+        ids = torch.tensor([engine.render(conv)], device=engine.device)
+        sampled = cfg.temperature > 0
+        kw = {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k} if sampled else {}
+        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+        out = engine.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=sampled,
+            eos_token_id=engine.stop_ids,
+            pad_token_id=engine.runner.pad_id,
+            **kw,
+        )
+        new = out[0, ids.shape[1] :].tolist()
+        n = count_useful(new, engine.stop_ids)
+        text = engine.tokenizer.decode(new[:n], skip_special_tokens=True).strip()
+        outs.append(engines.Completion(text, ids.shape[1], n, n < len(new) or new[-1] in engine.stop_ids))
+    return outs
+
+
+def bench_stage_shaped(model: str, device: str, repeats: int, rounds: int) -> dict[str, tuple[int, float, float]]:
+    """{setting: (completion tokens, seconds, wasted slot share)} for `exact`, `dynamic` and `naive`."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    base = hf.TransformersGenerator.from_dir(model, engines.GenerationConfig(device=device, progress=False))
+    results: dict[str, tuple[int, float, float]] = {}
+    for _ in range(repeats):
+        for batching in ("exact", "dynamic"):
+            made: list[hf.TransformersGenerator] = []
+
+            def chat(cfg, convs, seed, made=made):
+                made.append(hf.TransformersGenerator(base.model, base.tokenizer, cfg, base.device))
+                return made[-1].chat(convs, seed=seed)
+
+            outs, seconds = timed(stage_run, chat, params, batching, rounds)
+            slots = sum(g.stats.decode_slots for g in made)
+            tokens = sum(o.completion_tokens for o in outs)
+            run = (tokens, seconds, 1 - tokens / slots)
+            print(f"  stage-shaped {batching}: {tokens} tokens in {seconds:.1f} s", flush=True)
+            if batching not in results or seconds < results[batching][1]:
+                results[batching] = run
+    naive = lambda cfg, convs, seed: naive_chat(base, cfg, convs, seed)  # noqa: E731
+    outs, seconds = timed(stage_run, naive, params, "exact", rounds)
+    results["naive"] = (sum(o.completion_tokens for o in outs), seconds, 0.0)
+    return results
 
 
 def count_useful(new_tokens: list[int], stop_ids: list[int]) -> int:
@@ -151,6 +255,10 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=3, help="alternating timed runs; the best of each counts")
     parser.add_argument("--no-openai", action="store_true", help="skip the local llama.cpp server run")
+    parser.add_argument("--no-stage", action="store_true", help="skip the stage-shaped calls")
+    parser.add_argument("--stage-rounds", type=int, default=1, help="critique_revise rounds in the stage calls")
+    parser.add_argument("--stage-repeats", type=int, default=1, help="timed runs of the stage calls per setting")
+    parser.add_argument("--stage-only", action="store_true", help="only the uniform engine run and the stage calls")
     args = parser.parse_args()
 
     cfg = engines.GenerationConfig(
@@ -163,6 +271,8 @@ def main() -> None:
         f"batch_size={args.batch_size} threads={torch.get_num_threads()} params={models.parameter_count(engine.model)}"
     )
     engine.chat(convs[:2], seed=0)  # warm-up (allocator, kernels)
+    if args.stage_only:
+        return print_stage_shaped(args, engine, convs)
 
     naive_convs = convs[: args.naive_prompts or len(convs)]
     n_tok, n_s = run_naive(engine, naive_convs, args.new_tokens)
@@ -207,6 +317,51 @@ def main() -> None:
     print(f"speedup: {eng / naive:.2f}")
     print(f"prefix_reuse: {min(s_runs[False]) / min(s_runs[True]):.2f}")
     print(f"openai: {o_tok / o_s / naive:.2f}" if isinstance(result, tuple) else f"openai: {result}")
+    if not args.no_stage:
+        print_stage_shaped(args, engine, convs)
+
+
+def print_stage_shaped(args, engine: hf.TransformersGenerator, convs) -> None:
+    """The uniform engine run under each batching setting, then the stage-shaped calls, and their ratios."""
+    uniform = {}
+    for batching in ("exact", "dynamic"):
+        cfg = engines.GenerationConfig(
+            batch_size=args.batch_size, max_new_tokens=args.new_tokens, batching=batching, progress=False
+        )
+        gen = hf.TransformersGenerator(engine.model, engine.tokenizer, cfg, engine.device)
+        runs = [timed(gen.chat, convs, seed=0) for _ in range(args.repeats)]
+        outs, seconds = min(runs, key=lambda r: r[1])
+        uniform[batching] = sum(o.completion_tokens for o in outs) / seconds
+        print(f"uniform_{batching}: {uniform[batching]:8.1f} tokens/s ({len(convs)} prompts, greedy)")
+    staged = bench_stage_shaped(args.model, args.device, args.stage_repeats, args.stage_rounds)
+    for name, (tokens, seconds, wasted) in staged.items():
+        print(
+            f"stage_{name}: {tokens:6d} tokens in {seconds:7.2f} s = {tokens / seconds:8.1f} tokens/s "
+            f"(wasted slots {wasted:.3f})"
+        )
+    rate = {k: t / s for k, (t, s, _) in staged.items()}
+    print(f"stage_naive: {rate['naive']:.1f}")
+    for batching in ("exact", "dynamic"):
+        print(
+            f"stage_shaped_{batching}: {rate[batching] / uniform[batching]:.2f} "
+            f"(vs naive {rate[batching] / rate['naive']:.2f}x; wasted_slots {staged[batching][2]:.3f})"
+        )
+    default = engines.GenerationConfig().batching
+    print(f"stage_shaped: {rate[default] / uniform['exact']:.2f} ({default} over the uniform exact figure)")
+    print(f"wasted_slots: exact {staged['exact'][2]:.3f} dynamic {staged['dynamic'][2]:.3f}")
+    print(f"dynamic_over_exact: {rate['dynamic'] / rate['exact']:.2f}")
+    questions = label_questions(args.questions, 0)
+    prefills = [labeling.answer_prefill()] * len(questions)
+    seconds = {}
+    for batching in ("exact", "dynamic"):
+        scfg = engines.ScoringConfig(batch_size=8, batching=batching, progress=False)
+        scorer = hf.TransformersChoiceScorer(engine.model, engine.tokenizer, scfg, engine.device)
+        seconds[batching] = min(timed(scorer.choice_logprobs, questions, prefills)[1] for _ in range(args.repeats))
+    print(
+        f"scoring_dynamic_over_exact: {seconds['exact'] / seconds['dynamic']:.2f} "
+        f"({len(questions)} label-shaped questions without demos, batch 8: exact {seconds['exact']:.2f} s, "
+        f"dynamic {seconds['dynamic']:.2f} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -228,3 +228,60 @@ def test_reward_model_and_distill_tokenisation_keep_text_as_text(tiny):
     ids, start = distillation.completion_tokens(tok, forged, answer)
     plain_ids, _ = distillation.completion_tokens(tok, plain, "Fine.")
     assert ids.count(end) == plain_ids.count(end) and ids[:start].count(end) == 1
+
+
+def reference_nucleus(logits: torch.Tensor, top_k: int, top_p: float) -> list[dict[int, float]]:
+    """Per row, {token: probability} of what sampling may pick, by a full sort of the vocabulary."""
+    out = []
+    for row in logits:
+        if top_k:
+            row = row.masked_fill(row < torch.topk(row, top_k).values[-1], float("-inf"))
+        ranked, index = torch.sort(row, descending=True)
+        probs = torch.softmax(ranked, -1)
+        keep = probs.cumsum(-1) - probs < top_p
+        out.append({int(i): float(p) for i, p, k in zip(index, probs, keep, strict=True) if k and p > 0})
+    return out
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(0, 0.9), (0, 0.999), (50, 0.95), (20, 1.0)])
+def test_nucleus_equals_a_full_sort(top_k, top_p):
+    """The candidate search gives the tokens and probabilities a full sort gives, also for flat rows whose nucleus
+    is larger than the candidates (the fallback)."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 2000, generator=gen) * torch.tensor([[4.0], [1.0], [0.01], [8.0]])
+    index, probs = hf.nucleus(logits, top_k, top_p)
+    for row, want in enumerate(reference_nucleus(logits, top_k, top_p)):
+        got = {int(i): float(p) for i, p in zip(index[row], probs[row], strict=True) if p > 0}
+        assert got.keys() == want.keys()
+        assert all(abs(got[t] - want[t]) < 1e-6 for t in want)
+    assert (probs[2] > 0).sum() > hf.NUCLEUS_CANDIDATES or top_k or top_p == 1.0  # the flat row fell back
+
+
+def test_dynamic_batching_decodes_real_unfinished_rows_only(tiny):
+    """`dynamic` runs no filler rows and drops finished rows; `exact` pays for both. On this model both give the
+    same text (dynamic promises it up to floating point), and their rows never share a cache key."""
+    force = {"max_new_tokens": 16, "temperature": 1.0, "top_p": 0.95}
+    exact, dynamic = engine(tiny, batching="exact", **force), engine(tiny, batching="dynamic", **force)
+    a, b = exact.chat(CONVS, seed=4), dynamic.chat(CONVS, seed=4)
+    assert texts(a) == texts(b)
+    assert dynamic.stats.decode_slots == dynamic.stats.completion_tokens
+    assert dynamic.stats.as_dict()["wasted_slot_share"] == 0.0
+    assert exact.stats.decode_slots > exact.stats.completion_tokens  # 7 rows in batches of 3: fillers at least
+    assert exact.key("t", 1, 0) != dynamic.key("t", 1, 0)
+
+
+def test_row_keys_change_with_engine_code_and_library_versions(tiny, monkeypatch):
+    """A fix to the engine (its version) or a torch / transformers upgrade makes every row new."""
+    import transformers
+
+    g = engine(tiny)
+    before = g.key("t", 1, 0)
+    for target, name, value in [
+        (hf, "ENGINE_VERSION", hf.ENGINE_VERSION + 1),
+        (torch, "__version__", "0.0"),
+        (transformers, "__version__", "0.0"),
+    ]:
+        with monkeypatch.context() as m:
+            m.setattr(target, name, value)
+            assert g.key("t", 1, 0) != before, name
+    assert g.key("t", 1, 0) == before

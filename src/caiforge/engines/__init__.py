@@ -87,6 +87,11 @@ class EngineConfig:
     always read in float32)."""
     prefix_reuse: bool = True
     """Compute the KV cache of the prompt prefix that every row of a call shares once (transformers)."""
+    batching: Literal["exact", "dynamic"] = "dynamic"
+    """transformers: `exact` runs every batch in a shape fixed by its row alone (full batches with filler rows, one
+    batch per width, finished rows decoded to the batch's end), so a row's bytes never depend on its neighbours;
+    `dynamic` batches the real rows only, longest first, and drops rows as they finish: a row then equals its
+    `exact` self up to floating point (README, "Batching")."""
     progress: bool = True
     """Show a progress bar (rows, tokens/s) on stderr."""
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -131,6 +136,9 @@ class ScoringConfig(EngineConfig):
 
     batch_size: int = 8
     """Sequences per forward pass (transformers; grouped by length, left-padded)."""
+    batching: Literal["exact", "dynamic"] = "exact"
+    """As for generation; `exact` by default, since scores are written as numbers: a row-level rebuild then writes
+    the bytes of a fresh build."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -165,6 +173,9 @@ class Stats:
     seconds: float = 0.0
     prefix_tokens_reused: int = 0
     """Prompt tokens not recomputed because their KV cache was shared (transformers prefix reuse)."""
+    decode_slots: int = 0
+    """Row positions the model computed while generating: one per row per decoding step, filler rows and rows that
+    had already finished included (transformers); `completion_tokens` of them were kept."""
     cache_hits: int = 0
     """Requests answered from the row cache (not counted in `rows`, which counts requests the engine ran)."""
     cached_completion_tokens: int = 0
@@ -176,6 +187,11 @@ class Stats:
     def tokens_per_second(self) -> float:
         return self.completion_tokens / self.seconds if self.seconds else 0.0
 
+    @property
+    def wasted_slot_share(self) -> float:
+        """The share of `decode_slots` whose token was thrown away (filler rows, rows already finished)."""
+        return 1 - self.completion_tokens / self.decode_slots if self.decode_slots else 0.0
+
     def as_dict(self) -> dict:
         return {
             "rows": self.rows,
@@ -184,6 +200,8 @@ class Stats:
             "cache_hits": self.cache_hits,
             "cached_completion_tokens": self.cached_completion_tokens,
             "completion_tokens": self.completion_tokens,
+            "decode_slots": self.decode_slots,
+            "wasted_slot_share": round(self.wasted_slot_share, 4),
             "seconds": round(self.seconds, 3),
             "tokens_per_second": round(self.tokens_per_second, 2),
             **self.engine,
@@ -239,8 +257,8 @@ def row_seed(seed: int, prompt: str) -> int:
 class Shard:
     """One process's share of a call under several processes (`accelerate launch`): of the distinct requests the
     row cache does not hold, number k (in row order) runs on the process with index k % count. A row's answer does
-    not depend on which process or batch runs it (`row_seed`, and the transformers engine's fixed batch shapes),
-    so gathering the shares gives the answers one process gives."""
+    not depend on which process runs it (`row_seed`; with `batching: exact` not even on its batch, bit for bit),
+    so gathering the shares gives the answers one process gives (up to floating point with `dynamic`)."""
 
     index: int
     count: int

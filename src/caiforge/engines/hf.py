@@ -15,10 +15,12 @@ What it does for reproducibility:
 - every decoding setting is explicit (temperature, top-p, top-k; no repetition penalty, nothing read from a model's
   generation_config.json);
 - each row samples with its own `torch.Generator` seeded by `row_seed(seed, prompt)`, and no global RNG is touched;
-- batch invariance: a row's numbers, bit for bit, do not depend on the other rows of its call or batch. Kernels
-  pick their blocking by shape (MKL on CPU: a row of a matmul with 2 rows differs in the last bits from the same
-  row alone), so every forward pass runs in a shape fixed by the row itself (see `_Runner`). The row cache relies
-  on this: reused rows and fresh rows give the bytes one build from an empty cache gives;
+- batching (`batching`): `exact` makes a row's numbers, bit for bit, independent of the other rows of its call or
+  batch. Kernels pick their blocking by shape (MKL on CPU: a row of a matmul with 2 rows differs in the last bits
+  from the same row alone), so every forward pass runs in a shape fixed by the row itself (see `_Runner`), and
+  reused rows and fresh rows give the bytes one build from an empty cache gives. `dynamic` batches the real rows
+  only, longest first, and drops each row from its batch when it finishes: the same rows up to floating point,
+  and the same bytes again for the same call on the same machine;
 - a row stops at the chat template's end token or EOS, and is marked unfinished when it hits `max_new_tokens`.
 """
 
@@ -55,6 +57,10 @@ if TYPE_CHECKING:
     from caiforge.rowcache import RowCache
 
 log = logging.getLogger(__name__)
+
+ENGINE_VERSION = 2
+"""Part of every row-cache key, with the torch and transformers versions: bumped whenever a change to this module
+can change a row's tokens or numbers, so rows made by older code are never reused."""
 
 MIN_PREFIX = 8
 """Shared prefixes shorter than this are not worth a separate forward pass."""
@@ -127,6 +133,16 @@ def suffix_width(n: int, steps: int = GENERATE_STEPS) -> int:
         octave *= 2
 
 
+def dynamic_batches(lengths: Sequence[int], groups: Sequence[Any], size: int) -> list[list[int]]:
+    """Row indices cut into batches of at most `size` rows of one group each, longest rows first (ties in row order),
+    so rows of similar length share a batch and little padding is run."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    by_group: dict[Any, list[int]] = {}
+    for i in order:
+        by_group.setdefault(groups[i], []).append(i)
+    return [g[s : s + size] for g in by_group.values() for s in range(0, len(g), size)]
+
+
 def fixed_batches(widths: Sequence[tuple[int, ...]], size: int) -> list[list[int]]:
     """Row indices cut into batches of rows with equal shape keys, widest first, at most `size` per batch."""
     groups: dict[tuple[int, ...], list[int]] = {}
@@ -136,16 +152,18 @@ def fixed_batches(widths: Sequence[tuple[int, ...]], size: int) -> list[list[int
 
 
 class _Runner:
-    """The forward passes both engines share: a prefix cache, then padded suffixes behind it, in fixed shapes.
+    """The forward passes both engines share: a prefix cache, then left-padded suffixes behind it.
 
-    Batch invariance: a row's numbers must not depend on which other rows share its call or batch (the row cache
-    reuses rows across builds, and must give the bytes a fresh build would). Matmul kernels pick their blocking
-    by shape, so every batch runs in a shape that depends on its row alone: exactly `batch_size` rows (a short
-    batch is filled with copies of its first row), a suffix width rounded up by `suffix_width` (always with at
-    least one padding column, so the attention mask is never dropped for a faster kernel), a prefix whose length
-    is part of the row's cache key, and rows that stay in the batch until the batch is done. The price: a call
-    pays for full batches (filler rows) once per distinct width, and finished rows keep decoding until their batch
-    ends.
+    `exact` batching: a row's numbers must not depend on which other rows share its call or batch. Matmul kernels
+    pick their blocking by shape, so every batch runs in a shape that depends on its row alone: exactly
+    `batch_size` rows (a short batch is filled with copies of its first row), a suffix width rounded up by
+    `suffix_width` (always with at least one padding column, so the attention mask is never dropped for a faster
+    kernel), a prefix whose length is part of the row's cache key, and rows that stay in the batch until the batch
+    is done. The price: a call pays for full batches (filler rows) once per distinct width, and finished rows keep
+    decoding until their batch ends.
+
+    `dynamic` batching: batches of real rows only, longest first, padded to their longest row; generation drops a
+    row from its batch as soon as it finishes.
     """
 
     def __init__(
@@ -157,6 +175,7 @@ class _Runner:
         batch_size: int,
         dtype: str | None = None,
         steps: int = GENERATE_STEPS,
+        batching: str = "exact",
     ) -> None:
         # No model (`caiforge plan`): keys and batches only, with the dtype the model would be loaded in.
         self.model = model.eval() if model is not None else None
@@ -165,6 +184,9 @@ class _Runner:
         self.stats = backend_stats
         self.batch_size = batch_size
         self.steps = steps
+        if batching not in ("exact", "dynamic"):
+            raise ValueError(f"batching must be 'exact' or 'dynamic', got {batching!r}")
+        self.exact = batching == "exact"
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise ValueError("the tokenizer has neither a pad nor an EOS token to pad batches with")
@@ -175,16 +197,28 @@ class _Runner:
 
     def shape_key(self) -> dict[str, Any]:
         """What, besides a row's own tokens, fixes its numbers: for the row cache's keys."""
+        import transformers
+
         return {
             "engine": "transformers",
+            "version": [ENGINE_VERSION, torch.__version__, transformers.__version__],
             "device": torch.device(self.device).type,
             "dtype": self.dtype,
-            "batch": [self.batch_size, MIN_WIDTH, self.steps],
+            "batch": [self.batch_size, MIN_WIDTH, self.steps] if self.exact else ["dynamic", self.batch_size],
         }
 
     def width(self, n: int) -> int:
-        """The padded width of an `n`-token suffix in this runner's batches."""
+        """The padded width of an `n`-token suffix in an `exact` batch."""
         return suffix_width(n, self.steps)
+
+    def batches(self, lengths: Sequence[int], plen: int, groups: Sequence[Any] | None = None) -> list[list[int]]:
+        """Row indices (rows of `lengths` tokens, `plen` of them the shared prefix) cut into this runner's batches;
+        rows of different `groups` never share a batch."""
+        groups = groups if groups is not None else [0] * len(lengths)
+        if self.exact:
+            shapes = [(self.width(n - plen), g) for n, g in zip(lengths, groups, strict=True)]
+            return fixed_batches(shapes, self.batch_size)
+        return dynamic_batches(lengths, groups, self.batch_size)
 
     def prefix_len(self, rows: Sequence[Sequence[int]], limit: int, enabled: bool) -> int:
         """Length of the prefix every row of the call shares, at most `limit`; 0 when not worth a cache."""
@@ -205,13 +239,16 @@ class _Runner:
     ) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
         """Run rows (each starting with the same `plen` prefix tokens) left-padded behind the prefix cache.
 
-        The batch is filled up to `batch_size` rows and `suffix_width` columns. Returns the logits of the last
-        `keep` positions, the cache, the attention mask and each row's last position (filler rows included).
+        `exact`: the batch is filled up to `batch_size` rows and `suffix_width` columns; `dynamic`: the rows as
+        given, as wide as the longest. Returns the logits of the last `keep` positions, the cache, the attention
+        mask and each row's last position (filler rows included).
         """
         if plen:
             self.stats.prefix_tokens_reused += plen * len(rows)
-        rows = list(rows) + [rows[0]] * (self.batch_size - len(rows))
-        width = self.width(max(len(r) for r in rows) - plen)
+        longest = max(len(r) for r in rows) - plen
+        if self.exact:
+            rows = list(rows) + [rows[0]] * (self.batch_size - len(rows))
+        width = self.width(longest) if self.exact else longest
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         own = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
@@ -244,7 +281,7 @@ class TransformersGenerator:
     ) -> None:
         self.cfg = cfg
         self.stats = Stats()
-        self.runner = _Runner(model, tokenizer, device, self.stats, cfg.batch_size, dtype)
+        self.runner = _Runner(model, tokenizer, device, self.stats, cfg.batch_size, dtype, batching=cfg.batching)
         self.model, self.tokenizer, self.device = self.runner.model, tokenizer, device
         self.stop_ids = stop_token_ids(tokenizer)
         self.identity = "transformers:in-memory"
@@ -285,7 +322,7 @@ class TransformersGenerator:
         keys = [self.key(t, s, plen) for t, s in zip(texts, seeds, strict=True)]
         found, todo = cache_lookup(self.cache, keys, self.stats, shard)
         run = list(todo.values())
-        batches = fixed_batches([(self.runner.width(len(prompts[i]) - plen),) for i in run], self.cfg.batch_size)
+        batches = self.runner.batches([len(prompts[i]) for i in run], plen)
         with torch.inference_mode(), progress(len(run), desc or "generate", self.cfg.progress) as bar:
             for batch in batches:
                 t0 = time.perf_counter()
@@ -313,7 +350,7 @@ class TransformersGenerator:
         seeds = [row_seed(seed, t) for t in texts]
         new: list[list[int]] = [[] for _ in prompts]
         with torch.inference_mode():
-            for batch in fixed_batches([(self.runner.width(len(p)),) for p in prompts], self.cfg.batch_size):
+            for batch in self.runner.batches([len(p) for p in prompts], 0):
                 sampled = self._sample([prompts[i] for i in batch], [seeds[i] for i in batch], 0)
                 for i, ids in zip(batch, sampled, strict=True):
                     new[i] = ids
@@ -333,21 +370,33 @@ class TransformersGenerator:
         """The new token ids of one batch of rows (each ending at its stop token or at the cap)."""
         n = len(prompts)
         gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-        gens += [torch.Generator(device=self.device).manual_seed(seeds[0]) for _ in range(self.runner.batch_size - n)]
         logits, cache, mask, last_pos = self.runner.forward(prompts, plen, keep=1)
+        gens += [torch.Generator(device=self.device).manual_seed(seeds[0]) for _ in range(logits.shape[0] - n)]
         logits = logits[:, -1]
         new: list[list[int]] = [[] for _ in prompts]
-        done = [False] * n
+        live = list(range(n))  # the row of each batch slot: still decoding (`dynamic`), or every real row (`exact`)
         stop = set(self.stop_ids)
         for _ in range(self.cfg.max_new_tokens):
+            self.stats.decode_slots += logits.shape[0]
             picked = self._pick(logits.float(), gens)
-            for r, token in enumerate(picked.tolist()[:n]):
-                if not done[r]:
-                    new[r].append(token)
-                    done[r] = token in stop or len(new[r]) >= self.cfg.max_new_tokens
-            if all(done):
+            keep = []
+            for slot, token in enumerate(picked.tolist()[: len(live)]):
+                r = live[slot]
+                if len(new[r]) and (new[r][-1] in stop or len(new[r]) >= self.cfg.max_new_tokens):
+                    continue  # an `exact` batch decodes finished rows on; their tokens are ignored
+                new[r].append(token)
+                if token not in stop and len(new[r]) < self.cfg.max_new_tokens:
+                    keep.append(slot)
+            if not keep:
                 break
-            # Finished rows stay (their tokens are ignored): the batch keeps its shape, so nobody's numbers move.
+            if not self.runner.exact and len(keep) < len(live):
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                picked, mask, last_pos = picked[index], mask[index], last_pos[index]
+                gens = [gens[slot] for slot in keep]
+                live = [live[slot] for slot in keep]
+            # `exact`: finished rows stay (their tokens are ignored): the batch keeps its shape, so nobody's numbers
+            # move.
             mask = torch.cat([mask, torch.ones((len(gens), 1), dtype=mask.dtype, device=self.device)], dim=1)
             last_pos = last_pos + 1
             logits = self.runner.model(
@@ -365,18 +414,36 @@ class TransformersGenerator:
         cfg = self.cfg
         if cfg.temperature == 0:
             return logits.argmax(-1)
-        logits = logits / cfg.temperature
-        if cfg.top_k:
-            kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if cfg.top_p < 1:
-            ranked, index = torch.sort(logits, dim=-1, descending=True)
-            probs = torch.softmax(ranked, dim=-1)
-            # Drop a token when the mass ranked above it already reaches top_p (the top token always stays).
-            drop = probs.cumsum(-1) - probs >= cfg.top_p
-            logits = logits.scatter(-1, index, ranked.masked_fill(drop, float("-inf")))
-        probs = torch.softmax(logits, dim=-1)
-        return torch.cat([torch.multinomial(probs[j], 1, generator=g) for j, g in enumerate(gens)])
+        index, probs = nucleus(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+        drawn = torch.cat([torch.multinomial(probs[j], 1, generator=g) for j, g in enumerate(gens)])
+        return drawn if index is None else index.gather(-1, drawn[:, None])[:, 0]
+
+
+NUCLEUS_CANDIDATES = 256
+"""Top-p looks for its nucleus among this many most likely tokens first, and sorts the whole vocabulary only for
+rows whose nucleus is larger (a full sort per row and step was a tenth of sampled generation's time on CPU)."""
+
+
+def nucleus(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(token ids, probabilities) per row of the tokens sampling may pick: the `top_k` most likely (0 = all), then
+    the fewest of those whose mass reaches `top_p` (a token is dropped when the mass ranked above it reaches
+    `top_p`; the top token always stays), ids ranked by probability; dropped tokens get probability 0. Ids are None
+    when nothing is cut (the probabilities are then the whole vocabulary's, in vocabulary order)."""
+    vocab = logits.shape[-1]
+    limit = min(top_k or vocab, vocab)
+    if top_p >= 1 and limit == vocab:
+        return None, torch.softmax(logits, dim=-1)
+    width = limit if top_p >= 1 else min(limit, NUCLEUS_CANDIDATES)
+    while True:
+        values, index = torch.topk(logits, width, dim=-1)
+        norm = torch.logsumexp(logits if limit == vocab else torch.topk(logits, limit, dim=-1).values, -1, True)
+        probs = torch.exp(values - norm)
+        if top_p >= 1:
+            return index, probs
+        above = probs.cumsum(-1) - probs
+        if width == limit or bool((above[:, -1] + probs[:, -1] >= top_p).all()):
+            return index, probs.masked_fill(above >= top_p, 0.0)
+        width = limit
 
 
 @dataclass(frozen=True)
@@ -409,7 +476,9 @@ class TransformersChoiceScorer:
     ) -> None:
         self.cfg = cfg
         self.stats = Stats()
-        self.runner = _Runner(model, tokenizer, device, self.stats, cfg.batch_size, dtype, SCORE_STEPS)
+        self.runner = _Runner(
+            model, tokenizer, device, self.stats, cfg.batch_size, dtype, SCORE_STEPS, batching=cfg.batching
+        )
         self.model, self.tokenizer, self.device = self.runner.model, tokenizer, device
         self.identity = "transformers:in-memory"
         self.cache: RowCache | None = None
@@ -471,9 +540,9 @@ class TransformersChoiceScorer:
                     rows.append(_Row(plan.context + c[:-1], ((req, o, c),), start))
         values = {req: [0.0] * len(options) for req in todo.values()}
         pending = Counter(req for r in rows for req, _, _ in r.reads)
-        shapes = [(self.runner.width(len(r.ids) - plen), r.keep) for r in rows]
+        batches = self.runner.batches([len(r.ids) for r in rows], plen, [r.keep for r in rows])
         with torch.inference_mode(), progress(len(rows), "score", self.cfg.progress) as bar:
-            for batch in fixed_batches(shapes, self.cfg.batch_size):
+            for batch in batches:
                 t0 = time.perf_counter()
                 done = []
                 for req, opt, value in self._score([rows[i] for i in batch], plen):
