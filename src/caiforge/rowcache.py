@@ -11,9 +11,11 @@ pulled and shared like any artifact, kept in place while the stage reruns, and s
 recomputes what is missing). It holds JSON-lines files of `{"k": key, "v": value}`:
 
 - while a stage runs, finished rows are appended (and flushed) to a journal of its own, so a killed run keeps them
-  and the rerun resumes from there; a torn last line is ignored;
-- when the stage completes, every file is compacted into one, named by its content hash (`rows-<hash>.jsonl`),
-  holding all entries or (`prune: true`) only those the build used.
+  and the rerun resumes from there; a torn last line (no newline after it) is ignored, and any other line that is
+  not an entry is an error naming the file and line;
+- when the stage completes, the files it read and its own journal are compacted into one, named by its content
+  hash (`rows-<hash>.jsonl`), holding all entries or (`prune: true`) only those the build used. Files that
+  appeared after it opened the cache (another live process's journal) are left for the next build to merge.
 
 Files are only ever created whole or appended to under a fresh name and deleted; never rewritten in place, so a
 file DVC links from its cache is never modified.
@@ -68,12 +70,15 @@ class RowCache:
         self.misses = 0
         self._journal: Any = None
         self._synced = 0.0
+        self._read: list[Path] = []
+        """The files loaded at open and this process's journal: what `compact` replaces."""
         if self.dir is None:
             return
         if self.dir.is_file():
             raise ValueError(f"{self.dir}: the row cache must be a directory, found a file")
         for path in sorted(self.dir.glob("*.jsonl")):
             self._load(path)
+            self._read.append(path)
 
     @classmethod
     def open(cls, cfg: RowCacheConfig) -> RowCache | None:
@@ -84,6 +89,7 @@ class RowCache:
 
     def _load(self, path: Path) -> None:
         lines = path.read_bytes().split(b"\n")
+        torn = len(lines) if lines[-1].strip() else 0  # a last line with no newline after it: a write cut short
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -91,7 +97,7 @@ class RowCache:
                 entry = json.loads(line)
                 self.entries.setdefault(entry["k"], entry["v"])
             except (ValueError, KeyError, TypeError) as err:
-                if number >= len(lines) - 1:  # the torn last line of a killed run's journal
+                if number == torn:  # a killed run's journal
                     log.info("%s: ignoring an incomplete last line", path)
                     continue
                 raise ValueError(f"{path}, line {number}: not a row-cache entry ({err}); delete the file") from err
@@ -118,6 +124,7 @@ class RowCache:
             self.dir.mkdir(parents=True, exist_ok=True)
             journal = self.dir / f"journal-{os.getpid()}-{time.time_ns()}.jsonl"
             self._journal = open(journal, "a", encoding="utf-8")  # noqa: SIM115 (kept open across puts)
+            self._read.append(journal)
         self._journal.write("".join(lines))
         self._journal.flush()  # in the OS's hands: survives a SIGKILL of this process
         if time.monotonic() - self._synced > SYNC_EVERY:  # and, every few seconds, a crash of the machine
@@ -131,10 +138,11 @@ class RowCache:
             self._journal = None
 
     def compact(self, prune: bool = False) -> Path | None:
-        """Merge every file into one content-named file (only the used entries with `prune`); returns its path."""
+        """Merge the files this cache read or wrote into one content-named file (only the used entries with
+        `prune`); returns its path. Files another process added since this cache opened stay."""
         self.close()
         keep = {k: v for k, v in self.entries.items() if not prune or k in self.used}
-        old = sorted(self.dir.glob("*.jsonl")) if self.dir.is_dir() else []
+        old = [path for path in self._read if path.exists()]
         if not keep and not old:
             return None
         body = "".join(
@@ -149,6 +157,7 @@ class RowCache:
         for path in old:
             if path != final:
                 path.unlink()
+        self._read = [final]
         for stale in self.dir.glob(".*.tmp"):
             stale.unlink()
         return final

@@ -126,3 +126,34 @@ def test_compaction_keeps_everything_or_only_what_the_build_used(tmp_path):
     kept = pruned.compact(prune=True)
     assert [p.name for p in tmp_path.iterdir()] == [kept.name]
     assert rowcache.RowCache(tmp_path).entries == {"newer": 3}
+
+
+def test_only_a_torn_last_line_is_dropped(tmp_path):
+    """A bad line anywhere but a last line cut short (no newline after it) is an error naming file and line."""
+    good = '{"k": "k1", "v": 1}'
+    path = tmp_path / "journal-1-1.jsonl"
+    path.write_text(f'{good}\nGARBAGE\n{{"k": "k2", "v"')
+    with pytest.raises(ValueError, match=rf"{path.name}, line 2"):
+        rowcache.RowCache(tmp_path)
+    path.write_text(f"{good}\nGARBAGE\n")  # complete lines: written whole, so corrupt, not torn
+    with pytest.raises(ValueError, match=rf"{path.name}, line 2"):
+        rowcache.RowCache(tmp_path)
+    path.write_text(f'{good}\n{{"k": "k2", "v"')
+    assert rowcache.RowCache(tmp_path).entries == {"k1": 1}
+
+
+def test_compaction_leaves_a_journal_another_process_is_writing(tmp_path):
+    """compact() replaces what its cache read and wrote; a journal that appeared since (a live process) stays."""
+    first = rowcache.RowCache(tmp_path)
+    first.put([("a", 1)])
+    first.close()
+    build = rowcache.RowCache(tmp_path)
+    other = rowcache.RowCache(tmp_path)  # opened at the same time, still writing when `build` compacts
+    other.put([("b", 2)])
+    build.put([("c", 3)])
+    merged = build.compact()
+    journals = sorted(p.name for p in tmp_path.glob("journal-*.jsonl"))
+    assert len(journals) == 1 and merged.exists()
+    other.put([("d", 4)])
+    other.close()
+    assert rowcache.RowCache(tmp_path).entries == {"a": 1, "b": 2, "c": 3, "d": 4}
