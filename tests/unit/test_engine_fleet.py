@@ -16,7 +16,8 @@ from tests import servers
 
 
 class Scripted:
-    """An OpenAI-shaped HTTP server whose /v1/completions answers with the statuses in `script`, then 200."""
+    """An OpenAI-shaped HTTP server whose /v1/completions answers with the statuses in `script` (bytes: a 200 with
+    that body), then 200."""
 
     def __init__(self, script: list[int], logprobs: bool = True) -> None:
         self.script, self.logprobs, self.seen = list(script), logprobs, 0
@@ -29,7 +30,10 @@ class Scripted:
         body = await request.json()
         self.seen += 1
         if self.script:
-            return web.json_response({"error": "scripted"}, status=self.script.pop(0))
+            step = self.script.pop(0)
+            if isinstance(step, bytes):  # a 200 whose body is not a completion
+                return web.Response(body=step, status=200, content_type="text/html")
+            return web.json_response({"error": "scripted"}, status=step)
         top = [{"(": -3.0, "A": -0.5, "B": -1.5}] if self.logprobs else None
         choice = {"text": f"echo {body['prompt'][-5:]}", "finish_reason": "stop", "logprobs": None}
         if top:
@@ -131,3 +135,39 @@ def test_evaluate_names_each_model_on_shared_servers(scripted, tiny_model_dir):
     assert served.identity == "openai:scripted-model"
     local = engines.GenerationConfig()
     assert evaluate.model_generation(local, "sft") is local
+
+
+NOT_COMPLETIONS = [b"<html><body>Please log in</body></html>", b'{"choices": [{"te', b"\xff\xfe\x00garbage"]
+
+
+@pytest.mark.parametrize("scripted", [NOT_COMPLETIONS], indirect=True)
+def test_a_200_that_is_not_a_completion_is_retried(scripted):
+    """A login page, a truncated body or undecodable bytes with status 200 are retried, never a lost request."""
+    f = fleet(scripted.url)
+    assert [a["choices"][0]["text"] for a in call_within(f, [{"prompt": "one"}], 30)] == ["echo one"]
+    assert f.retries == 3 and scripted.seen == 4
+
+
+@pytest.mark.parametrize("scripted", [[NOT_COMPLETIONS[0]] * 10], indirect=True)
+def test_a_server_that_only_answers_html_fails_the_call_naming_it(scripted):
+    with pytest.raises(openai.ServerError, match="HTTP 200 but not a completion.*log in"):
+        call_within(fleet(scripted.url, max_retries=2), [{"prompt": "x"}, {"prompt": "y"}], 30)
+
+
+def call_within(f: openai.Fleet, payloads: list[dict], seconds: float) -> list[dict]:
+    """`f.complete(payloads)` in a thread, failing the test instead of hanging when it does not return in time."""
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["answers"] = f.complete(payloads)
+        except BaseException as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"the call hung for {seconds} s"
+    if "error" in out:
+        raise out["error"]
+    return out["answers"]

@@ -10,7 +10,9 @@ text the transformers engine sees), so every server gets the same prompt whateve
   outside the top k gets the smallest returned log-prob (an upper bound; counted in the stats); a server that
   returns no log-probs is an error, never a silent 0.5.
 - The fleet: requests are spread over every URL with at most `max_in_flight` in flight per server (asyncio). A
-  timeout, connection error, 429 or 5xx is retried with exponential backoff on whichever server is free next;
+  timeout, connection error, 429, 5xx, or a 200 whose body is not a completion (a proxy's HTML, a body cut
+  short) is retried with exponential backoff on whichever server is free next; every answer ends as a row, a
+  retry or an error (a worker never dies silently);
   a server that keeps failing is dropped and its requests move to the others. When no server is left, or a
   request exhausts its retries, the stage fails with an error naming the servers (stages write nothing before
   all rows are in, so nothing half-written is left).
@@ -146,6 +148,14 @@ class Fleet:
                 finished.set_exception(ServerError(message))
 
         async def worker(session: Any, url: str) -> None:
+            # Whatever goes wrong ends the call as an error: a worker that died silently would lose its request
+            # and leave the call waiting forever.
+            try:
+                await serve(session, url)
+            except Exception as exc:
+                fail(f"{url}: {type(exc).__name__}: {exc}")
+
+        async def serve(session: Any, url: str) -> None:
             nonlocal remaining
             while url in alive and not finished.done():
                 i, attempt = await queue.get()
@@ -155,10 +165,12 @@ class Fleet:
                 try:
                     self.requests_sent += 1
                     async with session.post(f"{url}/completions", json=body) as resp:
-                        text = await resp.text()
-                        if resp.status == 200:
+                        raw = await resp.read()
+                        text = raw.decode("utf-8", errors="replace")
+                        answer = _completion(raw) if resp.status == 200 else None
+                        if answer is not None:
                             alive[url] = 0
-                            results[i] = _json(text, url)
+                            results[i] = answer
                             remaining -= 1
                             if on_done:
                                 try:
@@ -170,7 +182,11 @@ class Fleet:
                             if remaining == 0 and not finished.done():
                                 finished.set_result(None)
                             continue
-                        error, retry, down = f"{url}: HTTP {resp.status}: {text[:300]}", resp.status in RETRY_STATUS, 0
+                        if resp.status == 200:  # a proxy's or login page's HTML, a body cut short: retried
+                            error, retry, down = f"{url}: HTTP 200 but not a completion: {text[:200]!r}", True, 0
+                        else:
+                            error = f"{url}: HTTP {resp.status}: {text[:300]}"
+                            retry, down = resp.status in RETRY_STATUS, 0
                 except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
                     error, retry, down = f"{url}: {type(exc).__name__}: {exc}", True, 1
                 last_error[url] = error
@@ -207,13 +223,15 @@ class Fleet:
         return [r for r in results if r is not None]
 
 
-def _json(text: str, url: str) -> dict:
+def _completion(raw: bytes) -> dict | None:
+    """The JSON object of a completion answer, or None when the body is not one (not JSON, not UTF-8, no choices)."""
     import json
 
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ServerError(f"{url}: not a JSON answer: {text[:200]!r}") from exc
+        answer = json.loads(raw)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return None
+    return answer if isinstance(answer, dict) and isinstance(answer.get("choices"), list) else None
 
 
 def load_tokenizer(model_dir: str | Path, server: ServerConfig) -> Any:
