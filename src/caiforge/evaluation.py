@@ -228,7 +228,9 @@ def cost_accounting(stage_metrics: Mapping[str, Mapping[str, Any]], usd_per_cpu_
     """Tokens generated, labels made and seconds spent, from each stage's metrics.json, and the cost per AI label.
 
     Seconds are the generation/training/scoring seconds the stages report (model loading excluded); tokens count
-    every answer the stage wrote, also those its row cache held.
+    every answer the stage wrote, also those its row cache held. A label costs two numbers: `seconds_per_ai_label`
+    is what it cost to make (each engine's requests from the row cache priced at the seconds per request this build
+    paid for the ones it ran; None when the build ran none), `build_seconds_per_ai_label` what this build paid.
     """
     cr = stage_metrics.get("critique_revise", {})
     lab = stage_metrics.get("label", {})
@@ -249,8 +251,13 @@ def cost_accounting(stage_metrics: Mapping[str, Mapping[str, Any]], usd_per_cpu_
         **{s: stage_metrics.get(s, {}).get("train_seconds", 0.0) for s in ("sft", "pm", "rlaif", "distill")},
     }
     labels = lab.get("pairs", 0)
-    label_seconds = seconds["label"]
-    per_label = label_seconds / labels if labels else None
+    engines_used = [lab.get("tokens", {}).get(k) or {} for k in ("sampling", "reasoning", "scoring")]
+    made = [e for e in engines_used if e.get("rows", 0) + e.get("cache_hits", 0)]
+    paid = None
+    if all(e.get("rows", 0) for e in made):
+        paid = sum(e.get("seconds", 0.0) * (e["rows"] + e.get("cache_hits", 0)) / e["rows"] for e in made)
+    per_label = paid / labels if labels and paid is not None else None
+    build_per_label = seconds["label"] / labels if labels else None
     return {
         "tokens_generated": tokens,
         "ai_labels": labels,
@@ -258,6 +265,7 @@ def cost_accounting(stage_metrics: Mapping[str, Mapping[str, Any]], usd_per_cpu_
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "seconds_per_ai_label": round(per_label, 3) if per_label is not None else None,
         "usd_per_ai_label": round(per_label * usd_per_cpu_hour / 3600, 6) if per_label is not None else None,
+        "build_seconds_per_ai_label": round(build_per_label, 3) if build_per_label is not None else None,
         "usd_per_cpu_hour": usd_per_cpu_hour,
     }
 

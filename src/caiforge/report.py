@@ -368,7 +368,8 @@ def evaluation_page(
         ],
     ) + (
         "<p>Seconds and USD per AI label depend on the machine: see <code>data/evaluate/metrics.json</code> "
-        "(<code>cost.seconds_per_ai_label</code>, <code>cost.usd_per_ai_label</code>) or "
+        "(<code>cost.seconds_per_ai_label</code> and <code>cost.usd_per_ai_label</code>: what a label cost to "
+        "make, the row cache's included; <code>cost.build_seconds_per_ai_label</code>: what this build paid) or "
         "<code>dvc metrics show</code>.</p>"
     )
     principle_table = table(principles.columns, principles.rows())

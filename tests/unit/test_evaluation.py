@@ -115,9 +115,10 @@ def test_cost_accounting():
                 "pairs": 10,
                 "comparisons": 40,
                 "tokens": {
-                    "sampling": {"completion_tokens": 100, "seconds": 5.0},
+                    "sampling": {"completion_tokens": 100, "seconds": 5.0, "rows": 10},
                     "reasoning": None,
-                    "scoring": {"completion_tokens": 0, "seconds": 15.0},
+                    # 90% of the questions came from the row cache: this build paid for 4 of 40.
+                    "scoring": {"completion_tokens": 0, "seconds": 15.0, "rows": 4, "cache_hits": 36},
                 },
             },
             # A rebuild that took 600 of its tokens from the row cache still wrote 900 tokens of answers.
@@ -128,8 +129,9 @@ def test_cost_accounting():
         },
         usd_per_cpu_hour=3.6,
     )
-    assert cost["seconds_per_ai_label"] == 2.0
-    assert cost["usd_per_ai_label"] == pytest.approx(0.002)
+    assert cost["build_seconds_per_ai_label"] == 2.0, "what this build paid: 20 s for 10 labels"
+    assert cost["seconds_per_ai_label"] == 15.5, "what a label cost to make: (5 + 15 x 40 / 4) s for 10 labels"
+    assert cost["usd_per_ai_label"] == pytest.approx(0.0155)
     assert cost["tokens_generated"] == {"critique_revise": 900, "label": 100}
     assert cost["seconds"]["sft"] == 12.0
 
