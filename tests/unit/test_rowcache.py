@@ -58,12 +58,24 @@ def test_a_rows_numbers_do_not_depend_on_its_call(tiny, prefix_reuse):
 
 
 def test_keys_hold_the_prefix_and_every_setting(tiny):
-    g = generator(tiny)
+    g = generator(tiny, batching="exact")
     base = g.key("prompt", 1, 0)
     assert len({base, g.key("prompt", 1, 40), g.key("prompt", 2, 0), g.key("prompt ", 1, 0)}) == 4
-    assert generator(tiny, temperature=0.5).key("prompt", 1, 0) != base
-    assert generator(tiny, batch_size=4).key("prompt", 1, 0) != base, "the batch shape fixes the numbers"
-    assert generator(tiny).key("prompt", 1, 0) == base
+    assert generator(tiny, batching="exact", temperature=0.5).key("prompt", 1, 0) != base
+    assert generator(tiny, batching="exact", batch_size=4).key("prompt", 1, 0) != base, "the shape fixes numbers"
+    assert generator(tiny, batching="exact").key("prompt", 1, 0) == base
+
+
+def test_dynamic_keys_do_not_hold_the_calls_prefix(tiny, tmp_path):
+    """Under `dynamic`, a row added to a call that shortens the shared prefix leaves every other row's key as it
+    was: the old rows come from the cache."""
+    convs = [[{"role": "system", "content": "a long shared system prompt " * 4}, c[-1]] for c in CONVS]
+    first = generator(tiny, rowcache.RowCache(tmp_path))
+    first.chat(convs, seed=2)
+    first.cache.close()
+    again = generator(tiny, rowcache.RowCache(tmp_path))
+    again.chat([*convs, CONVS[0]], seed=2)  # no system prompt: the shared prefix shrinks to the template's start
+    assert again.stats.cache_hits == len(convs) and again.stats.rows == 1
 
 
 def test_cached_rows_are_reused_and_new_rows_match_a_fresh_build(tiny, tmp_path):

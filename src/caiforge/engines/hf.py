@@ -207,6 +207,12 @@ class _Runner:
             "batch": [self.batch_size, MIN_WIDTH, self.steps] if self.exact else ["dynamic", self.batch_size],
         }
 
+    def prefix_key(self, plen: int) -> int | None:
+        """The shared prefix's part in a row's key: its length under `exact` (where the split point fixes the
+        numbers); nothing under `dynamic`, so a row added to a call that shortens the shared prefix leaves the
+        other rows' keys as they were."""
+        return plen if self.exact else None
+
     def width(self, n: int) -> int:
         """The padded width of an `n`-token suffix in an `exact` batch."""
         return suffix_width(n, self.steps)
@@ -302,7 +308,7 @@ class TransformersGenerator:
                 "kind": "chat",
                 "model": self.identity,
                 **self.runner.shape_key(),
-                "prefix": plen,
+                "prefix": self.runner.prefix_key(plen),
                 "decoding": [c.max_new_tokens, c.temperature, c.top_p, c.top_k],
                 "prompt": text,
                 "seed": seed,
@@ -497,7 +503,7 @@ class TransformersChoiceScorer:
                 "kind": "choice",
                 "model": self.identity,
                 **self.runner.shape_key(),
-                "prefix": plen,
+                "prefix": self.runner.prefix_key(plen),
                 "prompt": text,
                 "options": list(options),
             }
