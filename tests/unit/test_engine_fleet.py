@@ -171,3 +171,18 @@ def call_within(f: openai.Fleet, payloads: list[dict], seconds: float) -> list[d
     if "error" in out:
         raise out["error"]
     return out["answers"]
+
+
+@pytest.mark.parametrize("scripted", [[]], indirect=True)
+def test_server_rows_are_new_when_the_engine_code_changes(scripted, tiny_model_dir, tmp_path, monkeypatch):
+    """Rows cached by an older version of the openai engine's requests or parsing are asked again."""
+    from caiforge import rowcache
+
+    cfg = engines.GenerationConfig(backend="openai", server=engines.ServerConfig(urls=(scripted.url,)), progress=False)
+    convs = [[{"role": "user", "content": "hello"}]]
+    for version, sent in [(openai.ENGINE_VERSION, 1), (openai.ENGINE_VERSION, 1), (openai.ENGINE_VERSION + 1, 2)]:
+        monkeypatch.setattr(openai, "ENGINE_VERSION", version)
+        gen = engines.make_generator(tiny_model_dir, cfg, rowcache.RowCache(tmp_path))
+        gen.chat(convs, seed=0)
+        gen.cache.close()
+        assert scripted.seen == sent

@@ -53,6 +53,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+ENGINE_VERSION = 1
+"""Part of every row-cache key: bumped whenever a change to this module (requests, parsing) can change a row."""
+
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 """HTTP statuses worth retrying (the server is busy or restarting); any other error status fails at once."""
 
@@ -317,7 +320,9 @@ class OpenAIGenerator(_Client):
     ) -> list[Completion]:
         texts = [render_chat(self.tokenizer, c) for c in conversations]
         payloads = [self.payload(t, row_seed(seed, t)) for t in texts]
-        keys = [rowcache.key({"kind": "chat", "model": self.identity, **p}) for p in payloads]
+        keys = [
+            rowcache.key({"kind": "chat", "model": self.identity, "version": ENGINE_VERSION, **p}) for p in payloads
+        ]
 
         def parse(i: int, answer: dict) -> dict:
             choice = answer["choices"][0]
@@ -396,7 +401,10 @@ class OpenAIChoiceScorer(_Client):
             for p in prompts
         ]
         keys = [
-            rowcache.key({"kind": "choice", "model": self.identity, "options": list(options), **p}) for p in payloads
+            rowcache.key(
+                {"kind": "choice", "model": self.identity, "version": ENGINE_VERSION, "options": list(options), **p}
+            )
+            for p in payloads
         ]
 
         def parse(i: int, answer: dict) -> list[float]:
