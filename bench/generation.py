@@ -12,7 +12,7 @@ Stage-shaped: the calls real `critique_revise` and `label` make on the profile i
 rebuilt with the stages' own prompt builders from data/curate/prompts.parquet: mixed lengths, sampled, their batch
 sizes and token caps; the answers of one call feed the next (answer -> critique -> revision). They run under both
 `batching` settings, and the naive loop (one prompt at a time, `model.generate`, same sampling settings) runs the
-answer and sampling calls among them (short prompts, its best case).
+answer call among them (short prompts, its best case).
 
 And choice scoring shaped like `label`'s (few-shot comparison demos in front of every question, both orders), with
 and without prefix reuse.
@@ -76,7 +76,7 @@ def _gen_cfg(section: dict, batching: str) -> engines.GenerationConfig:
     return engines.GenerationConfig(**{k: section[k] for k in keys}, batching=batching, progress=False)
 
 
-def stage_run(chat, params: dict, batching: str, rounds: int) -> list[engines.Completion]:
+def stage_run(chat, params: dict, batching: str, rounds: int, label: bool = True) -> list[engines.Completion]:
     """The generation calls of `critique_revise` (its first `rounds` rounds) and `label`'s sampling, in the stages'
     order, through `chat(cfg, conversations, seed)`; returns every completion."""
     cr, lb = params["critique_revise"], params["label"]
@@ -102,6 +102,8 @@ def stage_run(chat, params: dict, batching: str, rounds: int) -> list[engines.Co
         revs = chat(cfg, convs, seed + 100 * rnd + 1)
         out += crits + revs
         current = [r.text for r in revs]
+    if not label:
+        return out
     lab = table.filter(pl.col("kind") == "red_team")
     keep = random.Random(lb["seed"]).sample(lab["id"].to_list(), min(lb["max_prompts"], lab.height))
     convs = [prompts.answer(t) for t in lab.filter(pl.col("id").is_in(keep))["text"]]
@@ -157,9 +159,9 @@ def bench_stage_shaped(model: str, device: str, repeats: int, rounds: int) -> di
             print(f"  stage-shaped {batching}: {tokens} tokens in {seconds:.1f} s", flush=True)
             if batching not in results or seconds < results[batching][1]:
                 results[batching] = run
-    # The naive loop on the answer and sampling calls only (short prompts: its best case), to keep the run short.
+    # The naive loop on the answer call only (short prompts: its best case), to keep the run short.
     naive = lambda cfg, convs, seed: naive_chat(base, cfg, convs, seed)  # noqa: E731
-    outs, seconds = timed(stage_run, naive, params, "exact", 0)
+    outs, seconds = timed(stage_run, naive, params, "exact", 0, False)
     results["naive"] = (sum(o.completion_tokens for o in outs), seconds, 0.0)
     return results
 

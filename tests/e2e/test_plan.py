@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import sys
 
+import polars as pl
+
 from tests.e2e import pipeline
 
 
@@ -20,7 +22,9 @@ def row_cache(repo, stage: str) -> dict[str, int]:
 
 def test_plan_counts_what_the_next_repro_sends(repo):
     assert plan(repo) == {}, "an up-to-date workspace has nothing to run"
-    pipeline.edit_first(repo, "comparison", "text", "Which response is kinder and less likely to cause harm?")
+    # A principle this build's labels drew (which ones depends on the sampled pairs), so that some questions change.
+    drawn = pl.read_parquet(repo / "data" / "label" / "comparisons.parquet")["principle_id"].mode().sort()[0]
+    pipeline.edit_principle(repo, drawn, "text", "Which response is kinder and less likely to cause harm?")
     before = pipeline.data_digests(repo)
     caches = {p: p.read_bytes() for p in (repo / "data").glob("*/rowcache/*")}
 

@@ -427,7 +427,7 @@ class TransformersGenerator:
 
 NUCLEUS_CANDIDATES = 256
 """Top-p looks for its nucleus among this many most likely tokens first, and sorts the whole vocabulary only for
-rows whose nucleus is larger (a full sort per row and step was a tenth of sampled generation's time on CPU)."""
+rows whose nucleus is larger."""
 
 
 def nucleus(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor | None, torch.Tensor]:
