@@ -47,7 +47,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from caiforge import constitution, engines, labeling, models, prompts  # noqa: E402
+from caiforge import constitution, engines, labeling, models, preflight, prompts  # noqa: E402
 from caiforge.engines import hf  # noqa: E402
 
 
@@ -82,8 +82,8 @@ def stage_run(chat, params: dict, batching: str, rounds: int, label: bool = True
     cr, lb = params["critique_revise"], params["label"]
     table = pl.read_parquet(ROOT / cr["prompts"]).filter(pl.col("split") == "train").sort("id")
     red = table.filter(pl.col("kind") == "red_team")
-    ids = sorted(random.Random(cr["seed"]).sample(sorted(red["id"].to_list()), cr["max_prompts"]))
-    texts = red.filter(pl.col("id").is_in(ids)).sort("id")["text"].to_list()
+    picked = preflight.stage_module(ROOT, "critique_revise").subset(red, cr["max_prompts"], random.Random(cr["seed"]))
+    ids, texts = picked["id"].to_list(), picked["text"].to_list()
     parts = constitution.load(ROOT / "constitutions" / f"{params['constitution']}.yaml")
     examples = parts.critique_revision_examples[: cr["few_shot"]]
     cfg = _gen_cfg(cr["generation"], batching)
