@@ -64,7 +64,10 @@ class LabellerConfig:
     cot_band: tuple[float, float]
     """Clamp for chain-of-thought probabilities."""
     cot_generation: engines.GenerationConfig
-    """Decoding of the reasoning."""
+    """Decoding of the reasoning (on the judge's engine)."""
+
+    def __post_init__(self) -> None:
+        engines.decoding_only(self.cot_generation, "evaluate.labeller.cot_generation")
 
 
 @dataclass(frozen=True)
@@ -263,9 +266,10 @@ def run(cfg: EvaluateConfig) -> dict:
         "harm_judge": harm.heldout,
         "judge": {
             "model": judge_identity,
-            # True: the Elo ratings come from the model that labelled the RL training pairs; read attack success
-            # and refusal rates (independent of it, with prompt-level intervals) as the harmlessness evidence.
-            "is_the_labeller": judge_identity in labellers,
+            # True: the Elo ratings come from the weights that labelled the RL training pairs (on any backend);
+            # read attack success and refusal rates (independent of it) as the harmlessness evidence. None: some
+            # weights are unknown (a served model without server.weights).
+            "is_the_labeller": engines.same_weights(judge_identity, labellers),
             "model_comparisons": judged,
             "engine": judge_stats,
             "seconds": round(judge_seconds, 2),

@@ -76,7 +76,7 @@ class LabelConfig:
     generation: engines.GenerationConfig
     """Decoding for the K samples (temperature > 0)."""
     cot_generation: engines.GenerationConfig
-    """Decoding for the feedback model's reasoning (chain-of-thought mode only)."""
+    """Decoding for the feedback model's reasoning (chain-of-thought mode only); it runs on `scoring`'s engine."""
     scoring: engines.ScoringConfig
     """How the feedback model is run to score the options."""
     constitution: constitution.Constitution
@@ -87,6 +87,7 @@ class LabelConfig:
 
     def __post_init__(self) -> None:
         config.require_caps(self, "max_prompts")
+        engines.decoding_only(self.cot_generation, "label.cot_generation")
         if self.samples_per_prompt < 2 or self.principles_per_pair < 1 or self.few_shot < 0:
             raise ValueError("label: samples_per_prompt must be >= 2, principles_per_pair >= 1 and few_shot >= 0")
         if self.generation.temperature <= 0:

@@ -97,12 +97,18 @@ class RlaifConfig(training.TrainingSchedule):
     kl_max_new_tokens: int
     """Token cap of the answers the held-out KL is estimated on (high: a capped answer is a truncated sample)."""
     generation: engines.GenerationConfig
-    """How the SFT and tuned models answer the held-out prompts (greedy by default)."""
+    """How the SFT and tuned models answer the held-out prompts (greedy by default), on the transformers engine:
+    the tuned model exists only here, and both are measured the same way."""
     lora: training.LoraConfig
     """LoRA instead of a full fine-tune (merged on save; the reference is then the adapter-free model)."""
 
     def __post_init__(self) -> None:
         config.require_caps(self, "max_prompts", "max_heldout_prompts")
+        if self.generation.backend != "transformers":
+            raise ValueError(
+                "generation.backend must be 'transformers': the held-out reward after RL is measured on the model "
+                "this stage just trained, which no server serves (and before RL the same way)"
+            )
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0 (a KL leash to the SFT model), got {self.beta}")
         if not 0 <= self.dpo_min_confidence < 1:

@@ -79,6 +79,36 @@ def smollm2_tokenizer_dir(tmp_path_factory, smollm2_dir) -> Path:
     return out
 
 
+SERVED_GGUF = "served.gguf"
+"""The GGUF file a served model directory holds (`served_dirs`): what its server serves."""
+
+
+@pytest.fixture(scope="session")
+def served_dirs(tmp_path_factory, smollm2_gguf, smollm2_tokenizer_dir, smollm2_dir) -> tuple[Path, Path]:
+    """Two model directories as a role declares the weights its server serves (tokenizer, config and the GGUF the
+    server loads, `SERVED_GGUF`): the embedded SmolLM2, and a "retrained" copy whose norm weights are scaled
+    (other weights, other answers, same architecture and tokenizer)."""
+    import shutil
+
+    import gguf
+    import numpy as np
+
+    out = []
+    for name in ("before", "after"):
+        d = tmp_path_factory.mktemp(f"served-{name}")
+        shutil.copytree(smollm2_tokenizer_dir, d, dirs_exist_ok=True)
+        shutil.copy(smollm2_dir / "config.json", d / "config.json")
+        shutil.copy(smollm2_gguf, d / SERVED_GGUF)
+        out.append(d)
+    reader = gguf.GGUFReader(str(out[1] / SERVED_GGUF), "r+")
+    for tensor in reader.tensors:
+        if tensor.name.endswith("norm.weight"):
+            tensor.data[:] = tensor.data * np.float32(0.8)
+    reader.data.flush()
+    del reader
+    return out[0], out[1]
+
+
 @pytest.fixture(scope="session")
 def llama_server(tmp_path_factory, smollm2_gguf):
     """One real llama.cpp server for the whole session, serving the embedded SmolLM2 GGUF with an API key."""

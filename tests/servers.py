@@ -55,12 +55,35 @@ class Server:
             self.process.wait(timeout=30)
 
 
-def start(gguf: Path, log_dir: Path, *, threads: int = 1, ready_within: float = 120.0) -> Server:
+def start(
+    gguf: Path,
+    log_dir: Path,
+    *,
+    threads: int = 1,
+    ready_within: float = 120.0,
+    alias: str | None = None,
+    port: int | None = None,
+    models: dict[str, Path] | None = None,
+) -> Server:
+    """llama-cpp-python's server on `gguf`, served as `alias` (default: the file's path), on `port` (default: a
+    free one); with `models` ({served name: GGUF}), every one of them instead (loaded as requests name them)."""
     require_llama_cpp()
-    port = free_port()
-    log = log_dir / f"llama-server-{port}.log"
+    port = port or free_port()
+    log = log_dir / f"llama-server-{port}-{time.monotonic_ns()}.log"
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--n_ctx", "4096", "--n_threads", str(threads), "--api_key", API_KEY]
+    cmd += ["--model_alias", alias] if alias else []
+    if models:
+        import json
+
+        config = log.with_suffix(".json")
+        served = [
+            {"model": str(path), "model_alias": name, "n_ctx": 4096, "n_threads": threads}
+            for name, path in models.items()
+        ]
+        body = {"host": "127.0.0.1", "port": port, "api_key": API_KEY, "models": served}
+        config.write_text(json.dumps(body))
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--config_file", str(config)]
     with log.open("wb") as fh:
         process = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
     server = Server(f"http://127.0.0.1:{port}/v1", process, log)

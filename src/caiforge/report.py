@@ -298,11 +298,16 @@ def evaluation_page(
         for n, m in models.items()
     ]
     judge = metrics["judge"]
+    same = judge.get("is_the_labeller")
     judge_note = f"<p>Elo judge: <code>{_esc(judge.get('model', 'unknown'))}</code>" + (
-        " &mdash; the same model that labelled the RL training pairs, so its Elo grades its own training signal; "
+        " &mdash; the same weights that labelled the RL training pairs, so its Elo grades its own training signal; "
         "the refusal and attack-success rates (independent detectors, prompt-level Wilson intervals) are the "
         "primary harmlessness evidence.</p>"
-        if judge.get("is_the_labeller")
+        if same
+        else " &mdash; nothing identifies the served weights of the judge or the labeller (set server.weights), so "
+        "its Elo may grade its own training signal; read the refusal and attack-success rates as the primary "
+        "harmlessness evidence.</p>"
+        if same is None
         else ".</p>"
     )
     metric_table = judge_note + table(

@@ -8,14 +8,17 @@ on the other rows of its call, see `caiforge.engines.hf`).
 
 On disk a cache is a directory that DVC tracks as a persistent output of its stage (`persist: true`): pushed,
 pulled and shared like any artifact, kept in place while the stage reruns, and safe to delete (the next build
-recomputes what is missing). It holds JSON-lines files of `{"k": key, "v": value}`:
+recomputes what is missing). It holds JSON-lines files of `{"k": key, "v": value, "b": build}`, where `b` numbers
+the last build of this cache that used the entry (each completed build is the previous one's number plus one):
 
 - while a stage runs, finished rows are appended (and flushed) to a journal of its own, so a killed run keeps them
   and the rerun resumes from there; a torn last line (no newline after it) is ignored, and any other line that is
   not an entry is an error naming the file and line;
 - when the stage completes, the files it read and its own journal are compacted into one, named by its content
-  hash (`rows-<hash>.jsonl`), holding all entries or (`prune: true`) only those the build used. Files that
-  appeared after it opened the cache (another live process's journal) are left for the next build to merge.
+  hash (`rows-<hash>.jsonl`), holding the entries that one of the last `keep_builds` builds used (this one
+  included; 0 keeps all): the cache stays as large as a few builds, however many builds it has seen, and
+  reverting a recent edit still finds its rows. Files that appeared after it opened the cache (another live
+  process's journal) are left for the next build to merge.
 
 Files are only ever created whole or appended to under a fresh name and deleted; never rewritten in place, so a
 file DVC links from its cache is never modified.
@@ -47,9 +50,13 @@ class RowCacheConfig:
 
     dir: str | None = None
     """The cache directory, e.g. data/label/rowcache; null: no cache (every request runs)."""
-    prune: bool = False
-    """Keep only the entries this build used when the stage completes (bounds the cache; reverting an edit then
-    recomputes the rows it had before)."""
+    keep_builds: int = 3
+    """When the stage completes, keep the entries that one of the last `keep_builds` builds used (1: this build's
+    only; 0: everything ever computed). Bounds the cache, and the time to read it at every start."""
+
+    def __post_init__(self) -> None:
+        if self.keep_builds < 0:
+            raise ValueError(f"row_cache.keep_builds must be >= 0, got {self.keep_builds}")
 
 
 def key(material: dict[str, Any]) -> str:
@@ -66,6 +73,10 @@ class RowCache:
         """None: in memory only (`caiforge plan` on a stage without a cache dir)."""
         self.entries: dict[str, Any] = {}
         self.used: set[str] = set()
+        self.last_build: dict[str, int] = {}
+        """Key -> the number of the last completed build that used it (absent: a journal's, not yet compacted)."""
+        self.build = 1
+        """This build's number: one more than the newest completed build's."""
         self.hits = 0
         self.misses = 0
         self._journal: Any = None
@@ -79,6 +90,7 @@ class RowCache:
         for path in sorted(self.dir.glob("*.jsonl")):
             self._load(path)
             self._read.append(path)
+        self.build = 1 + max(self.last_build.values(), default=0)
 
     @classmethod
     def open(cls, cfg: RowCacheConfig) -> RowCache | None:
@@ -96,6 +108,8 @@ class RowCache:
             try:
                 entry = json.loads(line)
                 self.entries.setdefault(entry["k"], entry["v"])
+                if "b" in entry:
+                    self.last_build[entry["k"]] = max(int(entry["b"]), self.last_build.get(entry["k"], 0))
             except (ValueError, KeyError, TypeError) as err:
                 if number == torn:  # a killed run's journal
                     log.info("%s: ignoring an incomplete last line", path)
@@ -110,6 +124,10 @@ class RowCache:
             return self.entries[k]
         self.misses += 1
         return None
+
+    def skip(self, k: str) -> None:
+        """A request that may not be answered from the cache (nothing identifies its model): counted as a miss."""
+        self.misses += 1
 
     def put(self, items: Iterable[tuple[str, Any]]) -> None:
         """Store finished rows: appended to this run's journal, flushed to the OS before returning."""
@@ -137,16 +155,21 @@ class RowCache:
             self._journal.close()
             self._journal = None
 
-    def compact(self, prune: bool = False) -> Path | None:
-        """Merge the files this cache read or wrote into one content-named file (only the used entries with
-        `prune`); returns its path. Files another process added since this cache opened stay."""
+    def compact(self, keep_builds: int = 0) -> Path | None:
+        """Merge the files this cache read or wrote into one content-named file, with the entries one of the last
+        `keep_builds` builds used (0: all); returns its path. Files another process added since this cache opened
+        stay. Entries of a journal no build completed count as this build's."""
         self.close()
-        keep = {k: v for k, v in self.entries.items() if not prune or k in self.used}
+        last = {
+            k: self.build if k in self.used or k not in self.last_build else self.last_build[k] for k in self.entries
+        }
+        keep = {k: v for k, v in self.entries.items() if not keep_builds or last[k] > self.build - keep_builds}
         old = [path for path in self._read if path.exists()]
         if not keep and not old:
             return None
         body = "".join(
-            json.dumps({"k": k, "v": keep[k]}, ensure_ascii=False, separators=(",", ":")) + "\n" for k in sorted(keep)
+            json.dumps({"k": k, "v": keep[k], "b": last[k]}, ensure_ascii=False, separators=(",", ":")) + "\n"
+            for k in sorted(keep)
         )
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / f"rows-{hashlib.sha256(body.encode()).hexdigest()[:16]}.jsonl"
@@ -186,11 +209,15 @@ class PlanCache(RowCache):
             self.counts.send += 1
         return value
 
+    def skip(self, k: str) -> None:
+        super().skip(k)
+        self.counts.send += 1
+
     def put(self, items: Any) -> None:
         for k, value in items:
             self.entries[k] = value  # a later call of the same run would find it, as in a real build
 
-    def compact(self, prune: bool = False) -> Path | None:
+    def compact(self, keep_builds: int = 0) -> Path | None:
         return None
 
 
@@ -199,5 +226,5 @@ def finish(cache: RowCache | None, cfg: RowCacheConfig) -> dict[str, int] | None
     if cache is None:
         return None
     stats = cache.stats()
-    cache.compact(prune=cfg.prune)
+    cache.compact(keep_builds=cfg.keep_builds)
     return stats

@@ -84,6 +84,13 @@ def test_beta_zero_is_rejected(tmp_path, tiny_model_dir, pm_dir):
         make_cfg(tmp_path, tiny_model_dir, pm_dir, ["rlaif.beta=0"])
 
 
+def test_held_out_answers_never_come_from_servers(tmp_path, tiny_model_dir, pm_dir):
+    """Servers serve the SFT model, not the one rlaif just trained: asking them would report a reward gain of 0."""
+    server = ["+rlaif.generation.server.urls=[http://127.0.0.1:9/v1]", "rlaif.generation.backend=openai"]
+    with pytest.raises(config.ConfigError, match="generation.backend must be 'transformers'"):
+        make_cfg(tmp_path, tiny_model_dir, pm_dir, server)
+
+
 def test_missing_pm_names_the_stage(tmp_path, tiny_model_dir):
     cfg = make_cfg(tmp_path, tiny_model_dir, tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="dvc repro pm"):

@@ -32,7 +32,7 @@ def cr_cfg(tmp_path, model_dir, out: str, cache: str | None, const: dict):
         prompts=str(write_prompts(tmp_path / "prompts.parquet")),
         policy=str(model_dir),
         out_dir=str(tmp_path / out),
-        row_cache={"dir": str(tmp_path / cache) if cache else None, "prune": False},
+        row_cache={"dir": str(tmp_path / cache) if cache else None, "keep_builds": 0},
     )
     values = {"critique_revise": ("params.yaml", section)}
     values |= {
@@ -96,7 +96,7 @@ def label_cfg(tmp_path, model_dir, out: str, cache: str | None, const: dict):
         policy=str(model_dir),
         feedback=str(model_dir),
         out_dir=str(tmp_path / out),
-        row_cache={"dir": str(tmp_path / cache) if cache else None, "prune": False},
+        row_cache={"dir": str(tmp_path / cache) if cache else None, "keep_builds": 0},
     )
     values = {"label": ("params.yaml", section)}
     values |= {k: ("constitutions/default.yaml", const[k]) for k in ("comparison", "comparison_examples")}

@@ -9,6 +9,7 @@ import pytest
 from caiforge import engines, labeling
 from caiforge.engines import hf, openai
 from tests import servers
+from tests.conftest import SERVED_GGUF
 
 CONVS = [
     [{"role": "user", "content": t}]
@@ -20,15 +21,20 @@ QUESTIONS = [
 ]
 
 
+Q4 = "revision:smollm2-135m-instruct-q4_1"
+"""What the test server serves, stated (`server.weights`), so that its rows may be reused."""
+
+
 def server_cfg(*urls: str, **kw) -> engines.ServerConfig:
     return engines.ServerConfig(urls=urls, api_key_env=servers.API_KEY_ENV, max_in_flight=2, **kw)
 
 
-def generator(tokenizer_dir, *urls, **kw) -> openai.OpenAIGenerator:
+def generator(tokenizer_dir, *urls, weights: str | None = None, cache=None, **kw) -> openai.OpenAIGenerator:
+    server = server_cfg(*urls, weights=weights)
     cfg = engines.GenerationConfig(
-        **{"backend": "openai", "server": server_cfg(*urls), "max_new_tokens": 24, "progress": False, **kw}
+        **{"backend": "openai", "server": server, "max_new_tokens": 24, "progress": False, **kw}
     )
-    return engines.make_generator(tokenizer_dir, cfg)
+    return engines.make_generator(tokenizer_dir, cfg, cache)
 
 
 def test_generation_is_seeded_per_row_and_reports_the_served_model(llama_server, smollm2_tokenizer_dir, server_env):
@@ -87,24 +93,70 @@ def test_no_server_answering_is_an_error_naming_them(smollm2_tokenizer_dir, serv
 def test_the_row_cache_answers_without_asking_the_server(llama_server, smollm2_tokenizer_dir, server_env, tmp_path):
     from caiforge import rowcache
 
-    first = generator(smollm2_tokenizer_dir, llama_server.url, temperature=0.7)
+    first = generator(smollm2_tokenizer_dir, llama_server.url, weights=Q4, temperature=0.7)
     first.cache = rowcache.RowCache(tmp_path)
     want = first.chat(CONVS, seed=3)
     assert first.fleet.requests_sent == len(CONVS) and first.stats.cache_hits == 0
     first.cache.close()
-    again = generator(smollm2_tokenizer_dir, llama_server.url, temperature=0.7)
+    again = generator(smollm2_tokenizer_dir, llama_server.url, weights=Q4, temperature=0.7)
     again.cache = rowcache.RowCache(tmp_path)
     assert again.chat(CONVS[:3] + CONVS, seed=3) == want[:3] + want
     assert again.fleet.requests_sent == 0 and again.stats.cache_hits == len(CONVS)
     assert again.chat(CONVS[:2], seed=4) and again.fleet.requests_sent == 2, "another seed is another request"
 
-    cfg = engines.ScoringConfig(backend="openai", server=server_cfg(llama_server.url), progress=False)
+    cfg = engines.ScoringConfig(backend="openai", server=server_cfg(llama_server.url, weights=Q4), progress=False)
     scorer = engines.make_choice_scorer(smollm2_tokenizer_dir, cfg, rowcache.RowCache(tmp_path / "s"))
     prefills = [labeling.answer_prefill()] * len(QUESTIONS)
     scores = scorer.choice_logprobs(QUESTIONS, prefills)
     scorer.cache.close()
     cached = engines.make_choice_scorer(smollm2_tokenizer_dir, cfg, rowcache.RowCache(tmp_path / "s"))
     assert cached.choice_logprobs(QUESTIONS, prefills) == scores and cached.fleet.requests_sent == 0
+
+
+def test_rows_follow_the_weights_behind_the_served_name(served_dirs, server_env, tmp_path):
+    """Retrained weights restarted under the same served name: keyed by the role's model directory
+    (`server.weights: model_dir`), every row is asked again and equals a cache-less run on the new weights; a
+    stated revision keys rows the same way; a served name alone is never answered from the row cache."""
+    from caiforge import rowcache
+
+    before, after = served_dirs
+    cache_dir = tmp_path / "cache"
+    with servers.running(before / SERVED_GGUF, tmp_path, alias="sft") as server:
+        old = generator(before, server.url, weights="model_dir", cache=rowcache.RowCache(cache_dir))
+        old_rows = old.chat(CONVS, seed=0)
+        assert old.identity == f"openai:sft@{hf.weights_fingerprint(before)}"
+        old.cache.close()
+        stated = generator(before, server.url, weights="revision:r1", cache=rowcache.RowCache(cache_dir))
+        assert stated.chat(CONVS, seed=0) == old_rows and stated.fleet.requests_sent == len(CONVS)
+        stated.cache.close()
+        named = generator(before, server.url, cache=rowcache.RowCache(cache_dir))
+        assert named.chat(CONVS, seed=0) == old_rows
+        assert named.fleet.requests_sent == len(CONVS) and named.stats.cache_hits == 0, "a name is not weights"
+        named.cache.close()
+    with servers.running(after / SERVED_GGUF, tmp_path, alias="sft") as server:
+        fresh = generator(after, server.url).chat(CONVS, seed=0)
+        assert fresh != old_rows, "the retrained weights answer differently (else this test proves nothing)"
+        new = generator(after, server.url, weights="model_dir", cache=rowcache.RowCache(cache_dir))
+        assert new.chat(CONVS, seed=0) == fresh
+        assert new.stats.cache_hits == 0 and new.fleet.requests_sent == len(CONVS)
+        new.cache.close()
+        again = generator(after, server.url, weights="model_dir", cache=rowcache.RowCache(cache_dir))
+        assert again.chat(CONVS, seed=0) == fresh and again.fleet.requests_sent == 0, "the new rows are reused"
+        again.cache.close()
+        restated = generator(after, server.url, weights="revision:r2", cache=rowcache.RowCache(cache_dir))
+        assert restated.chat(CONVS, seed=0) == fresh and restated.stats.cache_hits == 0
+
+
+def test_weights_must_be_named_in_a_known_form():
+    for bad in ("abc", "revision:", "model-dir"):
+        with pytest.raises(ValueError, match="server.weights"):
+            engines.ServerConfig(urls=("http://x",), weights=bad)
+    assert engines.weights_of("openai:sft@revision:r1") == "revision:r1"
+    assert engines.weights_of("openai:org/m@abc") == "abc" and engines.weights_of("openai:sft") is None
+    assert engines.same_weights("openai:judge@abc", ["abc"]) is True, "served and local: the same fingerprint"
+    assert engines.same_weights("abc", ["openai:labeller@def"]) is False
+    assert engines.same_weights("abc", ["openai:labeller"]) is None, "unknown weights: unknown"
+    assert engines.same_weights("openai:judge", ["abc"]) is None
 
 
 def test_every_decoding_field_is_pinned_in_the_request(llama_server, smollm2_tokenizer_dir, server_env):

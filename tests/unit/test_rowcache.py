@@ -135,9 +135,31 @@ def test_compaction_keeps_everything_or_only_what_the_build_used(tmp_path):
 
     pruned = rowcache.RowCache(tmp_path)
     assert pruned.get("newer") == 3
-    kept = pruned.compact(prune=True)
+    kept = pruned.compact(keep_builds=1)
     assert [p.name for p in tmp_path.iterdir()] == [kept.name]
     assert rowcache.RowCache(tmp_path).entries == {"newer": 3}
+
+
+def test_the_cache_keeps_what_its_last_builds_used(tmp_path):
+    """However many builds a cache sees, it holds what one of the last `keep_builds` used: a row unused for that
+    many builds is dropped, a row used again is kept, and nothing is lost while builds stay within the window."""
+    for build, used in enumerate([["a", "b"], ["b", "c"], ["c"], ["c", "d"]], 1):
+        cache = rowcache.RowCache(tmp_path)
+        assert cache.build == build
+        for k in used:
+            if cache.get(k) is None:
+                cache.put([(k, k.upper())])
+        cache.compact(keep_builds=2)
+    # Build 4 keeps what builds 3 and 4 used: c and d; a (build 1) and b (build 2) are gone.
+    assert rowcache.RowCache(tmp_path).entries == {"c": "C", "d": "D"}
+    everything = rowcache.RowCache(tmp_path)
+    everything.put([("e", "E")])
+    everything.compact(keep_builds=0)
+    later = rowcache.RowCache(tmp_path)
+    later.compact(keep_builds=2)
+    assert set(rowcache.RowCache(tmp_path).entries) == {"e"}, "c, d last used two builds before: dropped"
+    with pytest.raises(ValueError, match="keep_builds"):
+        rowcache.RowCacheConfig(dir="x", keep_builds=-1)
 
 
 def test_only_a_torn_last_line_is_dropped(tmp_path):

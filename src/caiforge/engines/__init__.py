@@ -52,6 +52,11 @@ class ServerConfig:
     """Base URLs of OpenAI-compatible servers, e.g. http://10.0.0.5:8000/v1; requests are spread over all of them."""
     model: str | None = None
     """Served model name (vLLM's --served-model-name); null: the one model the servers list at /v1/models."""
+    weights: str | None = None
+    """What identifies the weights behind the served name, for the row cache and provenance: `model_dir` (the
+    servers serve the role's model directory, as dvc.yaml declares it: rows are keyed by its fingerprint, so
+    retrained weights get new rows), `revision:<text>` (a revision you state and change with the weights), or null
+    (nothing does: rows are never reused from the row cache, and a warning says so)."""
     tokenizer: str | None = None
     """Local directory with the served model's tokenizer and chat template (declare it as a dep in dvc.yaml);
     null: the stage's model directory for this role."""
@@ -62,16 +67,29 @@ class ServerConfig:
     timeout: float = 300.0
     """Seconds before a request counts as failed (and is retried, on any server)."""
     max_retries: int = 6
-    """Attempts per request beyond the first (timeouts, connection errors, 429 and 5xx) before the stage fails."""
+    """Failed attempts per request beyond the first (timeouts, connection errors, 429, 5xx, a 200 that is not a
+    completion) before the stage fails. Requests wait, without using attempts up, while no server is up."""
+    retry_window: float = 600.0
+    """Seconds the fleet waits with no server up (each down server is probed at /v1/models) before the stage fails;
+    the default outlasts a vLLM restart."""
     top_logprobs: int = 5
     """How many next-token log-probabilities choice scoring asks for (the options must be among them)."""
+    dialect: Literal["auto", "vllm", "sglang", "llama_cpp", "openai"] = "auto"
+    """How requests are worded where servers differ (`caiforge.engines.openai.DIALECTS`); auto: what each server
+    names itself in /v1/models `owned_by` (set it when a proxy hides that)."""
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1 or self.max_retries < 0 or self.timeout <= 0 or self.top_logprobs < 2:
             raise ValueError("server: max_in_flight >= 1, max_retries >= 0, timeout > 0 and top_logprobs >= 2")
+        if self.retry_window <= 0:
+            raise ValueError(f"server.retry_window must be > 0 seconds, got {self.retry_window}")
         bad = [u for u in self.urls if not u.startswith(("http://", "https://"))]
         if bad:
             raise ValueError(f"server.urls: not an http(s) URL: {bad[0]!r}")
+        if self.weights is not None and self.weights != "model_dir" and not self.weights.startswith("revision:"):
+            raise ValueError(f"server.weights: expected null, 'model_dir' or 'revision:<text>', got {self.weights!r}")
+        if self.weights == "revision:":
+            raise ValueError("server.weights: 'revision:' needs the revision after the colon")
 
 
 @dataclass(frozen=True)
@@ -127,6 +145,17 @@ class GenerationConfig(EngineConfig):
             raise ValueError(
                 f"temperature must be >= 0, top_p in (0, 1] and top_k >= 0, got {self.temperature}, {self.top_p}, "
                 f"{self.top_k}"
+            )
+
+
+def decoding_only(cfg: GenerationConfig, where: str) -> None:
+    """Check that `cfg` sets decoding only: a generator made by `ChoiceScorer.generator` runs on the scorer's own
+    engine (backend, device, dtype and servers), so those keys may not be set where it is configured."""
+    base = EngineConfig()
+    for name in ("backend", "device", "dtype", "server"):
+        if getattr(cfg, name) != getattr(base, name):
+            raise ValueError(
+                f"{where}.{name}: this generation runs on the scoring model's engine; set {name} in its scoring config"
             )
 
 
@@ -233,7 +262,8 @@ class ChoiceScorer(Protocol):
     cache: RowCache | None
 
     def generator(self, cfg: GenerationConfig) -> Generator:
-        """A generator on the same model (weights or servers), e.g. for chain-of-thought reasoning."""
+        """A generator on the same model (weights or servers), e.g. for chain-of-thought reasoning: `cfg`'s
+        decoding settings on this scorer's backend, device, dtype and servers."""
         ...
 
     def choice_logprobs(
@@ -242,6 +272,25 @@ class ChoiceScorer(Protocol):
         prefills: Sequence[str],
         options: Sequence[str] = OPTIONS,
     ) -> list[tuple[float, ...]]: ...
+
+
+def weights_of(identity: str) -> str | None:
+    """The weights an engine identity names: a transformers identity is its weights' fingerprint; a served model's
+    (`openai:<id>@<weights>`, see `ServerConfig.weights`) is what follows the last `@`, or None when nothing
+    identifies the weights behind the served name."""
+    if not identity.startswith("openai:"):
+        return identity
+    _, at, weights = identity.rpartition("@")
+    return weights if at else None
+
+
+def same_weights(identity: str, others: Sequence[str]) -> bool | None:
+    """Whether `identity` runs the same weights as one of `others`, across backends (a model served with
+    `server.weights: model_dir` matches its transformers self); None when some weights are unknown."""
+    mine, theirs = weights_of(identity), [weights_of(o) for o in others]
+    if mine is not None and mine in theirs:
+        return True
+    return None if mine is None or None in theirs else False
 
 
 def row_seed(seed: int, prompt: str) -> int:
@@ -272,13 +321,13 @@ class Shard:
 
 
 def cache_lookup(
-    cache: RowCache | None, keys: Sequence[str], stats: Stats, shard: Shard | None = None
+    cache: RowCache | None, keys: Sequence[str], stats: Stats, shard: Shard | None = None, reuse: bool = True
 ) -> tuple[list[Any], dict[str, int]]:
     """(cached value or None per row, {key: first row} of the distinct requests still to run here).
 
     Rows with equal keys are one request: it is looked up or run once, and every such row gets its answer
     (`fill_in`); hits and runs are counted per distinct request. With `shard`, only this process's share of the
-    requests to run is returned.
+    requests to run is returned. With `reuse` False nothing is taken from the cache (every request runs).
     """
     found: list[Any] = [None] * len(keys)
     todo: dict[str, int] = {}
@@ -288,7 +337,9 @@ def cache_lookup(
         if k in seen:
             continue
         seen.add(k)
-        value = cache.get(k) if cache is not None else None
+        value = cache.get(k) if cache is not None and reuse else None
+        if cache is not None and not reuse:
+            cache.skip(k)
         if value is None:
             if shard is None or shard.owns(missing):
                 todo[k] = i

@@ -11,19 +11,25 @@ text the transformers engine sees), so every server gets the same prompt whateve
   returns no log-probs is an error, never a silent 0.5.
 - The fleet: requests are spread over every URL with at most `max_in_flight` in flight per server (asyncio). A
   timeout, connection error, 429, 5xx, or a 200 whose body is not a completion (a proxy's HTML, a body cut
-  short) is retried with exponential backoff on whichever server is free next; every answer ends as a row, a
-  retry or an error (a worker never dies silently);
-  a server that keeps failing is dropped and its requests move to the others. When no server is left, or a
-  request exhausts its retries, the stage fails with an error naming the servers (stages write nothing before
-  all rows are in, so nothing half-written is left).
+  short) is retried with exponential backoff, or after the server's `Retry-After`, on whichever server is up; every
+  answer ends as a row, a retry or an error (a worker never dies silently).
+- A server is down after `SERVER_DOWN_AFTER` failures in a row (or at once when it sends `Retry-After`): it takes no
+  requests and is probed at `/v1/models` (0.5 s, then doubling to 10 s) until it lists the served model again. While
+  no server is up, requests wait without using up their attempts; after `server.retry_window` seconds with none up,
+  or when one request has failed `max_retries + 1` times, or on an answer that is not retryable (400, 401, ...),
+  the stage fails with an error naming the servers (stages write nothing before all rows are in, so nothing
+  half-written is left).
 - The API key comes from the environment variable `server.api_key_env` names; it never appears in params or logs.
-- Identity: the served model id each server reports at `/v1/models` (they must agree) goes into the stats and the
-  rows' provenance as `openai:<id>`.
+- Identity: the served model id each server reports at `/v1/models` (they must agree), with what identifies the
+  weights behind it (`server.weights`: the role's model directory's fingerprint or a stated revision), goes into
+  every row-cache key, the stats and the rows' provenance as `openai:<id>@<weights>`. A served name alone
+  (`openai:<id>`) does not say which weights answer, so such rows are never reused from the row cache.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -60,7 +66,25 @@ RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 """HTTP statuses worth retrying (the server is busy or restarting); any other error status fails at once."""
 
 SERVER_DOWN_AFTER = 3
-"""Consecutive connection failures after which a server is dropped from the fleet."""
+"""Failed requests in a row (any retryable failure) after which a server is down until a probe finds it up."""
+
+
+OWNED_BY = {"vllm": "vllm", "sglang": "sglang", "llamacpp": "llama_cpp"}
+"""What a server writes in /v1/models `owned_by` -> its dialect: vLLM `owned_by: str = "vllm"`
+(vllm/entrypoints/openai/protocol.py ModelCard), SGLang `owned_by: str = "sglang"`
+(sglang/srt/entrypoints/openai/protocol.py ModelCard), llama.cpp `"owned_by": "llamacpp"` (tools/server). Any other
+(llama-cpp-python says "me") speaks plain `openai`."""
+
+
+def in_dialect(body: dict, dialect: str) -> dict:
+    """A request body as `dialect`'s server reads it the way the engine means it (DIALECTS)."""
+    if dialect == "sglang" and body.get("top_k") == 0:
+        # SGLang's SamplingParams.verify: "top_k must be -1 (disable), or at least 1".
+        body = {**body, "top_k": -1}
+    if dialect == "vllm":
+        # vLLM's CompletionRequest.add_special_tokens defaults to True: a BOS on top of the chat template's own.
+        body = {**body, "add_special_tokens": False}
+    return body
 
 
 class ServerError(EngineError):
@@ -85,6 +109,7 @@ class Fleet:
                 raise ValueError(f"server.api_key_env: environment variable {cfg.api_key_env} is not set")
             self.headers["Authorization"] = f"Bearer {key}"
         self.model = cfg.model or ""
+        self.dialects = {url: cfg.dialect if cfg.dialect != "auto" else "openai" for url in self.urls}
         self.requests_sent = 0
         self.retries = 0
 
@@ -95,6 +120,10 @@ class Fleet:
         """The model id every server reports (or `server.model`, checked against their lists)."""
         reported = asyncio.run(self._gather_models())
         ids = {url: [m["id"] for m in body.get("data", [])] for url, body in reported.items()}
+        if self.cfg.dialect == "auto":
+            for url, body in reported.items():
+                owners = {m.get("owned_by") for m in body.get("data", [])}
+                self.dialects[url] = next((OWNED_BY[o] for o in owners if o in OWNED_BY), "openai")
         if self.cfg.model:
             missing = [url for url, names in ids.items() if self.cfg.model not in names]
             if missing:
@@ -137,42 +166,56 @@ class Fleet:
     async def _run(self, payloads: list[dict], on_done: Any) -> list[dict]:
         import aiohttp
 
+        loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
         for i in range(len(payloads)):
             queue.put_nowait((i, 0))
         results: list[dict | None] = [None] * len(payloads)
         remaining = len(payloads)
-        finished = asyncio.get_running_loop().create_future()
-        alive = {url: 0 for url in self.urls}  # url -> consecutive connection failures
+        finished = loop.create_future()
+        servers = {url: _Server(url) for url in self.urls}
         last_error: dict[str, str] = {}
 
         def fail(message: str) -> None:
             if not finished.done():
                 finished.set_exception(ServerError(message))
 
-        async def worker(session: Any, url: str) -> None:
-            # Whatever goes wrong ends the call as an error: a worker that died silently would lose its request
+        def guarded(job: Any) -> Any:
+            # Whatever goes wrong ends the call as an error: a task that died silently would lose its request
             # and leave the call waiting forever.
-            try:
-                await serve(session, url)
-            except Exception as exc:
-                fail(f"{url}: {type(exc).__name__}: {exc}")
+            async def run(*args: Any) -> None:
+                try:
+                    await job(*args)
+                except Exception as exc:
+                    fail(f"{args[-1].url}: {type(exc).__name__}: {exc}")
 
-        async def serve(session: Any, url: str) -> None:
+            return run
+
+        def requeue(item: tuple[int, int], delay: float) -> None:
+            loop.call_later(delay, lambda: finished.done() or queue.put_nowait(item))
+
+        @guarded
+        async def serve(session: Any, server: _Server) -> None:
             nonlocal remaining
-            while url in alive and not finished.done():
+            url = server.url
+            while not finished.done():
+                await server.up.wait()
                 i, attempt = await queue.get()
                 if finished.done():
                     return
+                if not server.up.is_set():  # went down while this worker waited for work
+                    queue.put_nowait((i, attempt))
+                    continue
                 body = {"model": self.model, **payloads[i]} if self.model else payloads[i]
+                body = in_dialect(body, self.dialects[url])
+                retry_after = None
                 try:
                     self.requests_sent += 1
                     async with session.post(f"{url}/completions", json=body) as resp:
                         raw = await resp.read()
-                        text = raw.decode("utf-8", errors="replace")
                         answer = _completion(raw) if resp.status == 200 else None
                         if answer is not None:
-                            alive[url] = 0
+                            server.succeeded()
                             results[i] = answer
                             remaining -= 1
                             if on_done:
@@ -185,13 +228,14 @@ class Fleet:
                             if remaining == 0 and not finished.done():
                                 finished.set_result(None)
                             continue
+                        text = raw.decode("utf-8", errors="replace")
+                        retry_after = _retry_after(resp.headers.get("Retry-After"))
                         if resp.status == 200:  # a proxy's or login page's HTML, a body cut short: retried
-                            error, retry, down = f"{url}: HTTP 200 but not a completion: {text[:200]!r}", True, 0
+                            error, retry = f"{url}: HTTP 200 but not a completion: {text[:200]!r}", True
                         else:
-                            error = f"{url}: HTTP {resp.status}: {text[:300]}"
-                            retry, down = resp.status in RETRY_STATUS, 0
+                            error, retry = f"{url}: HTTP {resp.status}: {text[:300]}", resp.status in RETRY_STATUS
                 except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
-                    error, retry, down = f"{url}: {type(exc).__name__}: {exc}", True, 1
+                    error, retry = f"{url}: {type(exc).__name__}: {exc or 'timed out'}", True
                 last_error[url] = error
                 if not retry:
                     fail(f"request {i} failed and is not retryable: {error}")
@@ -201,22 +245,51 @@ class Fleet:
                     return
                 self.retries += 1
                 log.warning("%s (attempt %d); retrying", error, attempt + 1)
-                if down:
-                    alive[url] = alive.get(url, 0) + 1
-                    if alive[url] >= SERVER_DOWN_AFTER:
-                        alive.pop(url, None)
-                        log.warning("%s: dropped from the fleet; %d server(s) left", url, len(alive))
-                        if not alive:
-                            fail(f"no server answers: {self.describe()}; last errors: {last_error}")
-                await asyncio.sleep(min(0.25 * 2**attempt, 8.0))
-                queue.put_nowait((i, attempt + 1))
+                if server.failed(retry_after):
+                    log.warning("%s: down; probing /models until it answers", url)
+                delay = min(0.25 * 2**attempt, 8.0) if retry_after is None else min(retry_after, self.cfg.retry_window)
+                requeue((i, attempt + 1), delay)
 
+        @guarded
+        async def probe(session: Any, server: _Server) -> None:
+            while not finished.done():
+                await server.down.wait()
+                await asyncio.sleep(server.probe_delay)
+                try:
+                    async with session.get(f"{server.url}/models") as resp:
+                        listed = await resp.json(content_type=None) if resp.status == 200 else None
+                except (TimeoutError, aiohttp.ClientError, ConnectionError, ValueError):
+                    listed = None
+                names = [m.get("id") for m in listed.get("data", [])] if isinstance(listed, dict) else []
+                if names and (not self.model or self.model in names):
+                    log.warning("%s: answers /models again; back in the fleet", server.url)
+                    server.back()
+                else:
+                    server.probe_delay = min(server.probe_delay * 2, PROBE_MAX)
+
+        async def watch() -> None:
+            # The call fails once no server has been up for `retry_window` seconds.
+            while not finished.done():
+                if any(s.up.is_set() for s in servers.values()):
+                    await asyncio.sleep(0.2)
+                    continue
+                since = max(s.down_since or 0.0 for s in servers.values())
+                if time.monotonic() - since >= self.cfg.retry_window:
+                    fail(
+                        f"no server answered for {self.cfg.retry_window:g} s (server.retry_window): "
+                        f"{self.describe()}; last errors: {last_error}"
+                    )
+                    return
+                await asyncio.sleep(0.2)
+
+        timeout = self._timeout()
         connector = aiohttp.TCPConnector(limit=0)
-        session_args = {"headers": self.headers, "timeout": self._timeout(), "connector": connector}
+        session_args = {"headers": self.headers, "timeout": timeout, "connector": connector}
         async with aiohttp.ClientSession(**session_args) as session:
-            tasks = [
-                asyncio.create_task(worker(session, url)) for url in self.urls for _ in range(self.cfg.max_in_flight)
-            ]
+            tasks = [asyncio.create_task(watch())]
+            for server in servers.values():
+                tasks.append(asyncio.create_task(probe(session, server)))
+                tasks += [asyncio.create_task(serve(session, server)) for _ in range(self.cfg.max_in_flight)]
             try:
                 await finished
             finally:
@@ -224,6 +297,57 @@ class Fleet:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
         return [r for r in results if r is not None]
+
+
+PROBE_FIRST = 0.5
+"""Seconds before a down server's first /v1/models probe."""
+PROBE_MAX = 10.0
+"""The longest wait between probes (the wait doubles while a server stays down or keeps failing)."""
+
+
+class _Server:
+    """One server's state in a call: up (its workers take requests) or down (probed until it answers)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.failures = 0
+        self.probe_delay = PROBE_FIRST
+        self.down_since: float | None = None
+        self.up, self.down = asyncio.Event(), asyncio.Event()
+        self.up.set()
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.probe_delay = PROBE_FIRST
+
+    def failed(self, retry_after: float | None) -> bool:
+        """Count a failure; True when it takes the server down (SERVER_DOWN_AFTER in a row, or a Retry-After)."""
+        self.failures += 1
+        if not self.up.is_set() or (self.failures < SERVER_DOWN_AFTER and retry_after is None):
+            return False
+        self.up.clear()
+        self.down.set()
+        self.down_since = time.monotonic()
+        if retry_after is not None:
+            self.probe_delay = max(self.probe_delay, retry_after)
+        return True
+
+    def back(self) -> None:
+        """A probe answered: the server takes requests again, on probation (one failure takes it down again, and
+        its probe wait is reset only by a success)."""
+        self.failures = SERVER_DOWN_AFTER - 1
+        self.down_since = None
+        self.down.clear()
+        self.up.set()
+        self.probe_delay = min(self.probe_delay * 2, PROBE_MAX)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header in its delay-seconds form; None when absent or an HTTP date."""
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
 
 
 def _completion(raw: bytes) -> dict | None:
@@ -254,31 +378,58 @@ def load_tokenizer(model_dir: str | Path, server: ServerConfig) -> Any:
     return tokenizer
 
 
-class _Client:
-    """What both OpenAI-side engines share: the tokenizer, the fleet and the stats."""
+def served_weights(model_dir: str | Path, server: ServerConfig) -> str | None:
+    """What `server.weights` says identifies the served weights: the fingerprint of the role's model directory,
+    the stated `revision:<text>`, or None."""
+    if server.weights == "model_dir":
+        from caiforge.engines import hf
 
-    def __init__(self, tokenizer: Any, server: ServerConfig, progress: bool) -> None:
+        try:
+            return hf.weights_fingerprint(model_dir)
+        except (FileNotFoundError, ValueError) as err:
+            raise FileNotFoundError(
+                f"server.weights is 'model_dir', but {model_dir} holds no model to fingerprint ({err})"
+            ) from err
+    return server.weights
+
+
+class _Client:
+    """What both OpenAI-side engines share: the tokenizer, the fleet, the identity and the stats."""
+
+    def __init__(self, tokenizer: Any, server: ServerConfig, progress: bool, weights: str | None = None) -> None:
         self.tokenizer = tokenizer
         self.fleet = Fleet(server)
         self.progress = progress
         self.stats = Stats()
         model = self.fleet.served_model()
-        self.identity = f"openai:{model}"
+        self.weights = weights
+        self.identity = f"openai:{model}@{weights}" if weights else f"openai:{model}"
         self.stats.engine = {"backend": "openai", "model": model, "servers": len(self.fleet.urls)}
+        self.stats.engine["weights"] = weights or "unknown"
+        self.stats.engine["dialects"] = ",".join(sorted(set(self.fleet.dialects.values())))
+        if weights is None:
+            log.warning(
+                "%s: nothing identifies the weights served as %r (set server.weights to 'model_dir' or "
+                "'revision:<text>'), so its rows are not reused from the row cache",
+                self.fleet.describe(),
+                model,
+            )
         self.cache: RowCache | None = None
 
     def cached_run(
         self, keys: list[str], payloads: list[dict], parse: Any, desc: str, shard: Shard | None = None
     ) -> list[Any]:
         """The answers of `payloads` as `parse(i, answer)` makes them: from the row cache, else from the servers
-        (stored as each answer arrives, so a killed run keeps them). With `shard`, only this process's share runs."""
-        found, todo = cache_lookup(self.cache, keys, self.stats, shard)
+        (stored as each answer arrives, so a killed run keeps them). With `shard`, only this process's share runs.
+        Rows whose weights nothing identifies are neither looked up nor stored."""
+        reuse = self.weights is not None
+        found, todo = cache_lookup(self.cache, keys, self.stats, shard, reuse=reuse)
         run = list(todo.values())
 
         def store(j: int, answer: dict) -> None:
             i = run[j]
             found[i] = parse(i, answer)
-            if self.cache is not None:
+            if self.cache is not None and reuse:
                 self.cache.put([(keys[i], found[i])])
 
         self.run([payloads[i] for i in run], desc, store)
@@ -306,14 +457,14 @@ class _Client:
 class OpenAIGenerator(_Client):
     """Chat generation on OpenAI-compatible servers via /v1/completions."""
 
-    def __init__(self, tokenizer: Any, cfg: GenerationConfig) -> None:
-        super().__init__(tokenizer, cfg.server, cfg.progress)
+    def __init__(self, tokenizer: Any, cfg: GenerationConfig, weights: str | None = None) -> None:
+        super().__init__(tokenizer, cfg.server, cfg.progress, weights)
         self.cfg = cfg
         self.stop = [t for t in END_TOKENS if t in tokenizer.get_vocab()] or [tokenizer.eos_token]
 
     @classmethod
     def from_config(cls, model_dir: str | Path, cfg: GenerationConfig) -> OpenAIGenerator:
-        return cls(load_tokenizer(model_dir, cfg.server), cfg)
+        return cls(load_tokenizer(model_dir, cfg.server), cfg, served_weights(model_dir, cfg.server))
 
     def chat(
         self, conversations: Sequence[Sequence[Message]], *, seed: int, desc: str = "", shard: Shard | None = None
@@ -359,21 +510,24 @@ class OpenAIGenerator(_Client):
 class OpenAIChoiceScorer(_Client):
     """Choice scoring on OpenAI-compatible servers: next-token top-k log-probs after the prefill."""
 
-    def __init__(self, tokenizer: Any, cfg: ScoringConfig) -> None:
-        super().__init__(tokenizer, cfg.server, cfg.progress)
+    GENERATOR: type[OpenAIGenerator] = OpenAIGenerator
+
+    def __init__(self, tokenizer: Any, cfg: ScoringConfig, weights: str | None = None) -> None:
+        super().__init__(tokenizer, cfg.server, cfg.progress, weights)
         self.cfg = cfg
         self.options_outside_top_k = 0
 
     @classmethod
     def from_config(cls, model_dir: str | Path, cfg: ScoringConfig) -> OpenAIChoiceScorer:
-        return cls(load_tokenizer(model_dir, cfg.server), cfg)
+        return cls(load_tokenizer(model_dir, cfg.server), cfg, served_weights(model_dir, cfg.server))
 
     def render(self, conversation: Sequence[Message], prefill: str) -> str:
         return render_chat(self.tokenizer, conversation, prefill)
 
     def generator(self, cfg: GenerationConfig) -> OpenAIGenerator:
-        """A generator on the same servers, e.g. for chain-of-thought reasoning."""
-        engine = OpenAIGenerator(self.tokenizer, cfg)
+        """A generator on the same servers and weights, e.g. for chain-of-thought reasoning (`cfg`'s decoding)."""
+        on_servers = dataclasses.replace(cfg, backend="openai", server=self.cfg.server)
+        engine = type(self).GENERATOR(self.tokenizer, on_servers, self.weights)
         engine.cache = self.cache
         return engine
 

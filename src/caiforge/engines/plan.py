@@ -65,6 +65,7 @@ class _PlanRequests:
 
     cache: Any
     stats: Any
+    weights: str | None
 
     def placeholder(self, payload: dict) -> Any:
         raise NotImplementedError
@@ -72,13 +73,16 @@ class _PlanRequests:
     def cached_run(
         self, keys: list[str], payloads: list[dict], parse: Any, desc: str, shard: Shard | None = None
     ) -> list[Any]:
+        pending = (self.weights or "").startswith(PENDING)
         for k, payload in zip(keys, payloads, strict=True):
-            if MARK in payload["prompt"]:
+            if pending or MARK in payload["prompt"]:
                 self.cache.depends.add(k)
-        found, todo = cache_lookup(self.cache, keys, self.stats, shard)
+        reuse = self.weights is not None
+        found, todo = cache_lookup(self.cache, keys, self.stats, shard, reuse=reuse)
         for k, i in todo.items():
             found[i] = self.placeholder(payloads[i])
-            self.cache.put([(k, found[i])])
+            if reuse:
+                self.cache.put([(k, found[i])])
         return fill_in(found, keys, shard)
 
 
@@ -91,14 +95,10 @@ def _openai_classes() -> tuple[type, type]:
 
     class PlanOpenAIScorer(_PlanRequests, openai.OpenAIChoiceScorer):
         options = 2
+        GENERATOR = PlanOpenAIGenerator
 
         def placeholder(self, payload: dict) -> list[float]:
             return [math.log(0.5)] * self.options
-
-        def generator(self, cfg: Any) -> Any:
-            engine = PlanOpenAIGenerator(self.tokenizer, cfg)
-            engine.cache = self.cache
-            return engine
 
         def choice_logprobs(self, conversations: Any, prefills: Any, options: Sequence[str] = OPTIONS) -> Any:
             self.options = len(options)
@@ -114,8 +114,12 @@ def _openai_engine(kind: str, model_dir: str | Path, cfg: Any, cache: Any) -> An
         tokenizer = openai.load_tokenizer(model_dir, cfg.server)
     except (FileNotFoundError, ValueError) as err:
         raise StageError(f"{model_dir}: no tokenizer yet, so its requests cannot be planned ({err})") from err
+    ctx = active()
+    assert ctx is not None
+    pending = _pending_identity(model_dir, ctx) if cfg.server.weights == "model_dir" else None
+    weights = pending or openai.served_weights(model_dir, cfg.server)
     generator, scorer = _openai_classes()
-    made = (generator if kind == "generator" else scorer)(tokenizer, cfg)
+    made = (generator if kind == "generator" else scorer)(tokenizer, cfg, weights)
     made.cache = cache if cache is not None else rowcache.PlanCache(None)
     return made
 
