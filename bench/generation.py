@@ -5,8 +5,10 @@ Same model, prompts and settings (greedy, N new tokens, stop at the chat end tok
 - naive:   `model.generate` on one prompt at a time;
 - batched: one plain left-padded `model.generate` call per batch of all prompts (the obvious baseline);
 - engine:  caiforge.engines.hf.TransformersGenerator (length grouping, own decoding loop, prefix reuse);
-- openai:  caiforge.engines.openai.OpenAIGenerator against a llama.cpp server on 127.0.0.1 serving the embedded
-           SmolLM2 GGUF (needs the `server` dependency group; skipped with a note otherwise).
+- openai:  caiforge.engines.openai.OpenAIGenerator against llama-cpp-python's server on 127.0.0.1 serving the
+           embedded SmolLM2 GGUF (needs the `server` dependency group; skipped with a note otherwise);
+- llama_server: the same against llama.cpp's C++ `llama-server` (built by `.ci/build-llama-server`; skipped with a
+           note otherwise).
 
 Stage-shaped: the calls real `critique_revise` and `label` make on the profile in params.yaml (cpu_demo by default),
 rebuilt with the stages' own prompt builders from data/curate/prompts.parquet: mixed lengths, sampled, their batch
@@ -18,7 +20,8 @@ And choice scoring shaped like `label`'s (few-shot comparison demos in front of 
 and without prefix reuse.
 
 Prints tokens/s of each and, last, the ratios measured side by side in this run:
-`speedup: <engine/naive>`, `prefix_reuse: <scoring without reuse / with>`, `openai: <openai/naive>`, and for the
+`speedup: <engine/naive>`, `prefix_reuse: <scoring without reuse / with>`, `openai: <openai/naive>`,
+`llama_server: <llama-server/naive>`, and for the
 stage-shaped calls `stage_naive:` (tokens/s), `stage_shaped: <stage-shaped engine tokens/s / uniform engine tokens/s>`
 per batching setting, and `wasted_slots:` (the share of decoded row positions that were filler rows or rows that had
 already finished).
@@ -216,20 +219,22 @@ def timed(fn, *args, **kw) -> tuple[object, float]:
     return out, time.perf_counter() - t0
 
 
-def bench_openai(args, convs) -> tuple[int, float] | str:
-    """(tokens, seconds) of the openai engine on a local llama.cpp server, or why it was skipped."""
+def bench_openai(args, convs, cpp: bool = False) -> tuple[int, float] | str:
+    """(tokens, seconds) of the openai engine on a local llama-cpp-python server (`cpp`: llama.cpp's C++
+    `llama-server`), or why it was skipped."""
     try:
         from tests import servers
     except ImportError as exc:
         return f"skipped ({exc})"
     try:
-        servers.require_llama_cpp()
+        servers.llama_server_binary() if cpp else servers.require_llama_cpp()
     except BaseException as exc:  # pytest's skip outcome
         return f"skipped ({exc})"
     os.environ[servers.API_KEY_ENV] = servers.API_KEY
+    threads = torch.get_num_threads()
     with (
         tempfile.TemporaryDirectory() as logs,
-        servers.running(models.smollm2_gguf_path(), Path(logs), threads=torch.get_num_threads()) as server,
+        servers.running(models.smollm2_gguf_path(), Path(logs), threads=threads, cpp=cpp) as server,
     ):
         cfg = engines.GenerationConfig(
             backend="openai",
@@ -313,13 +318,18 @@ def main() -> None:
         f"scoring: {len(questions)} label-like questions, {prompt_tokens} prompt tokens ({shared} shared): "
         f"{min(s_runs[False]):.2f} s without prefix reuse, {min(s_runs[True]):.2f} s with"
     )
-    result = "skipped (--no-openai)" if args.no_openai else bench_openai(args, convs)
-    if isinstance(result, tuple):
-        o_tok, o_s = result
-        print(f"openai:  {o_tok:6d} tokens in {o_s:7.2f} s = {o_tok / o_s:8.1f} tokens/s (llama.cpp, 1 server)")
+    served = {}
+    for name, cpp in (("openai", False), ("llama_server", True)):
+        served[name] = "skipped (--no-openai)" if args.no_openai else bench_openai(args, convs, cpp)
+        if isinstance(served[name], tuple):
+            o_tok, o_s = served[name]
+            what = "llama.cpp's llama-server" if cpp else "llama-cpp-python"
+            rate = f"{o_tok:6d} tokens in {o_s:7.2f} s = {o_tok / o_s:8.1f} tokens/s"
+            print(f"{name + ':':13s} {rate} ({what}, 1 server)")
     print(f"speedup: {eng / naive:.2f}")
     print(f"prefix_reuse: {min(s_runs[False]) / min(s_runs[True]):.2f}")
-    print(f"openai: {o_tok / o_s / naive:.2f}" if isinstance(result, tuple) else f"openai: {result}")
+    for name, result in served.items():
+        print(f"{name}: {result[0] / result[1] / naive:.2f}" if isinstance(result, tuple) else f"{name}: {result}")
     if not args.no_stage:
         print_stage_shaped(args, engine, convs)
 

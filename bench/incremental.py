@@ -15,7 +15,9 @@
 Prints each wall time with the seconds of every stage that ran (from one "Running stage" line of dvc's to the next,
 so DVC's own bookkeeping counts to the stage before it), then `retrained:` -- the seconds the row rebuild spent in
 the training stages (pm, rlaif, distill) over full: the labels changed, so those models are new and no row cache can
-hold their work; `row_rebuild` cannot go below that share. Last, `ratios: rebuild=.. pull=.. row_rebuild=..
+hold their work; `row_rebuild` cannot go below that share. After full and row_rebuild, `cost:` gives what an AI label
+cost as `evaluate` reports it: to make (`seconds_per_ai_label`, the row cache's labels priced as paid) and in that
+build (`build_seconds_per_ai_label`). Last, `ratios: rebuild=.. pull=.. row_rebuild=..
 resume=..` (each over full, resume over the uninterrupted stage).
 
 `--profile` picks the scale (default `smoke`, minutes on 2 cores). On `smoke` every stage's start-up (about 8 to 12 s:
@@ -147,6 +149,15 @@ def resume(repo: Path, args: list[str]) -> tuple[float, float]:
     return whole, finish
 
 
+def show_cost(name: str, repo: Path) -> None:
+    """What an AI label cost, as `evaluate` reports it: to make (cache hits priced as paid) and in this build."""
+    cost = json.loads((repo / "data" / "evaluate" / "metrics.json").read_text())["cost"]
+    print(
+        f"cost:        {name}: {cost['ai_labels']} labels, seconds_per_ai_label={cost['seconds_per_ai_label']} "
+        f"build_seconds_per_ai_label={cost['build_seconds_per_ai_label']}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="smoke", help="the profile every build composes (default: smoke)")
@@ -157,6 +168,7 @@ def main() -> None:
         repo = pipeline.make_repo(work / "repo", profile)
         full, ran = repro(repo)
         show("full", full, ran)
+        show_cost("full", repo)
         pipeline.dvc(repo, "remote", "add", "-d", "team", str(work / "remote"))
         pipeline.commit(repo, "build")
         pipeline.dvc(repo, "push")
@@ -176,6 +188,7 @@ def main() -> None:
         pipeline.edit_principle(warm, asked, "text", PRINCIPLE)
         row_rebuild, ran = repro(warm)
         show("row_rebuild", row_rebuild, ran, "  (row caches kept)")
+        show_cost("row_rebuild", warm)
         retrained = sum(s for stage, s in ran.items() if stage in TRAINING)
         print(f"retrained:   {retrained:7.1f} s = {retrained / full:.3f} of full (new models: no cache holds them)")
         shutil.rmtree(warm)

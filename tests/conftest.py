@@ -118,6 +118,21 @@ def llama_server(tmp_path_factory, smollm2_gguf):
         yield server
 
 
+@pytest.fixture(scope="session")
+def cpp_llama_server(tmp_path_factory, smollm2_gguf):
+    """One real llama.cpp C++ `llama-server` for the whole session, on the same GGUF with the same API key."""
+    from tests import servers
+
+    with servers.running(smollm2_gguf, tmp_path_factory.mktemp("cpp-servers"), cpp=True) as server:
+        yield server
+
+
+@pytest.fixture(params=["llama-cpp-python", "llama-server"])
+def any_server(request):
+    """Each real server implementation in turn: llama-cpp-python's, then llama.cpp's C++ `llama-server`."""
+    return request.getfixturevalue("llama_server" if request.param == "llama-cpp-python" else "cpp_llama_server")
+
+
 @pytest.fixture
 def server_env(monkeypatch):
     from tests import servers

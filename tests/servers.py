@@ -1,14 +1,17 @@
-"""Real OpenAI-compatible servers for the `openai` engine's tests: llama.cpp (llama-cpp-python) serving the
-embedded SmolLM2 GGUF on 127.0.0.1.
+"""Real OpenAI-compatible servers for the `openai` engine's tests, serving the embedded SmolLM2 GGUF on 127.0.0.1:
+llama-cpp-python's server (the `server` dependency group, `uv run --group server pytest`) and llama.cpp's own C++
+`llama-server` (built by `.ci/build-llama-server`; found at CAIFORGE_LLAMA_SERVER, on PATH, or at that script's
+install path). The two answer differently (log-probs, `owned_by`), so the engine is tested against both.
 
-They come from the `server` dependency group (`uv run --group server pytest`). Without it the tests that need a
-server skip with that hint, except where CAIFORGE_REQUIRE_SERVER=1 (CI), where a missing server is a failure.
+Without them the tests that need one skip with a hint, except where CAIFORGE_REQUIRE_SERVER=1 /
+CAIFORGE_REQUIRE_LLAMA_SERVER=1 (CI), where a missing server is a failure.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,6 +39,22 @@ def require_llama_cpp() -> None:
         pytest.skip(message)
 
 
+LLAMA_SERVER_VERSION = "0.3.36"
+"""The llama-cpp-python release whose vendored llama.cpp `.ci/build-llama-server` builds."""
+
+
+def llama_server_binary() -> Path:
+    """The C++ `llama-server` to test against; skips (or fails, under CAIFORGE_REQUIRE_LLAMA_SERVER=1) without one."""
+    default = Path.home() / ".cache" / "caiforge" / f"llama-server-{LLAMA_SERVER_VERSION}" / "llama-server"
+    for candidate in (os.environ.get("CAIFORGE_LLAMA_SERVER"), shutil.which("llama-server"), default):
+        if candidate and os.access(candidate, os.X_OK):
+            return Path(candidate)
+    message = "llama.cpp's llama-server binary is not built: run `.ci/build-llama-server` (about 18 min on 2 cores)"
+    if os.environ.get("CAIFORGE_REQUIRE_LLAMA_SERVER") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -47,6 +66,8 @@ class Server:
     url: str
     process: subprocess.Popen
     log: Path
+    cpp: bool = False
+    """llama.cpp's C++ `llama-server` (else llama-cpp-python's server)."""
 
     def kill(self) -> None:
         """SIGKILL, as a crashed or preempted server dies."""
@@ -64,15 +85,24 @@ def start(
     alias: str | None = None,
     port: int | None = None,
     models: dict[str, Path] | None = None,
+    cpp: bool = False,
 ) -> Server:
-    """llama-cpp-python's server on `gguf`, served as `alias` (default: the file's path), on `port` (default: a
-    free one); with `models` ({served name: GGUF}), every one of them instead (loaded as requests name them)."""
-    require_llama_cpp()
+    """llama-cpp-python's server on `gguf` (with `cpp`, llama.cpp's C++ `llama-server`), served as `alias`
+    (default: the file's path), on `port` (default: a free one); with `models` ({served name: GGUF}, Python server
+    only), every one of them instead (loaded as requests name them)."""
     port = port or free_port()
     log = log_dir / f"llama-server-{port}-{time.monotonic_ns()}.log"
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--n_ctx", "4096", "--n_threads", str(threads), "--api_key", API_KEY]
-    cmd += ["--model_alias", alias] if alias else []
+    if cpp:
+        if models:
+            raise ValueError("tests.servers.start: `models` is for llama-cpp-python's server")
+        cmd = [str(llama_server_binary()), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
+        cmd += ["--ctx-size", "4096", "--threads", str(threads), "--api-key", API_KEY]
+    else:
+        require_llama_cpp()
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf)]
+        cmd += ["--host", "127.0.0.1", "--port", str(port)]
+        cmd += ["--n_ctx", "4096", "--n_threads", str(threads), "--api_key", API_KEY]
+    cmd += (["--alias", alias] if cpp else ["--model_alias", alias]) if alias else []
     if models:
         import json
 
@@ -86,7 +116,7 @@ def start(
         cmd = [sys.executable, "-m", "llama_cpp.server", "--config_file", str(config)]
     with log.open("wb") as fh:
         process = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}/v1", process, log)
+    server = Server(f"http://127.0.0.1:{port}/v1", process, log, cpp)
     deadline = time.monotonic() + ready_within
     request = urllib.request.Request(f"{server.url}/models", headers={"Authorization": f"Bearer {API_KEY}"})
     while time.monotonic() < deadline:

@@ -120,6 +120,22 @@ def test_requests_move_off_a_dead_server(scripted):
     assert len(answers) == 6 and scripted.seen == 6 and f.retries >= 1
 
 
+@pytest.mark.parametrize("scripted", [[]], indirect=True)
+def test_bodies_are_read_as_they_are_sent_and_answers_handed_over_are_not_kept(scripted):
+    built, answered = [], []
+
+    def body(i: int) -> dict:
+        built.append((i, len(answered)))  # which body, and how many answers had arrived when it was read
+        return {"prompt": f"p{i}"}
+
+    kept = fleet(scripted.url).complete(openai.Lazy(4, body), on_done=lambda i, a: answered.append(i))
+    assert kept == [] and answered == [0, 1, 2, 3]
+    # One request in flight: body i is built only once answer i-1 is in, never all of them up front.
+    assert built == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    with pytest.raises(IndexError):
+        openai.Lazy(4, body)[4]
+
+
 @pytest.mark.parametrize("scripted", [([], False)], indirect=True)
 def test_choice_scoring_without_logprobs_is_an_error(scripted, tiny_model_dir):
     cfg = engines.ScoringConfig(backend="openai", server=engines.ServerConfig(urls=(scripted.url,)), progress=False)

@@ -55,6 +55,29 @@ def test_merged_option_token_moves_the_context_back():
         assert tok.decode(list(plan.context) + list(cont)) == PREFILL + opt
 
 
+def test_option_tokens_are_planned_once_per_prompt_tail(tiny):
+    """Questions that differ before the chat template's last special token share one plan, and it is the plan of
+    each whole prompt; a prompt without special tokens is planned whole, and a merging tail is still refused."""
+    _, tok = tiny
+    s = scorer(tiny)
+    planner = rendering.OptionTokens(tok, ("A", "B"))
+    texts = [s.render([{"role": "user", "content": f"question {i} " * (i + 1)}], PREFILL) for i in range(40)]
+    for text in texts:
+        whole = rendering.plan_options(tok, text, ("A", "B"))
+        assert planner.single(text) == whole.continuations
+    assert planner.planned == 1 and len(planner.plans) == 1
+    bare = "no template here ("
+    assert planner.single(bare) == rendering.plan_options(tok, bare, "AB").continuations
+    assert planner.planned == 2 and len(planner.plans) == 1, "a prompt without special tokens is not memoized"
+    # " (" is one token after the prompt, but " " then "(A" with an option: the server would read the next token
+    # after " (", not the option tokens; context tokens of the same count must not pass for the prompt's own.
+    merging = models.build_tiny_tokenizer(512)
+    merging.add_tokens(["(A", "(B"])
+    merging.chat_template = tok.chat_template
+    with pytest.raises(ValueError, match="not single tokens right after the prompt"):
+        rendering.OptionTokens(merging, ("A", "B")).single(texts[0])
+
+
 def test_logprobs_match_an_unpadded_forward_and_batching(tiny):
     s = scorer(tiny)
     got = s.choice_logprobs(CONVS, [PREFILL] * len(CONVS))

@@ -52,7 +52,7 @@ from caiforge.engines import (
     fill_in,
     row_seed,
 )
-from caiforge.engines.rendering import END_TOKENS, encode, plan_options, render_chat
+from caiforge.engines.rendering import END_TOKENS, ChatRenderer, OptionTokens, encode
 
 if TYPE_CHECKING:
     from caiforge.rowcache import RowCache
@@ -158,19 +158,21 @@ class Fleet:
         return aiohttp.ClientTimeout(total=self.cfg.timeout)
 
     def complete(self, payloads: Sequence[dict], on_done: Any = None) -> list[dict]:
-        """POST every payload to /completions somewhere in the fleet; the JSON answers, in input order."""
+        """POST every payload to /completions somewhere in the fleet; the JSON answers, in input order. With
+        `on_done(i, answer)`, each answer goes there as it arrives and none is kept (the list comes back empty).
+        `payloads[i]` is read when request i is sent, so a lazy sequence keeps one body at a time in memory."""
         if not payloads:
             return []
-        return asyncio.run(self._run(list(payloads), on_done))
+        return asyncio.run(self._run(payloads, on_done))
 
-    async def _run(self, payloads: list[dict], on_done: Any) -> list[dict]:
+    async def _run(self, payloads: Sequence[dict], on_done: Any) -> list[dict]:
         import aiohttp
 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
         for i in range(len(payloads)):
             queue.put_nowait((i, 0))
-        results: list[dict | None] = [None] * len(payloads)
+        results: list[dict | None] = [None] * len(payloads)  # stays empty when on_done takes the answers
         remaining = len(payloads)
         finished = loop.create_future()
         servers = {url: _Server(url) for url in self.urls}
@@ -216,11 +218,12 @@ class Fleet:
                         answer = _completion(raw) if resp.status == 200 else None
                         if answer is not None:
                             server.succeeded()
-                            results[i] = answer
                             remaining -= 1
-                            if on_done:
+                            if not on_done:
+                                results[i] = answer
+                            else:
                                 try:
-                                    on_done(i, results[i])
+                                    on_done(i, answer)
                                 except Exception as exc:  # e.g. an answer without log-probs: the call fails
                                     if not finished.done():
                                         finished.set_exception(exc)
@@ -393,11 +396,27 @@ def served_weights(model_dir: str | Path, server: ServerConfig) -> str | None:
     return server.weights
 
 
+class Lazy(Sequence):
+    """A read-only sequence whose item i is `build(i)`, made when it is read and not kept."""
+
+    def __init__(self, n: int, build: Any) -> None:
+        self.n, self.build = n, build
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:  # type: ignore[override]
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.build(i)
+
+
 class _Client:
     """What both OpenAI-side engines share: the tokenizer, the fleet, the identity and the stats."""
 
     def __init__(self, tokenizer: Any, server: ServerConfig, progress: bool, weights: str | None = None) -> None:
         self.tokenizer = tokenizer
+        self.render_chat = ChatRenderer(tokenizer)
         self.fleet = Fleet(server)
         self.progress = progress
         self.stats = Stats()
@@ -432,11 +451,12 @@ class _Client:
             if self.cache is not None and reuse:
                 self.cache.put([(keys[i], found[i])])
 
-        self.run([payloads[i] for i in run], desc, store)
+        self.run(Lazy(len(run), lambda j: payloads[run[j]]), desc, store)
         return fill_in(found, keys, shard)
 
-    def run(self, payloads: list[dict], desc: str, on_done: Any = None) -> list[dict]:
-        """Every payload's answer, in order; `on_done(i, answer)` as each one arrives (to store it at once)."""
+    def run(self, payloads: Sequence[dict], desc: str, on_done: Any = None) -> list[dict]:
+        """Every payload's answer, in order; with `on_done(i, answer)`, each goes there as it arrives instead (to
+        store it at once) and none is kept."""
         from caiforge.engines.hf import progress
 
         def done(i: int, answer: dict) -> None:
@@ -448,7 +468,7 @@ class _Client:
             t0 = time.perf_counter()
             answers = self.fleet.complete(payloads, on_done=done)
             self.stats.seconds += time.perf_counter() - t0
-        self.stats.rows += len(answers)
+        self.stats.rows += len(payloads)
         self.stats.engine["requests_sent"] = self.fleet.requests_sent
         self.stats.engine["retries"] = self.fleet.retries
         return answers
@@ -469,23 +489,29 @@ class OpenAIGenerator(_Client):
     def chat(
         self, conversations: Sequence[Sequence[Message]], *, seed: int, desc: str = "", shard: Shard | None = None
     ) -> list[Completion]:
-        texts = [render_chat(self.tokenizer, c) for c in conversations]
-        payloads = [self.payload(t, row_seed(seed, t)) for t in texts]
+        conversations = list(conversations)
+
+        def payload(i: int) -> dict:
+            text = self.render_chat(conversations[i])
+            return self.payload(text, row_seed(seed, text))
+
+        # The keys are hashed up front; the bodies are rendered again as they are sent, so memory stays flat in N.
         keys = [
-            rowcache.key({"kind": "chat", "model": self.identity, "version": ENGINE_VERSION, **p}) for p in payloads
+            rowcache.key({"kind": "chat", "model": self.identity, "version": ENGINE_VERSION, **payload(i)})
+            for i in range(len(conversations))
         ]
 
         def parse(i: int, answer: dict) -> dict:
             choice = answer["choices"][0]
             usage = answer.get("usage") or {}
-            prompt_tokens = len(encode(self.tokenizer, texts[i]))
+            prompt = prompt_tokens(answer) or len(encode(self.tokenizer, self.render_chat(conversations[i])))
             done = choice.get("finish_reason") == "stop"
             generated = usage.get("completion_tokens") or len(encode(self.tokenizer, choice["text"])) + int(done)
-            self.stats.prompt_tokens += prompt_tokens
+            self.stats.prompt_tokens += prompt
             self.stats.completion_tokens += int(generated)
-            return Completion(choice["text"].strip(), prompt_tokens, int(generated), done).as_dict()
+            return Completion(choice["text"].strip(), prompt, int(generated), done).as_dict()
 
-        answers = self.cached_run(keys, payloads, parse, desc or "generate", shard)
+        answers = self.cached_run(keys, Lazy(len(keys), payload), parse, desc or "generate", shard)
         return [Completion(**v) if v is not None else None for v in answers]
 
     def payload(self, prompt: str, seed: int) -> dict:
@@ -522,7 +548,7 @@ class OpenAIChoiceScorer(_Client):
         return cls(load_tokenizer(model_dir, cfg.server), cfg, served_weights(model_dir, cfg.server))
 
     def render(self, conversation: Sequence[Message], prefill: str) -> str:
-        return render_chat(self.tokenizer, conversation, prefill)
+        return self.render_chat(conversation, prefill)
 
     def generator(self, cfg: GenerationConfig) -> OpenAIGenerator:
         """A generator on the same servers and weights, e.g. for chain-of-thought reasoning (`cfg`'s decoding)."""
@@ -539,30 +565,34 @@ class OpenAIChoiceScorer(_Client):
     ) -> list[tuple[float, ...]]:
         if len(conversations) != len(prefills):
             raise ValueError(f"{len(conversations)} conversations but {len(prefills)} prefills")
-        prompts, wanted = [], []
-        for conv, prefill in zip(conversations, prefills, strict=True):
-            text = self.render(conv, prefill)
-            plan = plan_options(self.tokenizer, text, options)
-            if not plan.single_token or len(plan.context) != len(encode(self.tokenizer, text)):
+        planner = OptionTokens(self.tokenizer, options)
+        names: dict[tuple[tuple[int, ...], ...], list[str]] = {}
+        top_k = self.cfg.server.top_logprobs
+
+        def payload(i: int) -> dict:
+            text = self.render(conversations[i], prefills[i])
+            return {"prompt": text, "max_tokens": 1, "temperature": 0.0, "logprobs": top_k, "seed": 0}
+
+        # Keys and option names come from one render per question; bodies are rendered again as they are sent.
+        identity = {"kind": "choice", "model": self.identity, "version": ENGINE_VERSION, "options": list(options)}
+        keys, wanted = [], []
+        for i in range(len(conversations)):
+            body = payload(i)
+            text = body["prompt"]
+            try:
+                tokens = planner.single(text)
+            except ValueError as err:
                 raise ValueError(
-                    f"scoring.backend openai reads one next token after the prompt; options {list(options)} are not "
-                    "single tokens after it for this tokenizer (use the transformers backend)"
-                )
-            prompts.append(text)
-            wanted.append([self.tokenizer.decode(list(c)) for c in plan.continuations])
-        payloads = [
-            {"prompt": p, "max_tokens": 1, "temperature": 0.0, "logprobs": self.cfg.server.top_logprobs, "seed": 0}
-            for p in prompts
-        ]
-        keys = [
-            rowcache.key(
-                {"kind": "choice", "model": self.identity, "version": ENGINE_VERSION, "options": list(options), **p}
-            )
-            for p in payloads
-        ]
+                    f"scoring.backend openai reads one next token after the prompt; {err} (use the "
+                    "transformers backend)"
+                ) from None
+            if tokens not in names:
+                names[tokens] = [self.tokenizer.decode(list(c)) for c in tokens]
+            wanted.append(names[tokens])
+            keys.append(rowcache.key({**identity, **body}))
 
         def parse(i: int, answer: dict) -> list[float]:
-            text, names = prompts[i], wanted[i]
+            names = wanted[i]
             top = _top_logprobs(answer)
             if not top:
                 raise ServerError(
@@ -577,16 +607,29 @@ class OpenAIChoiceScorer(_Client):
                 else:
                     self.options_outside_top_k += 1
                     values.append(float(floor))
-            self.stats.prompt_tokens += len(encode(self.tokenizer, text))
+            self.stats.prompt_tokens += prompt_tokens(answer) or len(encode(self.tokenizer, payload(i)["prompt"]))
             return values
 
-        out = [tuple(v) for v in self.cached_run(keys, payloads, parse, "score")]
+        out = [tuple(v) for v in self.cached_run(keys, Lazy(len(keys), payload), parse, "score")]
         self.stats.engine["options_outside_top_k"] = self.options_outside_top_k
         return out
 
 
+def prompt_tokens(answer: dict) -> int:
+    """The prompt's token count as the server reports it in `usage` (0 when it does not)."""
+    usage = answer.get("usage")
+    count = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    return count if isinstance(count, int) and count > 0 else 0
+
+
 def _top_logprobs(answer: dict) -> dict[str, float]:
-    """{token text: log-prob} of the first generated position, from the legacy completions `logprobs` object."""
+    """{token text: log-prob} of the first generated position. Reads the legacy completions form
+    (`logprobs.top_logprobs[0]` = {token: log-prob}: vLLM, SGLang, llama-cpp-python) and the chat-style form that
+    llama.cpp's `llama-server` returns (`logprobs.content[0].top_logprobs` = [{"token", "logprob"}, ...])."""
     logprobs = (answer.get("choices") or [{}])[0].get("logprobs") or {}
     tops = logprobs.get("top_logprobs") or []
-    return dict(tops[0]) if tops and tops[0] else {}
+    if tops and tops[0]:
+        return dict(tops[0])
+    content = logprobs.get("content") or []
+    first = (content[0].get("top_logprobs") or []) if content else []
+    return {t["token"]: float(t["logprob"]) for t in first if "token" in t and "logprob" in t}

@@ -34,6 +34,49 @@ def render_chat(tokenizer: Any, conversation: Sequence[Message], prefill: str = 
     return text + neutralize(tokenizer, prefill, specials)
 
 
+class ChatRenderer:
+    """`render_chat` for the many conversations one engine renders with one tokenizer: the special strings found
+    once, and the chat template compiled once (transformers' own compiled, sandboxed template) and rendered with
+    what `apply_chat_template` gives it (the messages, `add_generation_prompt`, the special tokens) without its
+    per-call conversion of rich message objects, which plain {"role", "content"} text turns do not need. The first
+    render in each mode is compared with `apply_chat_template`; if they differ, or the turns are not plain text,
+    or this transformers has no such compiler, every render goes through `apply_chat_template`."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.specials = special_strings(tokenizer)
+        self.variables = dict(tokenizer.special_tokens_map)
+        self.agrees: dict[bool, bool] = {}
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            self.template: Any = _compile_jinja_template(tokenizer.get_chat_template())
+        except (ImportError, AttributeError, TypeError, ValueError):
+            self.template = None
+
+    def __call__(self, conversation: Sequence[Message], prefill: str = "", *, open_turn: bool = True) -> str:
+        turns = [
+            {**turn, "content": neutralize(self.tokenizer, turn["content"], self.specials)} for turn in conversation
+        ]
+        text = self._compiled(turns, open_turn)
+        if text is None:
+            text = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=open_turn)
+        return text + neutralize(self.tokenizer, prefill, self.specials)
+
+    def _compiled(self, turns: list[dict], open_turn: bool) -> str | None:
+        plain = all(turn.keys() == {"role", "content"} and type(turn["content"]) is str for turn in turns)
+        if self.template is None or not plain or self.agrees.get(open_turn) is False:
+            return None
+        text = self.template.render(
+            messages=turns, tools=None, documents=None, add_generation_prompt=open_turn, **self.variables
+        )
+        if open_turn not in self.agrees:
+            want = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=open_turn)
+            self.agrees[open_turn] = text == want
+            return want
+        return text
+
+
 def special_strings(tokenizer: Any) -> list[str]:
     """Every special token's text (chat markers, EOS, ...), longest first."""
     found = set(tokenizer.all_special_tokens)
@@ -110,3 +153,39 @@ def common_prefix(rows: Sequence[Sequence[int]]) -> int:
     while n < shortest and all(r[n] == first[n] for r in rows):
         n += 1
     return n
+
+
+class OptionTokens:
+    """The options' continuation tokens after many prompts, each checked to be one token right after its prompt,
+    planned once per prompt tail: the text from its last special token on (a chat template's assistant header and
+    the prefill). Tokenizers split text at special tokens and tokenize each piece on its own, so what follows a
+    special token tokenizes the same whatever precedes it. A prompt without special tokens is planned whole."""
+
+    def __init__(self, tokenizer: Any, options: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.options = tuple(options)
+        self.specials = special_strings(tokenizer)
+        self.plans: dict[str, tuple[tuple[int, ...], ...]] = {}
+        self.planned = 0
+
+    def tail(self, text: str) -> str | None:
+        """`text` from its last special token on, or None when it holds none."""
+        cut = max((text.rfind(s) for s in self.specials), default=-1)
+        return text[cut:] if cut >= 0 else None
+
+    def single(self, text: str) -> tuple[tuple[int, ...], ...]:
+        """Each option's one token after `text`; ValueError when an option is not one token right after it."""
+        tail = self.tail(text)
+        if tail is not None and tail in self.plans:
+            return self.plans[tail]
+        piece = text if tail is None else tail
+        plan = plan_options(self.tokenizer, piece, self.options)
+        self.planned += 1
+        if not plan.single_token or list(plan.context) != encode(self.tokenizer, piece):
+            raise ValueError(
+                f"options {list(self.options)} are not single tokens right after the prompt for this tokenizer "
+                f"(the prompt ends {piece[-40:]!r})"
+            )
+        if tail is not None:
+            self.plans[tail] = plan.continuations
+        return plan.continuations
