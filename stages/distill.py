@@ -150,14 +150,13 @@ def run(cfg: DistillConfig) -> dict:
         else:
             trainer = SFTTrainer(**shared)
         result = trainer.train(resume_from_checkpoint=resume)
-        if not main:
-            return {}
-        training.save_model(trainer.model, tokenizer, out / "model", cfg)
+        if not training.finish(trainer, tokenizer, out / "model", cfg):
+            return {}  # rank 0 writes the one copy of every output
     ckpt.done()
     history = trainer.state.log_history
     batch = training.batch_metrics(cfg, trainer)
-    student = trainer.model
-    del trainer
+    del trainer, student
+    student, _ = models.load_pretrained(out / "model", device=device)
     after = distillation.agreement(student, teacher, tokenizer, held_prompts, held_answers)
     teacher_params, student_params = models.parameter_count(teacher), models.parameter_count(student)
     metrics = {

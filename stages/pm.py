@@ -90,13 +90,14 @@ def run(cfg: PmConfig) -> dict:
             callbacks=ckpt.callbacks(resume),
         )
         result = trainer.train(resume_from_checkpoint=resume)
-        if not main:
-            return {}
-        trained = trainer.model.merge_and_unload() if cfg.lora.enabled else trainer.model
-        pm = preference.PreferenceModel(trained, tokenizer, max_length=cfg.max_length, batch_size=cfg.score_batch_size)
-        after = heldout_metrics(pm, evals, cfg.calibration_bins)
-        training.save_model(trained, tokenizer, out / "model", cfg)
+        if not training.finish(trainer, tokenizer, out / "model", cfg):
+            return {}  # rank 0 writes the one copy of every output
     ckpt.done()
+    device = str(next(model.parameters()).device)
+    pm = preference.PreferenceModel.from_dir(
+        out / "model", max_length=cfg.max_length, batch_size=cfg.score_batch_size, device=device, dtype="float32"
+    )
+    after = heldout_metrics(pm, evals, cfg.calibration_bins)
     metrics = {
         "train_pairs": train.height,
         "heldout_pairs": evals.height,

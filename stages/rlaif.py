@@ -278,9 +278,8 @@ def run(cfg: RlaifConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="caiforge-rlaif-") as scratch:
         trainer, train_rows = make_trainer(cfg, train, pm, Path(scratch), ckpt, resume)
         result = trainer.train(resume_from_checkpoint=resume)
-        if not main:
-            return {}
-        training.save_model(trainer.model, trainer.processing_class, out / "model", cfg)
+        if not training.finish(trainer, trainer.processing_class, out / "model", cfg):
+            return {}  # rank 0 writes the one copy of every output
     ckpt.done()
     history = trainer.state.log_history
     batch = training.batch_metrics(cfg, trainer)

@@ -82,12 +82,13 @@ def run(cfg: SftConfig) -> dict:
             callbacks=ckpt.callbacks(resume),
         )
         result = trainer.train(resume_from_checkpoint=resume)
-        if not main:
+        if not training.finish(trainer, tokenizer, out / "model", cfg):
             return {}  # rank 0 writes the one copy of every output
-        trained = trainer.model.merge_and_unload() if cfg.lora.enabled else trainer.model
-        after = training.completion_loss(trained, heldout, cfg.max_length) if heldout is not None else None
-        training.save_model(trained, tokenizer, out / "model", cfg)
     ckpt.done()
+    after = None
+    if heldout is not None:  # from the saved weights: the same figure whatever the sharding
+        trained, _ = models.load_pretrained(out / "model", device=str(next(model.parameters()).device))
+        after = training.completion_loss(trained, heldout, cfg.max_length)
     metrics = {
         "train_rows": train.height,
         "heldout_rows": evals.height,

@@ -6,6 +6,7 @@ every one that matters through `common_args`, so a library upgrade cannot silent
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -375,6 +376,64 @@ def save_model(model: Any, tokenizer: Any, out_dir: Path, stage_cfg: Any) -> Non
         tokenizer.save_pretrained(tmp)
         cfg = config.to_dict(stage_cfg)
         (tmp / "caiforge_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def finish(trainer: Any, tokenizer: Any, model_dir: Path, stage_cfg: Any) -> bool:
+    """End a training run; every process must call it. The weights are gathered whole however the Trainer
+    sharded them (`accelerator.get_state_dict`, a collective under FSDP and ZeRO-3), and the main process saves
+    them as `save_model` does (LoRA merged, safetensors that `from_pretrained` loads). True on the main process,
+    which then computes its held-out metrics from `model_dir` (the same figures whatever the sharding), False on
+    the others, which write nothing."""
+    # The engine (DeepSpeed) or the sharded module (FSDP2), which the gather needs, not the bare module.
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if not is_main_process():
+        return False
+    save_model(unsharded(trainer.accelerator.unwrap_model(trainer.model), state_dict), tokenizer, model_dir, stage_cfg)
+    return True
+
+
+def unsharded(model: Any, state_dict: dict[str, torch.Tensor]) -> Any:
+    """A model of `model`'s architecture (LoRA adapters included) that holds `state_dict`'s whole tensors, built
+    without allocating weights of its own and never partitioned; `model` itself may be sharded."""
+    import copy
+
+    import peft
+
+    base = model.get_base_model() if isinstance(model, peft.PeftModel) else model
+    with _unpartitioned(), torch.device("meta"):
+        plain = _built_class(base)._from_config(copy.deepcopy(base.config))
+        if isinstance(model, peft.PeftModel):
+            plain = peft.get_peft_model(plain, copy.deepcopy(model.peft_config[model.active_adapter]))
+    missing, unexpected = plain.load_state_dict(state_dict, strict=False, assign=True)
+    plain.tie_weights()  # a tied output layer may be missing from the gathered dict
+    empty = sorted(n for n, t in plain.state_dict().items() if t.is_meta)
+    if unexpected or empty:
+        raise RuntimeError(
+            f"the gathered weights do not fit {type(plain).__name__}: missing {empty[:5]}, unexpected "
+            f"{sorted(unexpected)[:5]} (of {len(missing)} missing, {len(unexpected)} unexpected)"
+        )
+    return plain
+
+
+def _built_class(module: Any) -> type:
+    """The class `module` was built as (FSDP2's `fully_shard` swaps in a subclass of it)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+
+
+@contextlib.contextmanager
+def _unpartitioned() -> Any:
+    """Models built inside hold whole tensors, even while a ZeRO-3 Trainer is alive (transformers would otherwise
+    build them under `deepspeed.zero.Init`, partitioned across processes that are not taking part)."""
+    from transformers.integrations import deepspeed
+
+    ref = deepspeed._hf_deepspeed_config_weak_ref
+    deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        deepspeed._hf_deepspeed_config_weak_ref = ref
 
 
 @torch.no_grad()

@@ -1,5 +1,7 @@
 """Training stages under `accelerate launch`: 2 real processes (DDP over gloo on loopback) against 1 process.
 sft, pm and distill (whose teacher answers are sharded and gathered) must match one process; rlaif runs a GRPO step.
+sft and pm also run under FSDP2 (PyTorch's `fully_shard` over gloo, the shipped conf/accelerate/fsdp.yaml on CPU):
+every process gathers the sharded weights, rank 0 saves them, and they must equal the DDP run's.
 
 What must hold: one copy of each output (written by rank 0), the global batch recorded, and the same weights as
 one process with the same global batch. Tolerance: 1e-5 max absolute difference. The two runs take the same
@@ -29,6 +31,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from caiforge import launch
@@ -102,15 +105,32 @@ def max_difference(a: Path, b: Path, shared_only: bool = False) -> float:
     return max(float((wa[k] - wb[k]).abs().max()) for k in keys)
 
 
-def trained(tmp_path: Path, stage: str, processes: int, batch: int, common: list[str]) -> tuple[Path, dict]:
-    out = tmp_path / f"{stage}-{processes}"
-    done = run_stage(stage, processes, [*common, f"{stage}.out_dir={out}", f"{stage}.batch_size={batch}"])
+def fsdp2_on_cpu(tmp_path: Path, stage: str, args: list[str]) -> subprocess.CompletedProcess:
+    """`stage` on 2 processes under the shipped FSDP2 config with `use_cpu: true`, through tests/assets/fsdp_on_cpu.py
+    (which lets accelerate pick FSDP without a GPU; see its docstring)."""
+    config = yaml.safe_load((ROOT / "conf" / "accelerate" / "fsdp.yaml").read_text())
+    config_file = tmp_path / "fsdp_cpu.yaml"
+    config_file.write_text(yaml.safe_dump({**config, "use_cpu": True}))
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
+    launcher += ["--num_processes", "2", "--main_process_port", str(free_port())]
+    script = [str(ROOT / "tests" / "assets" / "fsdp_on_cpu.py"), str(ROOT / "stages" / f"{stage}.py")]
+    cmd = [*launcher, *script, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=stage_env(), capture_output=True, text=True, timeout=600, check=False)
+
+
+def trained(
+    tmp_path: Path, stage: str, processes: int, batch: int, common: list[str], fsdp2: bool = False
+) -> tuple[Path, dict]:
+    out = tmp_path / f"{stage}-{processes}{'-fsdp2' if fsdp2 else ''}"
+    args = [*common, f"{stage}.out_dir={out}", f"{stage}.batch_size={batch}"]
+    done = fsdp2_on_cpu(tmp_path, stage, args) if fsdp2 else run_stage(stage, processes, args)
     assert done.returncode == 0, done.stderr[-4000:]
     # One copy of every output: rank 1 wrote nothing, not even a second dvclive run.
     assert sorted(p.name for p in out.iterdir()) == ["dvclive", "metrics.json", "model"]
     metrics = json.loads((out / "metrics.json").read_text())
     ddp = "MULTI_GPU" if torch.cuda.is_available() else "MULTI_CPU"
-    assert metrics["parallelism"] == ("NO" if processes == 1 else ddp), "the Trainer really ran DDP"
+    expected = "FSDP2" if fsdp2 else "NO" if processes == 1 else ddp
+    assert metrics["parallelism"] == expected, f"the Trainer really ran {expected}"
     return out, metrics
 
 
@@ -132,6 +152,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
     ]
     one, m1 = trained(tmp_path, stage, 1, 4, common)
     two, m2 = trained(tmp_path, stage, 2, 2, common)
+    sharded, m3 = trained(tmp_path, stage, 2, 2, common, fsdp2=True)
     assert (m1["processes"], m1["per_device_batch_size"], m1["global_batch_size"]) == (1, 4, 4)
     assert (m2["processes"], m2["per_device_batch_size"], m2["global_batch_size"]) == (2, 2, 4)
     assert m1["steps"] == m2["steps"] > 0
@@ -145,6 +166,31 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
     print(f"{stage}: max |w_1proc - w_2proc| = {diff:.3g} (training moved weights by up to {moved:.3g})")
     assert diff <= TOLERANCE
     assert moved > 100 * TOLERANCE, "the comparison means something only if training moved the weights"
+    # FSDP2: the same steps on the same rows as DDP, with sharded parameters gathered whole for the save.
+    assert (m3["processes"], m3["global_batch_size"], m3["steps"]) == (2, 4, m2["steps"])
+    assert m3[before] == m2[before] and m3[after] == pytest.approx(m2[after], rel=1e-4)
+    sharded_diff = max_difference(two / "model", sharded / "model")
+    print(f"{stage}: max |w_ddp - w_fsdp2| = {sharded_diff:.3g}")
+    assert sharded_diff <= TOLERANCE
+
+
+def test_fsdp2_lora_sft_saves_the_merged_weights_ddp_saves(tmp_path, tiny_model_dir):
+    """LoRA under FSDP2: the adapters are sharded with the rest, gathered, rebuilt around the whole weights and
+    merged on rank 0: an ordinary checkpoint (the base model's keys), equal to the DDP run's."""
+    common = [
+        *small_sft(tmp_path, tiny_model_dir, 18),
+        "sft.epochs=2",
+        "sft.learning_rate=0.001",
+        "sft.lora.enabled=true",
+    ]
+    ddp, _ = trained(tmp_path, "sft", 2, 2, common)
+    sharded, _ = trained(tmp_path, "sft", 2, 2, common, fsdp2=True)
+    assert (
+        load_file(str(sharded / "model" / "model.safetensors")).keys()
+        == load_file(str(tiny_model_dir / "model.safetensors")).keys()
+    ), "merged: no adapter keys left"
+    assert max_difference(tiny_model_dir, sharded / "model") > 100 * TOLERANCE, "the adapters moved the weights"
+    assert max_difference(ddp / "model", sharded / "model") <= TOLERANCE
 
 
 def sampled_generation(stage: str) -> list[str]:

@@ -95,3 +95,36 @@ def test_the_kernel_choice_reaches_the_model_and_the_trainer(tiny_model_dir):
     assert args["use_liger_kernel"] is False and args["gradient_checkpointing"] is True
     assert training.prompt_completion_args(64, padding_free=True)["padding_free"] is True
     assert training.prompt_completion_args(64)["padding_free"] is False
+
+
+def test_unsharded_rebuilds_the_model_around_gathered_weights_even_under_zero3(tiny_model_dir, monkeypatch):
+    """`unsharded` builds an empty copy of the architecture and takes the gathered tensors as they are (a tied
+    output layer may be missing from them); a ZeRO-3 run's live config must not make that copy a partitioned one.
+    The real sharded path (FSDP2 over gloo) is tests/stages/test_launch.py."""
+    import peft
+    from transformers.integrations import deepspeed
+
+    model, _ = models.load_pretrained(tiny_model_dir)
+    state = {k: v.clone() + 1 for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    plain = training.unsharded(model, state)
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in state.items())
+    if model.config.tie_word_embeddings:
+        assert plain.lm_head.weight is plain.model.embed_tokens.weight
+    with pytest.raises(RuntimeError, match="unexpected"):
+        training.unsharded(model, {**state, "stray.weight": torch.zeros(1)})
+
+    class Zero3:  # what transformers consults (is_deepspeed_zero3_enabled) while a ZeRO-3 Trainer is alive
+        def is_zero3(self) -> bool:
+            return True
+
+    live = Zero3()
+    with monkeypatch.context() as patched:
+        patched.setattr(deepspeed, "_hf_deepspeed_config_weak_ref", lambda: live)
+        assert deepspeed.is_deepspeed_zero3_enabled()
+        assert torch.equal(training.unsharded(model, state).model.norm.weight, state["model.norm.weight"])
+        assert deepspeed.is_deepspeed_zero3_enabled(), "the live config is back afterwards"
+
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    rebuilt = training.unsharded(lora, lora.state_dict())
+    assert isinstance(rebuilt, peft.PeftModel)
+    assert rebuilt.state_dict().keys() == lora.state_dict().keys()
