@@ -224,13 +224,24 @@ def per_principle_table(
     return pl.DataFrame(out, schema=schema).sort("principle_id")
 
 
+def _paid_seconds(engine: Mapping[str, Any]) -> float | None:
+    """What one engine's answers cost to make: this build's seconds, the recorded cost of its row-cache hits, and
+    for hits without a record this build's seconds per request (None when it ran no request to price them by)."""
+    unpriced = engine.get("unpriced_cache_hits", engine.get("cache_hits", 0))
+    rows, seconds = engine.get("rows", 0), engine.get("seconds", 0.0)
+    if unpriced and not rows:
+        return None
+    return seconds + engine.get("cached_seconds", 0.0) + (seconds / rows * unpriced if rows else 0.0)
+
+
 def cost_accounting(stage_metrics: Mapping[str, Mapping[str, Any]], usd_per_cpu_hour: float) -> dict[str, Any]:
     """Tokens generated, labels made and seconds spent, from each stage's metrics.json, and the cost per AI label.
 
     Seconds are the generation/training/scoring seconds the stages report (model loading excluded); tokens count
     every answer the stage wrote, also those its row cache held. A label costs two numbers: `seconds_per_ai_label`
-    is what it cost to make (each engine's requests from the row cache priced at the seconds per request this build
-    paid for the ones it ran; None when the build ran none), `build_seconds_per_ai_label` what this build paid.
+    is what it cost to make (requests from the row cache priced at what they cost the build that made them, as the
+    cache records it; one without a record at the seconds per request this build paid for the ones it ran, and
+    None when the build ran none), `build_seconds_per_ai_label` what this build paid.
     """
     cr = stage_metrics.get("critique_revise", {})
     lab = stage_metrics.get("label", {})
@@ -253,9 +264,8 @@ def cost_accounting(stage_metrics: Mapping[str, Mapping[str, Any]], usd_per_cpu_
     labels = lab.get("pairs", 0)
     engines_used = [lab.get("tokens", {}).get(k) or {} for k in ("sampling", "reasoning", "scoring")]
     made = [e for e in engines_used if e.get("rows", 0) + e.get("cache_hits", 0)]
-    paid = None
-    if all(e.get("rows", 0) for e in made):
-        paid = sum(e.get("seconds", 0.0) * (e["rows"] + e.get("cache_hits", 0)) / e["rows"] for e in made)
+    costs = [_paid_seconds(e) for e in made]
+    paid = None if None in costs else sum(costs)
     per_label = paid / labels if labels and paid is not None else None
     build_per_label = seconds["label"] / labels if labels else None
     return {

@@ -8,8 +8,9 @@ on the other rows of its call, see `caiforge.engines.hf`).
 
 On disk a cache is a directory that DVC tracks as a persistent output of its stage (`persist: true`): pushed,
 pulled and shared like any artifact, kept in place while the stage reruns, and safe to delete (the next build
-recomputes what is missing). It holds JSON-lines files of `{"k": key, "v": value, "b": build}`, where `b` numbers
-the last build of this cache that used the entry (each completed build is the previous one's number plus one):
+recomputes what is missing). It holds JSON-lines files of `{"k": key, "v": value, "b": build, "s": seconds}`, where
+`b` numbers the last build of this cache that used the entry (each completed build is the previous one's number
+plus one) and `s` is the engine time the row cost the build that made it (what a row taken from the cache cost):
 
 - while a stage runs, finished rows are appended (and flushed) to a journal of its own, so a killed run keeps them
   and the rerun resumes from there; a torn last line (no newline after it) is ignored, and any other line that is
@@ -72,6 +73,7 @@ class RowCache:
         self.dir = Path(directory) if directory else None
         """None: in memory only (`caiforge plan` on a stage without a cache dir)."""
         self.entries: dict[str, Any] = {}
+        self.costs: dict[str, float] = {}
         self.used: set[str] = set()
         self.last_build: dict[str, int] = {}
         """Key -> the number of the last completed build that used it (absent: a journal's, not yet compacted)."""
@@ -108,6 +110,8 @@ class RowCache:
             try:
                 entry = json.loads(line)
                 self.entries.setdefault(entry["k"], entry["v"])
+                if "s" in entry:
+                    self.costs.setdefault(entry["k"], float(entry["s"]))
                 if "b" in entry:
                     self.last_build[entry["k"]] = max(int(entry["b"]), self.last_build.get(entry["k"], 0))
             except (ValueError, KeyError, TypeError) as err:
@@ -129,13 +133,21 @@ class RowCache:
         """A request that may not be answered from the cache (nothing identifies its model): counted as a miss."""
         self.misses += 1
 
-    def put(self, items: Iterable[tuple[str, Any]]) -> None:
-        """Store finished rows: appended to this run's journal, flushed to the OS before returning."""
+    def cost(self, k: str) -> float | None:
+        """The engine seconds the build that made row `k` spent on it (None: not recorded)."""
+        return self.costs.get(k)
+
+    def put(self, items: Iterable[tuple[str, Any]], seconds: float | None = None) -> None:
+        """Store finished rows, each made in `seconds` of engine time (kept with it, see `cost`): appended to this
+        run's journal, flushed to the OS before returning."""
         lines = []
         for k, value in items:
             self.entries[k] = value
             self.used.add(k)
-            lines.append(json.dumps({"k": k, "v": value}, ensure_ascii=False, separators=(",", ":")) + "\n")
+            entry = {"k": k, "v": value}
+            if seconds is not None:
+                self.costs[k] = entry["s"] = round(float(seconds), 6)
+            lines.append(json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n")
         if not lines:
             return
         if self._journal is None:
@@ -168,7 +180,12 @@ class RowCache:
         if not keep and not old:
             return None
         body = "".join(
-            json.dumps({"k": k, "v": keep[k], "b": last[k]}, ensure_ascii=False, separators=(",", ":")) + "\n"
+            json.dumps(
+                {"k": k, "v": keep[k], "b": last[k], **({"s": self.costs[k]} if k in self.costs else {})},
+                ensure_ascii=False,
+                separators=(",", ":"),
+            )
+            + "\n"
             for k in sorted(keep)
         )
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -213,7 +230,7 @@ class PlanCache(RowCache):
         super().skip(k)
         self.counts.send += 1
 
-    def put(self, items: Any) -> None:
+    def put(self, items: Any, seconds: float | None = None) -> None:
         for k, value in items:
             self.entries[k] = value  # a later call of the same run would find it, as in a real build
 

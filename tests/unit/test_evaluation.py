@@ -135,6 +135,21 @@ def test_cost_accounting():
     assert cost["tokens_generated"] == {"critique_revise": 900, "label": 100}
     assert cost["seconds"]["sft"] == 12.0
 
+    # After a comparison edit: every sample from the cache (recorded at 0.5 s each), a few questions asked again.
+    edited = {
+        "pairs": 10,
+        "tokens": {
+            "sampling": {"seconds": 0.0, "rows": 0, "cache_hits": 10, "cached_seconds": 5.0, "unpriced_cache_hits": 0},
+            "scoring": {"seconds": 3.0, "rows": 4, "cache_hits": 36, "cached_seconds": 27.0, "unpriced_cache_hits": 0},
+        },
+    }
+    cost = evaluation.cost_accounting({"label": edited}, usd_per_cpu_hour=3.6)
+    assert cost["seconds_per_ai_label"] == 3.5, "as paid: (0 + 5 + 3 + 27) s for 10 labels"
+    assert cost["build_seconds_per_ai_label"] == 0.3
+    edited["tokens"]["sampling"] |= {"cached_seconds": 0.0, "unpriced_cache_hits": 10}
+    cost = evaluation.cost_accounting({"label": edited}, usd_per_cpu_hour=3.6)
+    assert cost["seconds_per_ai_label"] is None, "cached samples without a record, and no sample made to price them"
+
 
 def prompts_table(n_eval: int) -> pl.DataFrame:
     rows = [

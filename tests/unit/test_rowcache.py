@@ -191,3 +191,33 @@ def test_compaction_leaves_a_journal_another_process_is_writing(tmp_path):
     other.put([("d", 4)])
     other.close()
     assert rowcache.RowCache(tmp_path).entries == {"a": 1, "b": 2, "c": 3, "d": 4}
+
+
+def test_a_cached_row_carries_what_it_cost_to_make(tiny, tmp_path):
+    """Each stored row records the engine seconds spent on it (a batch's time over its rows); a build that takes it
+    from the cache reports that as `cached_seconds`, through compaction too; rows recorded before costs were kept
+    count as unpriced."""
+    first = generator(tiny, rowcache.RowCache(tmp_path))
+    first.chat(CONVS, seed=3)
+    first.cache.close()
+    recorded = sum(first.cache.cost(k) for k in first.cache.entries)
+    assert recorded == pytest.approx(first.stats.seconds, rel=1e-3) and recorded > 0
+    s = scorer(tiny, rowcache.RowCache(tmp_path))
+    s.choice_logprobs(CONVS, [PREFILL] * len(CONVS))
+    s.cache.close()
+    assert sum(s.cache.cost(k) for k in s.cache.entries) == pytest.approx(recorded + s.stats.seconds, rel=1e-3)
+    rowcache.RowCache(tmp_path).compact()
+
+    again = generator(tiny, rowcache.RowCache(tmp_path))
+    again.chat(CONVS, seed=3)
+    assert again.stats.rows == 0 and again.stats.cached_seconds == pytest.approx(recorded, rel=1e-3)
+    assert again.stats.unpriced_cache_hits == 0 and again.stats.as_dict()["cached_seconds"] > 0
+
+    old = tmp_path / "old"
+    old.mkdir()
+    key = next(iter(first.cache.entries))
+    line = {"k": key, "v": first.cache.entries[key]}
+    (old / "rows-old.jsonl").write_text(json.dumps(line) + "\n")
+    legacy = generator(tiny, rowcache.RowCache(old))
+    legacy.chat(CONVS, seed=3)
+    assert legacy.stats.cache_hits == 1 and legacy.stats.unpriced_cache_hits == 1 and legacy.stats.rows == 6

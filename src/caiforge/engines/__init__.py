@@ -209,6 +209,10 @@ class Stats:
     """Requests answered from the row cache (not counted in `rows`, which counts requests the engine ran)."""
     cached_completion_tokens: int = 0
     """Generated tokens of the answers taken from the row cache (what they cost the build that made them)."""
+    cached_seconds: float = 0.0
+    """Engine seconds the answers taken from the row cache cost the builds that made them."""
+    unpriced_cache_hits: int = 0
+    """Answers taken from the row cache with no recorded cost (made before costs were recorded)."""
     engine: dict[str, str | int] = field(default_factory=dict)
     """backend, model identity, device and dtype."""
 
@@ -228,6 +232,8 @@ class Stats:
             "prefix_tokens_reused": self.prefix_tokens_reused,
             "cache_hits": self.cache_hits,
             "cached_completion_tokens": self.cached_completion_tokens,
+            "cached_seconds": round(self.cached_seconds, 3),
+            "unpriced_cache_hits": self.unpriced_cache_hits,
             "completion_tokens": self.completion_tokens,
             "decode_slots": self.decode_slots,
             "wasted_slot_share": round(self.wasted_slot_share, 4),
@@ -347,6 +353,11 @@ def cache_lookup(
         else:
             found[i] = value
             stats.cache_hits += 1
+            cost = cache.cost(k) if cache is not None else None
+            if cost is None:
+                stats.unpriced_cache_hits += 1
+            else:
+                stats.cached_seconds += cost
             if isinstance(value, dict):
                 stats.cached_completion_tokens += int(value.get("completion_tokens", 0))
     return found, todo

@@ -339,9 +339,10 @@ class TransformersGenerator:
                     self.stats.rows += 1
                     self.stats.prompt_tokens += out.prompt_tokens
                     self.stats.completion_tokens += out.completion_tokens
+                elapsed = time.perf_counter() - t0
                 if self.cache is not None:
-                    self.cache.put((keys[i], found[i]) for i in rows)
-                self.stats.seconds += time.perf_counter() - t0
+                    self.cache.put(((keys[i], found[i]) for i in rows), seconds=elapsed / len(rows))
+                self.stats.seconds += elapsed
                 bar.update(len(rows))
                 bar.set_postfix(tok_s=f"{self.stats.tokens_per_second:.0f}")
         return [Completion(**v) if v is not None else None for v in fill_in(found, keys, shard)]
@@ -547,6 +548,7 @@ class TransformersChoiceScorer:
         values = {req: [0.0] * len(options) for req in todo.values()}
         pending = Counter(req for r in rows for req, _, _ in r.reads)
         batches = self.runner.batches([len(r.ids) for r in rows], plen, [r.keep for r in rows])
+        unbilled = 0.0  # seconds of batches that finished no request yet: billed to the next ones that do
         with torch.inference_mode(), progress(len(rows), "score", self.cfg.progress) as bar:
             for batch in batches:
                 t0 = time.perf_counter()
@@ -557,9 +559,12 @@ class TransformersChoiceScorer:
                     if not pending[req]:
                         found[req] = values[req]
                         done.append(req)
-                if self.cache is not None:
-                    self.cache.put((keys[req], found[req]) for req in done)
-                self.stats.seconds += time.perf_counter() - t0
+                elapsed = time.perf_counter() - t0
+                unbilled += elapsed
+                if self.cache is not None and done:
+                    self.cache.put(((keys[req], found[req]) for req in done), seconds=unbilled / len(done))
+                    unbilled = 0.0
+                self.stats.seconds += elapsed
                 self.stats.rows += len(batch)
                 self.stats.prompt_tokens += sum(len(rows[i].ids) for i in batch)
                 bar.update(len(batch))

@@ -444,12 +444,16 @@ class _Client:
         reuse = self.weights is not None
         found, todo = cache_lookup(self.cache, keys, self.stats, shard, reuse=reuse)
         run = list(todo.values())
+        last = [time.perf_counter()]
 
         def store(j: int, answer: dict) -> None:
             i = run[j]
             found[i] = parse(i, answer)
+            now = time.perf_counter()
+            # A row's cost is the wait since the answer before it: together they are the call's time.
+            seconds, last[0] = now - last[0], now
             if self.cache is not None and reuse:
-                self.cache.put([(keys[i], found[i])])
+                self.cache.put([(keys[i], found[i])], seconds=seconds)
 
         self.run(Lazy(len(run), lambda j: payloads[run[j]]), desc, store)
         return fill_in(found, keys, shard)
