@@ -432,3 +432,7 @@ def stage_main(stage: str, cls: type[T], run: typing.Callable[[T], Any]) -> None
         return  # `caiforge plan`: the stage has counted its requests and writes nothing
     except (ConfigError, FileNotFoundError, ValueError, StageError) as exc:
         sys.exit(f"{stage}: error: {exc}")
+    finally:
+        serving = sys.modules.get("caiforge.engines.serving")
+        if serving is not None:
+            serving.stop_all()  # managed servers end with their stage, however it ends

@@ -19,6 +19,7 @@ prompt (`row_seed`), so a row's sampled text does not depend on which other rows
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from caiforge import distributed
 from caiforge.config import StageError
+from caiforge.engines.serving import ManagedConfig
 
 if TYPE_CHECKING:
     from caiforge.rowcache import RowCache
@@ -77,6 +79,9 @@ class ServerConfig:
     dialect: Literal["auto", "vllm", "sglang", "llama_cpp", "openai"] = "auto"
     """How requests are worded where servers differ (`caiforge.engines.openai.DIALECTS`); auto: what each server
     names itself in /v1/models `owned_by` (set it when a proxy hides that)."""
+    managed: ManagedConfig = field(default_factory=ManagedConfig)
+    """Servers the stage starts itself on the role's model directory and stops when it ends (`launch`, see
+    `caiforge.engines.serving`), instead of `urls` someone else runs."""
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1 or self.max_retries < 0 or self.timeout <= 0 or self.top_logprobs < 2:
@@ -90,6 +95,11 @@ class ServerConfig:
             raise ValueError(f"server.weights: expected null, 'model_dir' or 'revision:<text>', got {self.weights!r}")
         if self.weights == "revision:":
             raise ValueError("server.weights: 'revision:' needs the revision after the colon")
+        if self.urls and self.managed.launch != "none":
+            raise ValueError(
+                "server: both server.urls and server.managed.launch are set; the stage either starts its "
+                "own servers or uses yours"
+            )
 
 
 @dataclass(frozen=True)
@@ -116,8 +126,10 @@ class EngineConfig:
     """The servers, when backend is `openai`."""
 
     def __post_init__(self) -> None:
-        if self.backend == "openai" and not self.server.urls:
-            raise ValueError("backend is 'openai' but server.urls is empty: list at least one server")
+        if self.backend == "openai" and not self.server.urls and self.server.managed.launch == "none":
+            raise ValueError(
+                "backend is 'openai' but server.urls is empty: list at least one server, or set server.managed.launch"
+            )
 
 
 @dataclass(frozen=True)
@@ -384,8 +396,9 @@ def make_generator(model_dir: str | Path, cfg: GenerationConfig, cache: RowCache
 
         engine = hf.TransformersGenerator.from_dir(model_dir, cfg)
     elif cfg.backend == "openai":
-        from caiforge.engines import openai
+        from caiforge.engines import openai, serving
 
+        cfg = dataclasses.replace(cfg, server=serving.serve(cfg.server, model_dir))
         engine = openai.OpenAIGenerator.from_config(model_dir, cfg)
     else:
         raise ValueError(f"generation.backend: unknown backend {cfg.backend!r}")
@@ -425,8 +438,9 @@ def make_choice_scorer(model_dir: str | Path, cfg: ScoringConfig, cache: RowCach
 
         scorer = hf.TransformersChoiceScorer.from_dir(model_dir, cfg)
     elif cfg.backend == "openai":
-        from caiforge.engines import openai
+        from caiforge.engines import openai, serving
 
+        cfg = dataclasses.replace(cfg, server=serving.serve(cfg.server, model_dir))
         scorer = openai.OpenAIChoiceScorer.from_config(model_dir, cfg)
     else:
         raise ValueError(f"scoring.backend: unknown backend {cfg.backend!r}")

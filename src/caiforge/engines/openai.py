@@ -51,6 +51,7 @@ from caiforge.engines import (
     cache_lookup,
     fill_in,
     row_seed,
+    serving,
 )
 from caiforge.engines.rendering import END_TOKENS, ChatRenderer, OptionTokens, encode
 
@@ -382,9 +383,9 @@ def load_tokenizer(model_dir: str | Path, server: ServerConfig) -> Any:
 
 
 def served_weights(model_dir: str | Path, server: ServerConfig) -> str | None:
-    """What `server.weights` says identifies the served weights: the fingerprint of the role's model directory,
-    the stated `revision:<text>`, or None."""
-    if server.weights == "model_dir":
+    """What `server.weights` says identifies the served weights: the fingerprint of the role's model directory
+    (always, for managed servers: they serve that directory), the stated `revision:<text>`, or None."""
+    if server.weights == "model_dir" or server.managed.launch != "none":
         from caiforge.engines import hf
 
         try:
@@ -420,7 +421,9 @@ class _Client:
         self.fleet = Fleet(server)
         self.progress = progress
         self.stats = Stats()
-        model = self.fleet.served_model()
+        # Managed servers not started (plan mode starts none): the name they serve, without asking.
+        unstarted = server.managed.launch != "none" and not server.urls
+        model = serving.SERVED_NAME if unstarted else self.fleet.served_model()
         self.weights = weights
         self.identity = f"openai:{model}@{weights}" if weights else f"openai:{model}"
         self.stats.engine = {"backend": "openai", "model": model, "servers": len(self.fleet.urls)}

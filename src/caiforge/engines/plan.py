@@ -116,7 +116,8 @@ def _openai_engine(kind: str, model_dir: str | Path, cfg: Any, cache: Any) -> An
         raise StageError(f"{model_dir}: no tokenizer yet, so its requests cannot be planned ({err})") from err
     ctx = active()
     assert ctx is not None
-    pending = _pending_identity(model_dir, ctx) if cfg.server.weights == "model_dir" else None
+    by_dir = cfg.server.weights == "model_dir" or cfg.server.managed.launch != "none"
+    pending = _pending_identity(model_dir, ctx) if by_dir else None
     weights = pending or openai.served_weights(model_dir, cfg.server)
     generator, scorer = _openai_classes()
     made = (generator if kind == "generator" else scorer)(tokenizer, cfg, weights)

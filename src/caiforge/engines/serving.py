@@ -1,0 +1,414 @@
+"""Managed servers: a stage starts the OpenAI-compatible servers a role needs, on the model directory the role
+declares, and stops them when the stage ends.
+
+The servers are the engines people run (vLLM, SGLang, llama.cpp's `llama-server`, llama-cpp-python's server, or a
+command template); caiforge only places, starts, waits for and stops them:
+
+- each replica gets a free port on 127.0.0.1 and, for vLLM and SGLang, its own GPUs (`CUDA_VISIBLE_DEVICES`:
+  replicas x `gpus_per_replica` of the visible ones);
+- a replica is ready when /v1/models lists the served name; one that exits or is not ready within
+  `startup_timeout` fails the stage with the tail of its log;
+- every replica runs in its own process group, and a watchdog process (one per stage process) kills those groups
+  when the stage process dies, however it dies (SIGKILL included): no server outlives its stage. A normal end,
+  an error, Ctrl-C or SIGTERM stop them at once (`stop_all`, called by every stage's main);
+- llama.cpp serves GGUF files: the role's safetensors directory is converted with llama.cpp's own
+  `convert_hf_to_gguf.py` (from the sources llama-cpp-python's sdist vendors; `.ci/build-llama-server` installs
+  it), cached by the directory's weights fingerprint.
+
+Rows from managed servers are keyed by the fingerprint of the directory they serve (`server.weights` is
+`model_dir` whatever it says), so retrained weights never get the old rows back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+Launcher = Literal["none", "vllm", "sglang", "llama_server", "llama_cpp_python", "command"]
+SERVED_NAME = "caiforge"
+"""The name every managed replica serves its model under."""
+LLAMA_CPP_VERSION = "0.3.36"
+"""The llama-cpp-python release whose vendored llama.cpp `.ci/build-llama-server` builds (binary and converter)."""
+
+
+def default_llama_dir() -> Path:
+    """Where `.ci/build-llama-server` installs `llama-server` and the GGUF converter."""
+    return Path.home() / ".cache" / "caiforge" / f"llama-server-{LLAMA_CPP_VERSION}"
+
+
+@dataclass(frozen=True)
+class ManagedConfig:
+    """Servers the stage starts itself (`launch`), instead of `server.urls` someone else runs."""
+
+    launch: Launcher = "none"
+    """none: use server.urls; vllm (`vllm serve`), sglang (`python -m sglang.launch_server`), llama_server
+    (llama.cpp's C++ server), llama_cpp_python (`python -m llama_cpp.server`), or command (`command`)."""
+    replicas: int = 1
+    """Servers to start; requests are spread over all of them."""
+    gpus_per_replica: int = 0
+    """GPUs each replica gets (vLLM/SGLang tensor-parallel size; 0: none, e.g. llama.cpp on CPU)."""
+    args: tuple[str, ...] = ()
+    """Extra command-line arguments for every replica (e.g. ["--max-model-len", "4096"])."""
+    command: str | None = None
+    """launch: command: the command line, with {model} (the role's directory), {gguf}, {host}, {port}, {name} (the
+    served name) and {gpus} filled in."""
+    startup_timeout: float = 900.0
+    """Seconds a replica may take to list its model at /v1/models before the stage fails."""
+    binary: str | None = None
+    """llama_server: the binary (default: $CAIFORGE_LLAMA_SERVER, then `llama-server` on PATH, then the path
+    `.ci/build-llama-server` installs)."""
+    gguf_type: Literal["f32", "f16", "bf16", "q8_0"] = "f16"
+    """llama_server / llama_cpp_python: the GGUF the safetensors directory is converted to."""
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1 or self.gpus_per_replica < 0 or self.startup_timeout <= 0:
+            raise ValueError("server.managed: replicas >= 1, gpus_per_replica >= 0 and startup_timeout > 0")
+        if self.launch == "command" and not self.command:
+            raise ValueError("server.managed.launch is 'command' but server.managed.command is empty")
+        if self.launch in ("vllm", "sglang") and self.gpus_per_replica < 1:
+            raise ValueError(f"server.managed.launch {self.launch} needs gpus_per_replica >= 1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def placement(
+    replicas: int, gpus_per_replica: int, visible: list[str], busy: set[str] | frozenset[str] = frozenset()
+) -> list[str | None]:
+    """Each replica's CUDA_VISIBLE_DEVICES (None: the replica sees no GPU): consecutive groups of the visible GPUs
+    that no other managed replica of this stage holds (`busy`)."""
+    if gpus_per_replica == 0:
+        return [None] * replicas
+    taken = sorted(busy & set(visible))
+    visible = [g for g in visible if g not in busy]
+    wanted = replicas * gpus_per_replica
+    if wanted > len(visible):
+        raise ValueError(
+            f"server.managed: {replicas} replicas x {gpus_per_replica} GPUs need {wanted} GPUs, but "
+            f"{len(visible)} are visible and free ({','.join(visible) or 'none'}"
+            + (f"; this stage's other servers hold {','.join(taken)})" if taken else ")")
+        )
+    return [",".join(visible[i * gpus_per_replica : (i + 1) * gpus_per_replica]) for i in range(replicas)]
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES, else every one torch counts."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g for g in listed.split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def llama_server_binary(cfg: ManagedConfig) -> str:
+    import shutil
+
+    for candidate in (cfg.binary, os.environ.get("CAIFORGE_LLAMA_SERVER"), shutil.which("llama-server")):
+        if candidate:
+            return candidate
+    built = default_llama_dir() / "llama-server"
+    if built.is_file():
+        return str(built)
+    raise FileNotFoundError(
+        "server.managed.launch llama_server: no llama-server binary (set server.managed.binary or "
+        "$CAIFORGE_LLAMA_SERVER, put it on PATH, or build it with .ci/build-llama-server)"
+    )
+
+
+def command_line(cfg: ManagedConfig, model_dir: Path, gguf: Path | None, port: int, gpus: str | None) -> list[str]:
+    """The command that starts one replica serving `model_dir` (or its `gguf`) as SERVED_NAME on 127.0.0.1:`port`."""
+    host, name, extra = "127.0.0.1", SERVED_NAME, list(cfg.args)
+    tp = str(cfg.gpus_per_replica)
+    if cfg.launch == "vllm":
+        cmd = ["vllm", "serve", str(model_dir), "--host", host, "--port", str(port), "--served-model-name", name]
+        return [*cmd, "--tensor-parallel-size", tp, "--seed", "0", *extra]
+    if cfg.launch == "sglang":
+        cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--host", host]
+        return [*cmd, "--port", str(port), "--served-model-name", name, "--tp-size", tp, "--random-seed", "0", *extra]
+    if cfg.launch == "llama_server":
+        cmd = [llama_server_binary(cfg), "--model", str(gguf), "--host", host, "--port", str(port), "--alias", name]
+        return [*cmd, *extra]
+    if cfg.launch == "llama_cpp_python":
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", host, "--port", str(port)]
+        return [*cmd, "--model_alias", name, *extra]
+    if cfg.launch == "command":
+        assert cfg.command is not None
+        fields = {"model": model_dir, "gguf": gguf or "", "host": host, "port": port, "name": name, "gpus": gpus or ""}
+        try:
+            return [*shlex.split(cfg.command.format(**{k: str(v) for k, v in fields.items()})), *extra]
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"server.managed.command: {cfg.command!r}: {exc}") from None
+    raise ValueError(f"server.managed.launch: {cfg.launch!r} starts nothing")
+
+
+def needs_gguf(cfg: ManagedConfig) -> bool:
+    return cfg.launch in ("llama_server", "llama_cpp_python") or (
+        cfg.launch == "command" and "{gguf}" in (cfg.command or "")
+    )
+
+
+def converter() -> Path:
+    """llama.cpp's convert_hf_to_gguf.py: $CAIFORGE_LLAMA_CONVERTER, else where `.ci/build-llama-server` puts it."""
+    path = Path(os.environ.get("CAIFORGE_LLAMA_CONVERTER") or default_llama_dir() / "convert_hf_to_gguf.py")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: llama.cpp's convert_hf_to_gguf.py is not there (build it with .ci/build-llama-server, or set "
+            "$CAIFORGE_LLAMA_CONVERTER to one beside its conversion/ and gguf-py/ folders)"
+        )
+    return path
+
+
+def gguf_for(model_dir: Path, gguf_type: str, cache_dir: Path | None = None) -> Path:
+    """The GGUF llama.cpp serves for `model_dir`: converted once by llama.cpp's own converter and cached under the
+    directory's weights fingerprint (and the type), so the same weights are never converted twice."""
+    from caiforge.engines import hf
+
+    cache_dir = cache_dir or Path(os.environ.get("CAIFORGE_GGUF_CACHE") or Path.home() / ".cache/caiforge/gguf")
+    out = cache_dir / f"{hf.weights_fingerprint(model_dir)[:24]}-{gguf_type}.gguf"
+    if out.is_file():
+        return out
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    from caiforge import models
+
+    source = models.resolve(model_dir)
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".converting-") as tmp:
+        part = Path(tmp) / out.name
+        cmd = [sys.executable, str(converter()), str(source), "--outfile", str(part), "--outtype", gguf_type]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode or not part.is_file():
+            tail = (done.stderr or done.stdout)[-2000:]
+            raise RuntimeError(f"{source}: llama.cpp's convert_hf_to_gguf.py failed ({done.returncode}): {tail}")
+        part.replace(out)  # atomic: a half-written GGUF never sits at `out`
+    log.info("converted %s to %s", source, out)
+    return out
+
+
+WATCHDOG = r"""
+import contextlib, os, signal, sys, time
+parent, groups_file = int(sys.argv[1]), sys.argv[2]
+
+def alive(group):
+    try:
+        os.killpg(group, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+while os.getppid() == parent:  # reparented once the stage process is gone
+    time.sleep(0.5)
+try:
+    left = [g for g in map(int, open(groups_file).read().split()) if alive(g)]
+except (OSError, ValueError):
+    left = []
+for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 0.0)):
+    for g in left:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(g, sig)
+    deadline = time.monotonic() + grace
+    while any(alive(g) for g in left) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [g for g in left if alive(g)]
+with contextlib.suppress(OSError):
+    os.unlink(groups_file)
+"""
+"""Kills the process groups listed in a file once its parent (the stage process) is gone."""
+
+
+@dataclass
+class Replica:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+    command: list[str]
+    gpus: str | None
+
+
+class Fleet:
+    """The replicas of one role's managed servers."""
+
+    def __init__(self, cfg: ManagedConfig, model_dir: Path, replicas: list[Replica]) -> None:
+        self.cfg, self.model_dir, self.replicas = cfg, model_dir, replicas
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return tuple(r.url for r in self.replicas)
+
+    def stop(self) -> None:
+        """SIGTERM every replica's process group, then SIGKILL what is left after 10 s."""
+        for r in self.replicas:
+            _signal_group(r.process, signal.SIGTERM)
+        deadline = time.monotonic() + 10.0
+        for r in self.replicas:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                r.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            _signal_group(r.process, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                r.process.wait(timeout=10)
+        _forget([r.process.pid for r in self.replicas])
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, sig)
+
+
+_running: dict[tuple[str, str], Fleet] = {}
+_watchdog: dict[str, Any] = {}
+
+
+def _groups_file() -> Path:
+    """The file the watchdog reads: the process groups of this process's replicas, one per line."""
+    if "file" not in _watchdog or _watchdog.get("pid") != os.getpid():
+        fd, path = tempfile.mkstemp(prefix="caiforge-servers-", suffix=".pgids")
+        os.close(fd)
+        watchdog = subprocess.Popen(
+            [sys.executable, "-c", WATCHDOG, str(os.getpid()), path],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # not in our group: a Ctrl-C to the stage leaves it to do its job
+        )
+        _watchdog.update(file=Path(path), pid=os.getpid(), process=watchdog)
+    return _watchdog["file"]
+
+
+def _remember(pids: list[int]) -> None:
+    path = _groups_file()
+    listed = path.read_text().split()
+    path.write_text("\n".join([*listed, *map(str, pids)]) + "\n")
+
+
+def _forget(pids: list[int]) -> None:
+    if "file" in _watchdog:
+        path = _watchdog["file"]
+        gone = set(map(str, pids))
+        path.write_text("\n".join(p for p in path.read_text().split() if p not in gone) + "\n")
+
+
+def _log_tail(path: Path, n: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return "(no log)"
+
+
+def _listed(url: str, name: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/models", timeout=2) as resp:
+            body = json.loads(resp.read())
+    except (OSError, ValueError, urllib.error.URLError):
+        return False
+    return any(m.get("id") == name for m in body.get("data", []) if isinstance(m, dict))
+
+
+def start(cfg: ManagedConfig, model_dir: Path, log_dir: Path) -> Fleet:
+    """Start `cfg.replicas` servers on `model_dir` and wait until every one lists SERVED_NAME."""
+    gguf = gguf_for(model_dir, cfg.gguf_type) if needs_gguf(cfg) else None
+    busy = {g for f in _running.values() for r in f.replicas for g in (r.gpus or "").split(",") if g}
+    gpus = placement(cfg.replicas, cfg.gpus_per_replica, visible_gpus() if cfg.gpus_per_replica else [], busy)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    replicas: list[Replica] = []
+    try:
+        for i, devices in enumerate(gpus):
+            port = free_port()
+            cmd = command_line(cfg, model_dir, gguf, port, devices)
+            env = dict(os.environ)
+            if devices is not None:
+                env["CUDA_VISIBLE_DEVICES"] = devices
+            path = log_dir / f"{cfg.launch}-{i}.log"
+            with path.open("wb") as fh:
+                process = subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
+            _remember([process.pid])
+            replicas.append(Replica(f"http://127.0.0.1:{port}/v1", process, path, cmd, devices))
+            log.info("started %s replica %d on %s: %s", cfg.launch, i, replicas[-1].url, shlex.join(cmd))
+        deadline = time.monotonic() + cfg.startup_timeout
+        waiting = list(replicas)
+        while waiting:
+            for r in list(waiting):
+                if r.process.poll() is not None:
+                    raise RuntimeError(
+                        f"server.managed: {cfg.launch} on {model_dir} exited with {r.process.returncode} before it "
+                        f"was ready ({shlex.join(r.command)}); its log ({r.log_path}) ends:\n{_log_tail(r.log_path)}"
+                    )
+                if _listed(r.url, SERVED_NAME):
+                    waiting.remove(r)
+            if waiting and time.monotonic() > deadline:
+                r = waiting[0]
+                raise RuntimeError(
+                    f"server.managed: {cfg.launch} on {model_dir} was not ready within {cfg.startup_timeout:g} s "
+                    f"(server.managed.startup_timeout); its log ({r.log_path}) ends:\n{_log_tail(r.log_path)}"
+                )
+            time.sleep(0.3)
+    except BaseException:
+        Fleet(cfg, model_dir, replicas).stop()
+        raise
+    return Fleet(cfg, model_dir, replicas)
+
+
+def serve(cfg: Any, model_dir: str | Path) -> Any:
+    """`cfg` (a ServerConfig) as the engine should use it: unchanged without `managed.launch`; else pointing at
+    this stage's replicas serving `model_dir` (started on first use, shared by every engine of the stage on the
+    same directory and launch settings), with the weights identified by the directory's fingerprint."""
+    managed: ManagedConfig = cfg.managed
+    if managed.launch == "none":
+        return cfg
+    model_dir = Path(model_dir)
+    key = (str(model_dir.resolve()), json.dumps(dataclasses.asdict(managed), sort_keys=True, default=str))
+    if key not in _running:
+        _install_sigterm()
+        log_dir = Path(tempfile.gettempdir()) / f"caiforge-servers-{os.getpid()}"
+        _running[key] = start(managed, model_dir, log_dir)
+    fleet = _running[key]
+    # The engine sees plain servers at these URLs, serving exactly the directory it fingerprints.
+    return dataclasses.replace(
+        cfg, urls=fleet.urls, model=SERVED_NAME, weights="model_dir", tokenizer=None, managed=ManagedConfig()
+    )
+
+
+def running() -> list[Fleet]:
+    return list(_running.values())
+
+
+def stop_all() -> None:
+    """Stop every managed server this process started (a stage's end: success, error, Ctrl-C or SIGTERM)."""
+    while _running:
+        _, fleet = _running.popitem()
+        fleet.stop()
+
+
+def _install_sigterm() -> None:
+    """SIGTERM (what DVC, Slurm and `kill` send) raises SystemExit in the main thread, so `finally` blocks and
+    `stop_all` run instead of the process vanishing with its servers up (the watchdog would still reap them)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, on_sigterm)

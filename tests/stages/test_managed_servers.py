@@ -1,0 +1,145 @@
+"""Managed servers on real llama.cpp: a stage starts `llama-server` on the model directory its role declares
+(converted to GGUF by llama.cpp's own converter, cached by fingerprint), generates through it, and no server process
+outlives the stage, whether it ends, is stopped with SIGTERM, or is SIGKILLed (the watchdog reaps the servers)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import polars as pl
+import psutil
+import pytest
+
+from caiforge import config
+from caiforge.engines import hf, serving
+from tests import servers
+from tests.conftest import ROOT, load_stage, smoke_section, write_prompts
+from tests.stages.test_server_backend import PARTS
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def llama_binary(monkeypatch) -> str:
+    binary = str(servers.llama_server_binary())
+    monkeypatch.setenv("CAIFORGE_LLAMA_SERVER", binary)
+    return binary
+
+
+@pytest.fixture
+def converter() -> None:
+    """llama.cpp's convert_hf_to_gguf.py, which .ci/build-llama-server installs beside llama-server."""
+    try:
+        serving.converter()
+    except FileNotFoundError as exc:
+        if os.environ.get("CAIFORGE_REQUIRE_LLAMA_SERVER") == "1":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+
+
+def managed_cfg(tmp_path: Path, policy: Path, managed: dict):
+    """critique_revise on smoke (6 prompts, 1 round), its policy served by managed servers."""
+    stage = load_stage("critique_revise")
+    section = smoke_section("critique_revise", ["critique_revise.max_prompts=6", "critique_revise.rounds=1"])
+    section.update(prompts=str(write_prompts(tmp_path / "prompts.parquet")), policy=str(policy))
+    section.update(out_dir=str(tmp_path / "out"))
+    server = {"max_in_flight": 2, "managed": managed}
+    section["generation"] = {**section["generation"], "backend": "openai", "server": server}
+    parts = {k: ("constitutions/default.yaml", PARTS[k]) for k in ("critique_revision", "critique_revision_examples")}
+    declared = {"critique_revise": ("params.yaml", section), **parts}
+    return stage, config.from_declared("critique_revise", stage.CritiqueReviseConfig, declared)
+
+
+def test_critique_revise_serves_its_declared_safetensors_on_llama_server(
+    tmp_path, smollm2_dir, llama_binary, converter, monkeypatch
+):
+    """The policy directory (safetensors) is converted once, served by a managed llama-server, its rows keyed by the
+    directory's fingerprint; the replicas stop with the stage."""
+    monkeypatch.setenv("CAIFORGE_GGUF_CACHE", str(tmp_path / "gguf"))
+    managed = {"launch": "llama_server", "args": ["--threads", "1", "--ctx-size", "4096"]}
+    stage, cfg = managed_cfg(tmp_path, smollm2_dir, managed)
+    try:
+        metrics = stage.run(cfg)
+        fleets = serving.running()
+        assert len(fleets) == 1 and len(fleets[0].replicas) == 1
+        replica = fleets[0].replicas[0].process
+        assert replica.poll() is None, "the replica serves until the stage's end"
+    finally:
+        serving.stop_all()
+    assert replica.poll() is not None and not serving.running()
+    converted = list((tmp_path / "gguf").glob("*.gguf"))
+    assert [p.name[:24] for p in converted] == [hf.weights_fingerprint(smollm2_dir)[:24]]
+    made = converted[0].stat().st_mtime_ns
+    assert serving.gguf_for(smollm2_dir, "f16", tmp_path / "gguf").stat().st_mtime_ns == made, "converted once"
+    assert metrics["generation"]["backend"] == "openai"
+    rows = pl.read_parquet(tmp_path / "out" / "revisions.parquet")
+    fingerprint = hf.weights_fingerprint(smollm2_dir)
+    assert (rows["model_fingerprint"] == f"openai:{serving.SERVED_NAME}@{fingerprint}").all()
+    assert rows["revision"].str.len_chars().min() > 0, "the served model wrote the revisions"
+
+
+DRIVER = r"""
+import sys
+from pathlib import Path
+from caiforge import config
+from tests.stages.test_managed_servers import managed_cfg
+tmp, policy, command = sys.argv[1:]
+sys.argv[1:] = []  # no command-line overrides of params.yaml
+stage, cfg = managed_cfg(Path(tmp), Path(policy), {"launch": "command", "command": command})
+config.stage_main("critique_revise", type(cfg), lambda _: stage.run(cfg))
+"""
+"""A stage process as `stages/critique_revise.py` runs (its `main` is `config.stage_main`), on the test's config
+(params.yaml cannot name a server block on the command line)."""
+
+
+def stage_process(tmp_path: Path, tokenizer_dir: Path, command: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "DVC_STAGE"}
+    cmd = [sys.executable, "-c", DRIVER, str(tmp_path), str(tokenizer_dir), command]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_replica(stage: subprocess.Popen, gguf: Path) -> psutil.Process:
+    """The stage's llama-server once it answers /v1/models."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        assert stage.poll() is None, stage.communicate()[0][-3000:]
+        for child in psutil.Process(stage.pid).children(recursive=True):
+            try:
+                cmdline = child.cmdline()
+            except psutil.Error:
+                continue
+            if str(gguf) in cmdline and "--port" in cmdline:
+                url = f"http://127.0.0.1:{cmdline[cmdline.index('--port') + 1]}/v1/models"
+                try:
+                    with urllib.request.urlopen(url, timeout=1):
+                        return child
+                except OSError:
+                    pass
+        time.sleep(0.3)
+    raise AssertionError("the stage's managed server never came up")
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_no_managed_server_outlives_its_stage(tmp_path, smollm2_gguf, smollm2_tokenizer_dir, llama_binary, how):
+    command = f"{llama_binary} --model {smollm2_gguf} --host {{host}} --port {{port}} --alias {{name}} --threads 1"
+    stage = stage_process(tmp_path, smollm2_tokenizer_dir, command)
+    try:
+        replica = wait_for_replica(stage, smollm2_gguf)
+        os.kill(stage.pid, how)
+        output = stage.communicate(timeout=60)[0]
+        # SIGTERM: the stage stops its servers itself; SIGKILL: its watchdog does, within its 10 s grace.
+        deadline = time.monotonic() + 30
+        while replica.is_running() and replica.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not replica.is_running() or replica.status() == psutil.STATUS_ZOMBIE, output[-2000:]
+        # SIGTERM ran the stage's own shutdown (exit status 128 + 15); SIGKILL left it to the watchdog.
+        assert stage.returncode == (143 if how == signal.SIGTERM else -9), output[-2000:]
+    finally:
+        if stage.poll() is None:
+            stage.kill()

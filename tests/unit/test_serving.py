@@ -1,0 +1,99 @@
+"""Managed servers' pure parts: the command lines each launcher gets, GPU placement, and config errors. vLLM and
+SGLang cannot run here (no GPU, no CPU wheels); their command lines are checked against the flags those projects
+document (`vllm serve --help`, `python -m sglang.launch_server --help`). The real start/serve/stop path runs against
+llama.cpp's servers in tests/stages/test_managed_servers.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from caiforge import config, engines
+from caiforge.engines import serving
+
+
+def managed(**kw) -> serving.ManagedConfig:
+    return serving.ManagedConfig(**kw)
+
+
+def test_vllm_and_sglang_replicas_get_their_own_gpus_and_flags():
+    gpus = serving.placement(2, 2, ["0", "1", "2", "3"])
+    assert gpus == ["0,1", "2,3"]
+    vllm = serving.command_line(managed(launch="vllm", gpus_per_replica=2, args=("--max-model-len", "4096")),
+                                Path("/m"), None, 8001, gpus[1])  # fmt: skip
+    assert vllm[:3] == ["vllm", "serve", "/m"]
+    flags = dict(zip(vllm[3::2], vllm[4::2], strict=True))
+    assert flags == {
+        "--host": "127.0.0.1",
+        "--port": "8001",
+        "--served-model-name": serving.SERVED_NAME,
+        "--tensor-parallel-size": "2",
+        "--seed": "0",
+        "--max-model-len": "4096",
+    }
+    sglang = serving.command_line(managed(launch="sglang", gpus_per_replica=4), Path("/m"), None, 8002, "0,1,2,3")
+    assert sglang[1:3] == ["-m", "sglang.launch_server"]
+    flags = dict(zip(sglang[3::2], sglang[4::2], strict=True))
+    assert flags["--model-path"] == "/m" and flags["--tp-size"] == "4" and flags["--port"] == "8002"
+    assert flags["--served-model-name"] == serving.SERVED_NAME
+    with pytest.raises(ValueError, match="3 replicas x 2 GPUs need 6 GPUs, but 4 are visible"):
+        serving.placement(3, 2, ["0", "1", "2", "3"])
+    assert serving.placement(2, 0, []) == [None, None], "llama.cpp on CPU: no GPU"
+    # A second role's servers in the same stage (label: policy samples, feedback scores) take the GPUs left.
+    assert serving.placement(1, 2, ["0", "1", "2", "3"], busy={"0", "1"}) == ["2,3"]
+    with pytest.raises(ValueError, match="this stage's other servers hold 0,1"):
+        serving.placement(2, 2, ["0", "1", "2", "3"], busy={"0", "1"})
+
+
+def test_llama_launchers_serve_the_converted_gguf(monkeypatch):
+    monkeypatch.setenv("CAIFORGE_LLAMA_SERVER", "/opt/llama-server")
+    cpp = serving.command_line(managed(launch="llama_server", args=("--threads", "2")), Path("/m"), Path("/g.gguf"),
+                               9000, None)  # fmt: skip
+    assert cpp == ["/opt/llama-server", "--model", "/g.gguf", "--host", "127.0.0.1", "--port", "9000", "--alias",
+                   serving.SERVED_NAME, "--threads", "2"]  # fmt: skip
+    py = serving.command_line(managed(launch="llama_cpp_python"), Path("/m"), Path("/g.gguf"), 9001, None)
+    assert py[1:3] == ["-m", "llama_cpp.server"] and py[py.index("--model_alias") + 1] == serving.SERVED_NAME
+    assert serving.needs_gguf(managed(launch="llama_server")) and not serving.needs_gguf(
+        managed(launch="vllm", gpus_per_replica=1)
+    )
+
+
+def test_a_command_template_fills_in_the_replica():
+    cfg = managed(launch="command", command="my-server --weights {model} --listen {host}:{port} --as {name}")
+    cmd = serving.command_line(cfg, Path("/m"), None, 7000, None)
+    assert cmd == ["my-server", "--weights", "/m", "--listen", "127.0.0.1:7000", "--as", serving.SERVED_NAME]
+    assert serving.needs_gguf(managed(launch="command", command="x {gguf} {port}"))
+    with pytest.raises(ValueError, match=r"server.managed.command: .*'nope'"):
+        serving.command_line(managed(launch="command", command="x {nope}"), Path("/m"), None, 1, None)
+
+
+def test_bad_managed_settings_name_the_key():
+    with pytest.raises(config.ConfigError, match=r"generation.server.managed: .*launch is 'command'"):
+        config.build(
+            engines.GenerationConfig, {"server": {"managed": {"launch": "command"}}}, "params.yaml", "generation"
+        )
+    with pytest.raises(config.ConfigError, match=r"generation.server.managed.launch: must be one of"):
+        config.build(engines.GenerationConfig, {"server": {"managed": {"launch": "tgi"}}}, "params.yaml", "generation")
+    with pytest.raises(ValueError, match="vllm needs gpus_per_replica >= 1"):
+        managed(launch="vllm")
+    with pytest.raises(ValueError, match="both server.urls and server.managed"):
+        engines.ServerConfig(urls=("http://x:1/v1",), managed=managed(launch="llama_server"))
+
+
+def test_plan_mode_starts_no_server_and_keys_rows_by_the_directory(tiny_model_dir, tmp_path, monkeypatch):
+    """`caiforge plan` counts a managed role's requests under the identity the real run will use (the served
+    name and the directory's fingerprint), without starting anything."""
+    import json
+
+    from caiforge import planmode
+    from caiforge.engines import hf
+
+    ctx = tmp_path / "plan.json"
+    ctx.write_text(json.dumps({"report": str(tmp_path / "report.json"), "pending": []}))
+    monkeypatch.setenv(planmode.ENV, str(ctx))
+    server = engines.ServerConfig(managed=managed(launch="llama_server"))
+    cfg = engines.GenerationConfig(backend="openai", server=server, progress=False)
+    engine = engines.make_generator(tiny_model_dir, cfg)
+    assert engine.identity == f"openai:{serving.SERVED_NAME}@{hf.weights_fingerprint(tiny_model_dir)}"
+    assert serving.running() == [] and engine.fleet.requests_sent == 0
