@@ -125,7 +125,7 @@ def wait_for_replica(stage: subprocess.Popen, gguf: Path) -> psutil.Process:
     raise AssertionError("the stage's managed server never came up")
 
 
-@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["ctrl-c", "sigterm", "sigkill"])
 def test_no_managed_server_outlives_its_stage(tmp_path, smollm2_gguf, smollm2_tokenizer_dir, llama_binary, how):
     command = f"{llama_binary} --model {smollm2_gguf} --host {{host}} --port {{port}} --alias {{name}} --threads 1"
     stage = stage_process(tmp_path, smollm2_tokenizer_dir, command)
@@ -138,8 +138,10 @@ def test_no_managed_server_outlives_its_stage(tmp_path, smollm2_gguf, smollm2_to
         while replica.is_running() and replica.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not replica.is_running() or replica.status() == psutil.STATUS_ZOMBIE, output[-2000:]
-        # SIGTERM ran the stage's own shutdown (exit status 128 + 15); SIGKILL left it to the watchdog.
-        assert stage.returncode == (143 if how == signal.SIGTERM else -9), output[-2000:]
+        # Ctrl-C and SIGTERM ran the stage's own shutdown (KeyboardInterrupt re-raised as SIGINT; exit status 128 +
+        # 15); SIGKILL left it to the watchdog.
+        expected = {signal.SIGINT: -2, signal.SIGTERM: 143, signal.SIGKILL: -9}[how]
+        assert stage.returncode == expected, output[-2000:]
     finally:
         if stage.poll() is None:
             stage.kill()
