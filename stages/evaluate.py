@@ -41,6 +41,7 @@ from caiforge import (
     rowcache,
     schemas,
 )
+from caiforge.engines import serving
 
 log = logging.getLogger("caiforge.stages.evaluate")
 
@@ -156,6 +157,7 @@ def answer_all(
         gen = engines.make_generator(model_dir, model_generation(cfg.generation, name), cache)
         outs = gen.chat(convs, seed=cfg.seed, desc=name)
         stats[name] = gen.stats.as_dict()
+        serving.release(model_dir)  # managed servers: the models are served in turn
         for prompt, answer in zip(chosen.iter_rows(named=True), outs, strict=True):
             rows.append(
                 {

@@ -145,3 +145,29 @@ def test_no_managed_server_outlives_its_stage(tmp_path, smollm2_gguf, smollm2_to
     finally:
         if stage.poll() is None:
             stage.kill()
+
+
+def test_released_servers_stop_and_free_their_directory_only(
+    tmp_path, smollm2_gguf, smollm2_tokenizer_dir, llama_binary
+):
+    """`evaluate` serves its models in turn: releasing one directory stops its replicas and leaves the others."""
+    import shutil
+
+    from caiforge import engines
+
+    dirs = [tmp_path / "base", tmp_path / "sft"]
+    for d in dirs:
+        shutil.copytree(smollm2_tokenizer_dir, d)
+    command = f"{llama_binary} --model {smollm2_gguf} --host {{host}} --port {{port}} --alias {{name}} --threads 1"
+    server = engines.ServerConfig(managed=serving.ManagedConfig(launch="command", command=command))
+    try:
+        urls = [serving.serve(server, d).urls for d in dirs]
+        assert urls[0] != urls[1] and len(serving.running()) == 2
+        base, tuned = (f.replicas[0].process for f in serving.running())
+        serving.release(dirs[0])
+        assert base.poll() is not None and tuned.poll() is None
+        assert [f.model_dir for f in serving.running()] == [dirs[1]]
+        assert serving.serve(server, dirs[1]).urls == urls[1], "a directory still served is not started twice"
+    finally:
+        serving.stop_all()
+    assert tuned.poll() is not None

@@ -392,6 +392,14 @@ def running() -> list[Fleet]:
     return list(_running.values())
 
 
+def release(model_dir: str | Path) -> None:
+    """Stop this stage's managed servers of `model_dir` (it has no more requests for them), freeing their GPUs for
+    the next model; a later request for it starts them again. Nothing to do without managed servers."""
+    here = str(Path(model_dir).resolve())
+    for key in [k for k in _running if k[0] == here]:
+        _running.pop(key).stop()
+
+
 def stop_all() -> None:
     """Stop every managed server this process started (a stage's end: success, error, Ctrl-C or SIGTERM)."""
     while _running:
