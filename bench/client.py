@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from caiforge.engines.serving import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
 STUB = r"""
@@ -124,14 +126,6 @@ assert len(rows) == n and engine.fleet.requests_sent == n, (len(rows), engine.fl
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({{"rps": n / seconds, "seconds": seconds, "peak_mib": peak / 1024, "call_mib": peak / 1024 - held}}))
 """
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_stub(log: Path) -> tuple[subprocess.Popen, str]:

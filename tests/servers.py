@@ -13,7 +13,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from caiforge.engines.serving import free_port  # noqa: F401 (tests use servers.free_port)
 
 API_KEY_ENV = "CAIFORGE_TEST_API_KEY"
 API_KEY = "caiforge-test-key"
@@ -53,12 +54,6 @@ def llama_server_binary() -> Path:
     if os.environ.get("CAIFORGE_REQUIRE_LLAMA_SERVER") == "1":
         pytest.fail(message)
     pytest.skip(message)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -12,16 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from caiforge.engines.serving import free_port
 from tests.e2e import pipeline
 
 pytestmark = pytest.mark.slow
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def keygen(path: Path) -> Path:

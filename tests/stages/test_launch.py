@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ import yaml
 from safetensors.torch import load_file
 
 from caiforge import launch
+from caiforge.engines.serving import free_port
 from tests.conftest import write_prompts
 from tests.stages.test_pm import write_preferences
 from tests.stages.test_rlaif import pm_dir  # noqa: F401 (the fixture: a PM trained on synthetic preferences)
@@ -43,12 +43,6 @@ from tests.stages.test_sft import write_sft
 ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-5
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_overrides(processes: int) -> list[str]:
