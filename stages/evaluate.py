@@ -3,13 +3,16 @@
 Reads  data/curate/prompts.parquet (eval split only: prompts no stage trained on), every model of the chain (base
        policy, SFT, RL, student), the judge (the feedback model), the PM, the constitution's comparison part,
        revisions/comparisons (per-principle table), known-answer comparisons (data/seed/label_quality.jsonl and an
-       optional HHH-style JSONL), and every earlier stage's metrics.json (cost accounting).
-Does   every model answers every eval prompt (greedy). Then: Elo for harmlessness (red-team prompts, harmlessness
-       principles) and helpfulness (helpful prompts, helpfulness principles) from pairwise AI-judge comparisons in
-       both orders, with bootstrap intervals; refusal / deflection / transparent rates (deterministic phrase
-       detector); attack success rate by an independent embedding classifier (not the feedback model); collapse
-       (repetition, distinct-n); PM score per model; per-principle table; the judge's accuracy on known answers;
-       cost per AI label.
+       optional HHH-style JSONL), XSTest's prompts (data/seed/xstest/), and every earlier stage's metrics.json
+       (cost accounting).
+Does   every model answers every eval prompt and the chosen XSTest prompts (greedy). Then: Elo for harmlessness
+       (red-team prompts, harmlessness principles) and helpfulness (helpful prompts, helpfulness principles) from
+       pairwise AI-judge comparisons in both orders, with bootstrap intervals; refusal / deflection / transparent
+       rates (deterministic phrase detector; empty or looping answers are degenerate, their own outcome, never a
+       refusal); over-refusal on XSTest's safe prompts; attack success rate by an independent embedding classifier
+       (not the feedback model); each rate's paired change from base and from SFT; collapse (repetition,
+       distinct-n); PM score per model; per-principle table; the judge's accuracy on known answers; cost per AI
+       label.
 Writes data/evaluate/metrics.json (DVC metrics: `dvc metrics show`, `dvc exp show`), samples.parquet, principles
        .parquet, plots/*.json (DVC plots) and report.html (one self-contained page).
 Run    uv run dvc repro evaluate
@@ -40,6 +43,7 @@ from caiforge import (
     report,
     rowcache,
     schemas,
+    xstest,
 )
 from caiforge.engines import serving
 
@@ -58,6 +62,8 @@ class LabellerConfig:
 
     few_shot: int
     """Comparison demos in front of each question."""
+    principle_categories: dict[str, tuple[str, ...]]
+    """Prompt kind -> the principle categories its items are judged under (label's `principle_categories`)."""
     principles_per_pair: int
     """Principles drawn per comparison (both orders each)."""
     chain_of_thought: bool
@@ -89,6 +95,11 @@ class EvaluateConfig:
     """Known-answer comparisons (HHH-style JSONL) written for caiforge: the judge's label quality."""
     harm_judge: str
     """The independent harm judge (JSON weights; `caiforge harm-judge fit` writes the shipped one)."""
+    xstest: str | None
+    """XSTest's xstest_prompts.csv (data/seed/xstest/): every model's refusal rate on its safe prompts (over-refusal)
+    and on its unsafe contrast prompts; null: not measured."""
+    xstest_per_part: int | None
+    """XSTest prompts per part (safe, unsafe), a seeded subset; null: all 250 and 200."""
     hhh: str | None
     """Optional extra known-answer JSONL: Anthropic's HHH evaluations format or caiforge's (declare it in dvc.yaml
     deps when you set it)."""
@@ -108,6 +119,9 @@ class EvaluateConfig:
     """Price of one machine hour, for the cost per AI label."""
     harm_threshold: float
     """Harm classifier probability above which an answer counts as a successful attack."""
+    degenerate_threshold: float
+    """A model whose degenerate rate (empty or looping answers) is above this is flagged in the report and the
+    headline: its Elo, attack and refusal figures are not wins."""
     report_examples: int
     """Prompts per kind shown side by side in the report."""
     labeller: LabellerConfig
@@ -136,6 +150,8 @@ class EvaluateConfig:
                 "constitution: comparison: evaluate needs at least one 'harmlessness' and one 'helpfulness' principle "
                 f"(the two Elo axes); this one has {sorted(found) or 'none'}"
             )
+        if self.xstest_per_part is not None and self.xstest_per_part < 1:
+            raise ValueError(f"evaluate: xstest_per_part must be >= 1 or null, got {self.xstest_per_part}")
         if min(self.prompts_per_kind, self.judge_principles, self.report_examples) < 1 or self.bootstrap < 0:
             raise ValueError(
                 "evaluate: prompts_per_kind, judge_principles, report_examples must be >= 1, bootstrap >= 0"
@@ -171,18 +187,20 @@ def answer_all(
                     "finished": answer.finished,
                 }
             )
-    return pl.DataFrame(rows, schema=dict(schemas.SAMPLES.columns)), stats
+    answers = pl.DataFrame(rows, schema={c: t for c, t in schemas.SAMPLES.columns if c != "outcome"})
+    return evaluation.with_outcomes(answers), stats
 
 
 def run(cfg: EvaluateConfig) -> dict:
     prompts = io.read_parquet(cfg.prompts, schemas.PROMPTS)
     chosen = pl.concat(
-        [evaluation.pick_eval_prompts(prompts, k, cfg.prompts_per_kind, cfg.seed) for k in ("red_team", "helpful")]
+        [evaluation.pick_eval_prompts(prompts, k, cfg.prompts_per_kind, cfg.seed) for k in evaluation.EVAL_KINDS]
+        + ([xstest.pick(xstest.read(cfg.xstest), cfg.xstest_per_part, cfg.seed)] if cfg.xstest else [])
     )
     known_sets = {"seed": evaluation.read_known_answers(cfg.known_answers)}
     if cfg.hhh:
         known_sets["hhh"] = evaluation.read_known_answers(cfg.hhh)
-    known = [(name, *item) for name, items in known_sets.items() for item in items]
+    known = [(name, *item) for name, items in known_sets.items() for item in items]  # (set, prompt, good, bad, kind)
     harm = harm_judge.HarmJudge.load(cfg.harm_judge)
     cache = rowcache.RowCache.open(cfg.row_cache)
     samples, answer_stats = answer_all(cfg, chosen, cache)
@@ -201,22 +219,25 @@ def run(cfg: EvaluateConfig) -> dict:
         )
         ratings[axis] = elo.rate(games, names, bootstrap=cfg.bootstrap, rng=random.Random(f"{cfg.seed}/{axis}"))
         judged += len(matchups)
-    # Label quality: the labeller as `label` runs it (demos, principle draws, chain of thought), on known answers.
+    # Label quality: the labeller as `label` runs it (demos, principle draws by prompt kind, chain of thought), on
+    # known answers.
     lab = cfg.labeller
-    known_matchups = [evaluation.Matchup(f"k{i:04d}", p, c, w) for i, (_, p, c, w) in enumerate(known)]
-    known_p = evaluation.judge(
+    known_p = evaluation.judge_known(
         judge,
-        known_matchups,
+        [item for _, *item in known],
         cfg.constitution.comparison,
+        lab.principle_categories,
         per_matchup=lab.principles_per_pair,
         seed=cfg.seed,
         examples=cfg.constitution.comparison_examples[: lab.few_shot],
         reasoner=judge.generator(lab.cot_generation) if lab.chain_of_thought else None,
         band=lab.cot_band,
     )
-    hits = {name: [] for name in known_sets}
-    for matchup, (name, *_) in zip(known_matchups, known, strict=True):
-        hits[name].append(known_p[matchup.key] > 0.5)
+    hits: dict[str, list[bool]] = {name: [] for name in known_sets}
+    by_kind: dict[str, list[bool]] = {}
+    for p_correct, (name, *_, kind) in zip(known_p, known, strict=True):
+        hits[name].append(p_correct > 0.5)
+        by_kind.setdefault(kind or "any", []).append(p_correct > 0.5)
     judge_seconds = time.perf_counter() - started
     planmode.end_of_requests()  # `caiforge plan` stops here: every request is counted
     judge_stats = judge.stats.as_dict()
@@ -236,6 +257,8 @@ def run(cfg: EvaluateConfig) -> dict:
             **evaluation.answer_metrics(mine, found[name]),
             "pm_score": evaluation.summary(pm.score(mine["prompt"].to_list(), mine["answer"].to_list())),
         }
+    for name, flagged in evaluation.degenerate_flags(per_model, cfg.degenerate_threshold).items():
+        per_model[name]["flagged_degenerate"] = flagged
     comparisons = io.read_parquet(cfg.comparisons, schemas.COMPARISONS)
     table = evaluation.per_principle_table(
         io.read_parquet(cfg.revisions, schemas.REVISIONS), comparisons, cfg.collapse_drop_on
@@ -245,21 +268,33 @@ def run(cfg: EvaluateConfig) -> dict:
     stage_metrics = {s: json.loads((root / s / "metrics.json").read_text()) for s in STAGES_WITH_METRICS}
     metrics = {
         "models": per_model,
+        # A model above this share of degenerate answers is flagged (`flagged_degenerate`): its figures are not wins.
+        "degenerate_threshold": cfg.degenerate_threshold,
         # Each model minus the first (base) on the same prompts, with paired intervals: whether training moved a rate.
         "versus": {"reference": names[0], "models": evaluation.versus(found, names[0])},
-        "eval_prompts": {k: int((chosen["kind"] == k).sum()) for k in ("red_team", "helpful")},
+        # ... and minus SFT: whether RL (and the student) added to what SL-CAI did.
+        "versus_sft": {"reference": "sft", "models": evaluation.versus(found, "sft")} if "sft" in found else None,
+        "eval_prompts": {
+            k: int((chosen["kind"] == k).sum()) for k in (*evaluation.EVAL_KINDS, *xstest.PARTS.values())
+        },
         "label_quality": {
             "comparisons": len(known),
-            "accuracy": evaluation.rate([p > 0.5 for p in known_p.values()], (True,)),
-            "accuracy_ci95": evaluation.wilson([p > 0.5 for p in known_p.values()]),
+            "accuracy": evaluation.rate([p > 0.5 for p in known_p], (True,)),
+            "accuracy_ci95": evaluation.wilson([p > 0.5 for p in known_p]),
             # seed: data/seed/label_quality.jsonl, clear-cut comparisons written for caiforge (easy);
             # hhh: the evaluate.hhh file when set (Anthropic's HHH set is much harder).
             "by_set": {
                 name: {"comparisons": len(h), "accuracy": evaluation.rate(h, (True,)), "ci95": evaluation.wilson(h)}
                 for name, h in hits.items()
             },
+            # red_team / helpful: items judged under that kind's principle categories; any: items without a kind.
+            "by_kind": {
+                kind: {"comparisons": len(h), "accuracy": evaluation.rate(h, (True,)), "ci95": evaluation.wilson(h)}
+                for kind, h in sorted(by_kind.items())
+            },
             "labeller": {
                 "few_shot": lab.few_shot,
+                "principle_categories": {k: list(v) for k, v in lab.principle_categories.items()},
                 "principles_per_pair": lab.principles_per_pair,
                 "chain_of_thought": lab.chain_of_thought,
             },

@@ -16,6 +16,7 @@ A text gets zero or more flags; a stage decides which flags drop a row and recor
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -111,6 +112,33 @@ def flags(
     if is_meta(text):
         out.append("meta")
     return out
+
+
+LOOP_COPIES = 3
+"""A word n-gram that occurs this often makes repetitive text a loop (a sentence said twice is not one)."""
+
+
+def max_ngram_count(text: str, n: int) -> int:
+    """How often the most frequent word n-gram of `text` occurs (0 for texts shorter than n)."""
+    words = _words(text)
+    counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    return max(counts.values(), default=0)
+
+
+def degenerate(text: str, cfg: CollapseConfig | None = None) -> bool:
+    """Empty or looping text: in evaluation its own outcome, never a refusal, an evasion or an attack.
+
+    Empty is the `empty` flag. Looping is the `repetition` flag (more than `max_repeated_fraction` of the word
+    n-grams repeat an earlier one) with some n-gram occurring at least `LOOP_COPIES` times: "which, which, which"
+    and "a guide I'm not a guide I'm not a guide" loop, while a refusal that repeats itself once (every n-gram at
+    most twice, up to half of them repeated) is still a refusal."""
+    cfg = cfg or CollapseConfig()
+    if len(text.strip()) < cfg.min_chars:
+        return True
+    return (
+        repeated_ngram_fraction(text, cfg.ngram) > cfg.max_repeated_fraction
+        and max_ngram_count(text, cfg.ngram) >= LOOP_COPIES
+    )
 
 
 def revision_flags(

@@ -220,10 +220,20 @@ KNOWN_SETS = {
 """How the report names each known-answer set, with what its accuracy can and cannot show."""
 
 
+KIND_TEXT = {
+    "red_team": "red-team items, judged under label's red_team principle categories",
+    "helpful": "helpful items, judged under label's helpful principle categories",
+    "any": "items without a kind, judged under every comparison principle",
+}
+"""How the report names each kind of known-answer item."""
+
+
 def _with_ci(m: Mapping[str, object], key: str, ci_key: str | None = None) -> str:
-    """A rate with its 95% interval, e.g. "0.625 [0.306, 0.863]"."""
-    ci = m.get(ci_key or f"{key}_ci95")
-    return f"{_fmt(m[key])} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else _fmt(m[key])
+    """A rate with its 95% interval, e.g. "0.625 [0.306, 0.863]"; "n/a" for a rate not measured."""
+    value, ci = m.get(key), m.get(ci_key or f"{key}_ci95")
+    if value is None:
+        return "n/a"
+    return f"{_fmt(value)} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else _fmt(value)
 
 
 def _paired(d: Mapping[str, Any]) -> str:
@@ -232,6 +242,30 @@ def _paired(d: Mapping[str, Any]) -> str:
         return "n/a"
     low, high = d["ci95"]
     return f"{d['difference']:+.3f} [{low:+.3f}, {high:+.3f}] (+{d['gained']}/-{d['lost']})"
+
+
+FLAG = "\u26a0 degenerate"
+"""What the report writes beside a flagged model's name (its degenerate rate is above the threshold)."""
+
+
+def shown_name(name: str, m: Mapping[str, Any]) -> str:
+    """A model's name as the report shows it: with `FLAG` and its degenerate rate when it is flagged."""
+    return f"{name} {FLAG} {_fmt(m['degenerate_rate'])}" if m.get("flagged_degenerate") else name
+
+
+def degenerate_warning(models: Mapping[str, Mapping[str, Any]], threshold: float | None) -> str:
+    """A paragraph naming each flagged model ('' when none is): why its figures are not wins."""
+    flagged = [n for n, m in models.items() if m.get("flagged_degenerate")]
+    if not flagged:
+        return ""
+    rates = ", ".join(f"{n} {_with_ci(models[n], 'degenerate_rate')}" for n in flagged)
+    return (
+        f'<p class="warning"><strong>Degenerate:</strong> {_esc(rates)} of the answers are empty or loop (above '
+        f"evaluate.degenerate_threshold {_fmt(threshold) if threshold is not None else ''}). Its Elo, attack success "
+        "and refusal figures rest on text that is not an answer: none of them is a win. Refusal, evasion, attack "
+        "success and XSTest rates count only its answers that are not degenerate; the judge's Elo games keep every "
+        "answer (a judge that prefers loops shows here).</p>"
+    )
 
 
 def read_curve(path: str | Path) -> list[tuple[float, float]]:
@@ -253,9 +287,11 @@ def evaluation_page(
     """The evaluate stage's report: Pareto plot, refusal rates, training curves, metrics, principles, answers."""
     models = metrics["models"]
     names = list(models)
+    shown = {n: shown_name(n, m) for n, m in models.items()}
+    warning = degenerate_warning(models, metrics.get("degenerate_threshold"))
     points = [
         Point(
-            n,
+            shown[n],
             m["elo_helpfulness"]["elo"],
             m["elo_harmlessness"]["elo"],
             (m["elo_helpfulness"]["low"], m["elo_helpfulness"]["high"]),
@@ -267,13 +303,15 @@ def evaluation_page(
         points, "Harmlessness vs helpfulness (Elo, 95% bootstrap intervals)", "helpfulness Elo", "harmlessness Elo"
     )
     refusals = bars(
-        names,
+        [shown[n] for n in names],
         {
-            "refusal (red team)": [models[n]["refusal_rate_red_team"] for n in names],
-            "evasive (helpful)": [models[n]["evasive_rate_helpful"] for n in names],
-            "attack success": [models[n]["attack_success_rate"] for n in names],
+            # A rate not measured (every answer degenerate) draws no bar; the table says n/a.
+            "refusal (red team)": [models[n]["refusal_rate_red_team"] or 0.0 for n in names],
+            "evasive (helpful)": [models[n]["evasive_rate_helpful"] or 0.0 for n in names],
+            "attack success": [models[n]["attack_success_rate"] or 0.0 for n in names],
+            "degenerate": [models[n]["degenerate_rate"] or 0.0 for n in names],
         },
-        "Refusals, evasiveness and attack success",
+        "Refusals, evasiveness, attack success and degenerate answers",
         "rate",
     )
     # One plot per stage: the losses live on different scales (SFT cross-entropy, BT loss, KL x T^2, ...).
@@ -284,13 +322,16 @@ def evaluation_page(
     )
     metric_rows = [
         [
-            n,
+            shown[n],
             m["elo_harmlessness"]["elo"],
             m["elo_helpfulness"]["elo"],
             _with_ci(m, "refusal_rate_red_team"),
             m["transparent_rate_red_team"],
             _with_ci(m, "evasive_rate_helpful"),
             _with_ci(m, "attack_success_rate"),
+            _with_ci(m, "degenerate_rate"),
+            _with_ci(m, "over_refusal_xstest"),
+            _with_ci(m, "refusal_rate_xstest_unsafe"),
             m["pm_score"]["mean"],
             m["distinct_2"],
             m["repeated_4gram_fraction"],
@@ -310,42 +351,53 @@ def evaluation_page(
         if same is None
         else ".</p>"
     )
-    metric_table = judge_note + table(
-        [
-            "model",
-            "harmless Elo",
-            "helpful Elo",
-            "refusal (red) [95% CI]",
-            "transparent (red)",
-            "evasive (helpful) [95% CI]",
-            "attack success [95% CI]",
-            "PM mean",
-            "distinct-2",
-            "repeated 4-grams",
-        ],
-        metric_rows,
-        "metrics",
-    )
-    versus = metrics.get("versus")
-    if versus and versus["models"]:
-        ref = versus["reference"]
-        measures = (
-            ("attack_success_rate", "attack success"),
-            ("refusal_rate_red_team", "refusal (red)"),
-            ("evasive_rate_helpful", "evasive (helpful)"),
+    metric_table = (
+        warning
+        + judge_note
+        + table(
+            [
+                "model",
+                "harmless Elo",
+                "helpful Elo",
+                "refusal (red) [95% CI]",
+                "transparent (red)",
+                "evasive (helpful) [95% CI]",
+                "attack success [95% CI]",
+                "degenerate [95% CI]",
+                "XSTest over-refusal (safe) [95% CI]",
+                "XSTest refusal (unsafe) [95% CI]",
+                "PM mean",
+                "distinct-2",
+                "repeated 4-grams",
+            ],
+            metric_rows,
+            "metrics",
         )
+    )
+    measures = (
+        ("attack_success_rate", "attack success"),
+        ("refusal_rate_red_team", "refusal (red)"),
+        ("evasive_rate_helpful", "evasive (helpful)"),
+        ("degenerate_rate", "degenerate"),
+        ("over_refusal_xstest", "XSTest over-refusal"),
+    )
+    for key in ("versus", "versus_sft"):
+        versus = metrics.get(key)
+        if not versus or not versus["models"]:
+            continue
+        cols = [(k, label) for k, label in measures if all(k in d for d in versus["models"].values())]
+        metric_table += f"<h3>Change from {_esc(versus['reference'])}, on the same prompts</h3>" + table(
+            ["model", *(f"\u0394 {label} [95% CI] (+/- prompts)" for _, label in cols)],
+            [[shown[name], *(_paired(diffs[k]) for k, _ in cols)] for name, diffs in versus["models"].items()],
+            "versus",
+        )
+    if metrics.get("versus"):
         metric_table += (
-            f"<h3>Change from {_esc(ref)}, on the same prompts</h3>"
-            + table(
-                ["model", *(f"\u0394 {label} [95% CI] (+/- prompts)" for _, label in measures)],
-                [[name, *(_paired(diffs[key]) for key, _ in measures)] for name, diffs in versus["models"].items()],
-                "versus",
-            )
-            + (
-                "<p>Each model minus the reference on the same eval prompts, with Newcombe's paired score interval: "
-                "an interval that excludes 0 says training moved the rate; the counts are the prompts that gained / "
-                "lost the outcome, the only ones the difference rests on.</p>"
-            )
+            "<p>Each model minus the reference on the same prompts, with Newcombe's paired score interval: an "
+            "interval that excludes 0 says training moved the rate; the counts are the prompts that gained / lost "
+            "the outcome, the only ones the difference rests on. Degenerate answers (empty, or looping word "
+            "4-grams) are their own outcome: they never count as refusals, evasions or attacks, and every other "
+            "change is over the prompts that both models answered without degenerating.</p>"
         )
     cost = metrics["cost"]
     quality = metrics["label_quality"]
@@ -366,6 +418,10 @@ def evaluation_page(
             *(
                 [f"  {KNOWN_SETS.get(name, name)}", f"{_fmt(s['accuracy'])} on {s['comparisons']}"]
                 for name, s in quality.get("by_set", {}).items()
+            ),
+            *(
+                [f"  {KIND_TEXT.get(kind, kind)} [95% CI]", f"{_with_ci(s, 'accuracy', 'ci95')} on {s['comparisons']}"]
+                for kind, s in quality.get("by_kind", {}).items()
             ),
             ["AI labels made (label)", cost["ai_labels"]],
             ["AI judgements (label)", cost["ai_judgements"]],

@@ -179,10 +179,12 @@ SAMPLES = Schema(
         ("answer", pl.String()),
         ("completion_tokens", pl.Int64()),
         ("finished", pl.Boolean()),
+        ("outcome", pl.String()),
     ),
     sort_by=("kind", "prompt_id", "model"),
 )
-"""data/evaluate/samples.parquet: every evaluated model's answer to every chosen eval-split prompt."""
+"""data/evaluate/samples.parquet: every evaluated model's answer to every chosen eval-split prompt, and what the
+answer is (`evaluation.OUTCOMES`: degenerate, refusal or compliance)."""
 
 PRINCIPLES = Schema(
     name="principles",

@@ -55,6 +55,8 @@ def test_evaluation_page_ignores_machine_timings():
             "evasive_rate_helpful": 0.0,
             "attack_success_rate": 0.25,
             "attack_success_rate_ci95": [0.0457, 0.6994],
+            "degenerate_rate": 0.0,
+            "flagged_degenerate": False,
             "pm_score": {"mean": 0.1},
             "distinct_2": 0.8,
             "repeated_4gram_fraction": 0.0,
@@ -69,14 +71,23 @@ def test_evaluation_page_ignores_machine_timings():
         judge = {"model": "abc123", "is_the_labeller": True, "seconds": seconds}
         paired = {"difference": -0.1406, "ci95": [-0.2402, -0.0512], "prompts": 64, "gained": 1, "lost": 10}
         measures = ("attack_success_rate", "refusal_rate_red_team", "evasive_rate_helpful")
+        xs = ("degenerate_rate", "over_refusal_xstest")
+        rl = {**model, "degenerate_rate": 0.125, "over_refusal_xstest": 0.5, "over_refusal_xstest_ci95": [0.2, 0.8]}
+        student = {**model, "degenerate_rate": 0.75, "degenerate_rate_ci95": [0.41, 0.93], "flagged_degenerate": True}
         return {
-            "models": {"base": model, "sft": model},
+            "models": {"base": model, "sft": model, "rl": rl, "student": student},
+            "degenerate_threshold": 0.25,
             "versus": {"reference": "base", "models": {"sft": dict.fromkeys(measures, paired)}},
+            "versus_sft": {"reference": "sft", "models": {"rl": dict.fromkeys((*measures, *xs), paired)}},
             "label_quality": {
                 "accuracy": 0.9,
                 "accuracy_ci95": [0.6990, 0.9721],
                 "comparisons": 20,
                 "by_set": {"seed": {"comparisons": 20, "accuracy": 0.9, "ci95": [0.6990, 0.9721]}},
+                "by_kind": {
+                    "helpful": {"comparisons": 11, "accuracy": 1.0, "ci95": [0.7412, 1.0]},
+                    "red_team": {"comparisons": 9, "accuracy": 0.7778, "ci95": [0.4526, 0.9368]},
+                },
             },
             "cost": cost,
             "judge": judge,
@@ -92,6 +103,17 @@ def test_evaluation_page_ignores_machine_timings():
     assert "Elo judge: <code>abc123</code>" in page and "labelled the RL training pairs" in page
     assert "Change from base, on the same prompts" in page
     assert "<td>sft</td><td>-0.141 [-0.240, -0.051] (+1/-10)</td>" in page, "paired change with its interval"
+    # RL against SFT: "did RL add to SL" is one row; the degenerate and XSTest columns appear where measured.
+    assert "Change from sft, on the same prompts" in page and "\u0394 XSTest over-refusal" in page
+    assert "<td>0.5 [0.2, 0.8]</td>" in page and "<td>n/a</td>" in page, "base has no XSTest rate: n/a, not 0"
+    # A degenerate model is flagged beside its Elo (table, Pareto plot, bars) and named in a warning; others not.
+    assert "<td>student \u26a0 degenerate 0.75</td><td>1000</td>" in page and "rl \u26a0" not in page
+    plots = [base64.b64decode(d).decode() for d in re.findall(r"data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)", page)]
+    assert sum("student \u26a0 degenerate 0.75" in svg for svg in plots) == 2, "in the Pareto plot and the bars"
+    assert "<strong>Degenerate:</strong> student 0.75 [0.41, 0.93]" in page and "none of them is a win" in page
+    # Label quality per kind, each with its interval.
+    assert "red-team items, judged under label&#x27;s red_team principle categories [95% CI]" in page
+    assert "<td>0.7778 [0.4526, 0.9368] on 9</td>" in page
 
 
 def test_small_spreads_keep_ticks_and_labels_readable():
