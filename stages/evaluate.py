@@ -10,9 +10,9 @@ Does   every model answers every eval prompt and the chosen XSTest prompts (gree
        pairwise AI-judge comparisons in both orders, with bootstrap intervals; refusal / deflection / transparent
        rates (deterministic phrase detector; empty or looping answers are degenerate, their own outcome, never a
        refusal); over-refusal on XSTest's safe prompts; attack success rate by an independent embedding classifier
-       (not the feedback model); each rate's paired change from base and from SFT; collapse (repetition,
-       distinct-n); PM score per model; per-principle table; the judge's accuracy on known answers; cost per AI
-       label.
+       (not the feedback model); each rate's paired change from base and from SFT; a flag on any model whose
+       degenerate rate is above `degenerate_threshold`; collapse (repetition, distinct-n); PM score per model;
+       per-principle table; the judge's accuracy on known answers, per kind; rlaif's monitors; cost per AI label.
 Writes data/evaluate/metrics.json (DVC metrics: `dvc metrics show`, `dvc exp show`), samples.parquet, principles
        .parquet, plots/*.json (DVC plots) and report.html (one self-contained page).
 Run    uv run dvc repro evaluate
@@ -161,6 +161,10 @@ class EvaluateConfig:
 def model_generation(gen: engines.GenerationConfig, name: str) -> engines.GenerationConfig:
     """One model's decoding config: on servers, its requests name it, so one URL list can serve every model."""
     return replace(gen, server=replace(gen.server, model=name)) if gen.backend == "openai" else gen
+
+
+RL_KEYS = ("algorithm", "steps", "signal_gate", "reward_before", "reward_after", "monitors")
+"""What the report shows of rlaif's metrics."""
 
 
 def answer_all(
@@ -312,6 +316,9 @@ def run(cfg: EvaluateConfig) -> dict:
             "seconds": round(judge_seconds, 2),
         },
         "cost": evaluation.cost_accounting(stage_metrics, cfg.usd_per_cpu_hour),
+        # What RL did: whether its signal gate let it train, and on its held-out prompts reward before/after and
+        # its monitors.
+        "rl": {k: stage_metrics["rlaif"].get(k) for k in RL_KEYS},
         "answers": answer_stats,
         "row_cache": rowcache.finish(cache, cfg.row_cache),
     }
@@ -325,7 +332,10 @@ def run(cfg: EvaluateConfig) -> dict:
         io.write_json(rows, out / "plots" / f"{name}.json")
     io.write_text(page, out / "report.html")
     io.write_json(metrics, out / "metrics.json")
-    io.write_json(evaluation.headline(per_model, metrics["label_quality"]["accuracy"]), out / "headline.json")
+    gate_verdict = (metrics["rl"]["signal_gate"] or {}).get("verdict")
+    io.write_json(
+        evaluation.headline(per_model, metrics["label_quality"]["accuracy"], gate_verdict), out / "headline.json"
+    )
     log.info("evaluate: %s", json.dumps(per_model))
     return metrics
 

@@ -1,14 +1,18 @@
 """pm: the preference model, a one-output sequence classifier trained on the AI-labelled comparisons.
 
-Reads  data/label/preferences.parquet (prompt, chosen, rejected, soft label p_chosen) and the SFT model, whose
-       weights initialize the classifier (a new, seeded one-output head on top).
+Reads  data/label/preferences.parquet (prompt, chosen, rejected, soft label p_chosen), data/label/comparisons.parquet
+       (order consistency) and the SFT model, whose weights initialize the classifier (a new, seeded one-output
+       head on top).
 Does   TRL RewardTrainer with the soft-label Bradley-Terry loss (caiforge.preference): the chat (user prompt +
        assistant response) is rendered with the chat template and scored at its last token. A stable
        `heldout_fraction` of prompt ids (hash) is kept out of training for held-out loss, accuracy and expected
-       calibration error against the soft labels, measured before and after training. Full fine-tune or LoRA
-       (merged on save), bf16 on GPU, fp32 on CPU, seeded.
-Writes data/pm/model/ (safetensors + tokenizer + the resolved stage config), data/pm/dvclive/ (curves, DVC plots)
-       and data/pm/metrics.json.
+       calibration error against the soft labels, measured before and after training. Before training, the
+       labels' signal (caiforge.gate: order consistency, share of confident labels) is measured; with
+       `gate.on_noise: fail` labels without it stop the stage. Full fine-tune or LoRA (merged on save), bf16 on
+       GPU, fp32 on CPU, seeded.
+Writes data/pm/model/ (safetensors + tokenizer + the resolved stage config), data/pm/dvclive/ (curves, DVC plots),
+       data/pm/metrics.json and data/pm/signal.json (the gate's evidence, for rlaif: label signal and held-out
+       accuracy with its interval; no timings, so an unchanged PM leaves rlaif cached).
 Run    uv run dvc repro pm
        uv run python stages/pm.py pm.epochs=1 pm.lora.enabled=true
 """
@@ -22,7 +26,7 @@ from pathlib import Path
 
 import polars as pl
 
-from caiforge import config, formats, io, preference, schemas, training
+from caiforge import config, formats, gate, io, preference, schemas, training
 
 log = logging.getLogger("caiforge.stages.pm")
 
@@ -31,6 +35,10 @@ log = logging.getLogger("caiforge.stages.pm")
 class PmConfig(training.TrainingSchedule):
     data: str
     """preferences.parquet from label."""
+    comparisons: str
+    """comparisons.parquet from label: the order consistency of the judgements behind the labels."""
+    gate: gate.GateConfig
+    """When the labels carry signal (shared with rlaif.gate); `on_noise: fail` stops pm before it trains."""
     policy: str
     """The model whose weights initialize the PM (data/sft/model)."""
     out_dir: str
@@ -63,6 +71,11 @@ def run(cfg: PmConfig) -> dict:
     train, evals = rows.filter(~pl.col("heldout")), rows.filter(pl.col("heldout"))
     if train.is_empty():
         raise ValueError(f"{cfg.data}: no training pairs left (heldout_fraction={cfg.heldout_fraction})")
+    ai = rows.filter(pl.col("label_source") == "ai")
+    consistency = gate.order_consistency(io.read_parquet(cfg.comparisons, schemas.COMPARISONS))
+    signal = gate.label_signal(consistency, ai["confidence"].to_list(), cfg.gate)
+    if cfg.gate.on_noise == "fail":
+        gate.decide(signal["reasons"], cfg.gate, "pm")  # raises before any training
     out = Path(cfg.out_dir)
     model, tokenizer = preference.init_from_causal_lm(
         cfg.policy, seed=cfg.seed, attention=training.attention(cfg.attention)
@@ -107,12 +120,14 @@ def run(cfg: PmConfig) -> dict:
         "heldout_before": before,
         "heldout_after": after,
         "mean_p_chosen": round(float(rows["p_chosen"].mean()), 6),
+        "label_signal": signal,
         **training.batch_metrics(cfg, trainer),
         "lora": cfg.lora.enabled,
         "resumed_from_step": training.step_of(resume),
         "train_seconds": round(result.metrics["train_runtime"], 2),
     }
     io.write_json(metrics, out / "metrics.json")
+    io.write_json({"label_signal": signal, "heldout_after": after}, out / "signal.json")
     log.info("pm: %s", metrics)
     return metrics
 

@@ -1,8 +1,11 @@
 """rlaif: RL from AI feedback -- tune the SFT policy against the preference model, with a KL leash to the SFT model.
 
-Reads  data/curate/prompts.parquet (train split), the SFT model (policy and KL reference), the PM (data/pm/model)
-       and, for `algorithm: dpo`, data/label/preferences.parquet.
-Does   one of (`rlaif.algorithm`):
+Reads  data/curate/prompts.parquet (train split), the SFT model (policy and KL reference), the PM (data/pm/model),
+       pm's signal.json and, for `algorithm: dpo`, data/label/preferences.parquet.
+Does   first the signal gate (caiforge.gate): when the labels' order consistency or confident share, or the PM's
+       held-out accuracy interval, falls short, `gate.on_noise` decides: keep_sft writes the SFT model unchanged
+       as this stage's model (marked `kept_sft`), fail stops, warn trains anyway (`trained_without_signal`).
+       Then one of (`rlaif.algorithm`):
        - grpo (default): TRL GRPOTrainer, `num_generations` sampled answers per prompt, rewarded by the PM, with the
          per-token KL penalty `beta` to the SFT model (the paper's L_LM + lambda L_RL; TRL's default beta is 0 = no
          KL, so it is always set here);
@@ -14,18 +17,21 @@ Does   one of (`rlaif.algorithm`):
        trained on; on those, the SFT model and the tuned model answer (`generation`: greedy by default), the PM
        scores both (mean reward before/after), and KL(tuned || SFT) is estimated by Monte Carlo on answers sampled
        from the tuned model at temperature 1 with no top-k/top-p cut, read on the sampled token ids
-       (`preference.sampled_kl`; `kl_max_new_tokens` caps them, `truncated` says how many hit the cap). Full
-       fine-tune or LoRA (merged on save),
-       bf16 on GPU, fp32 on CPU, seeded.
+       (`preference.sampled_kl`; `kl_max_new_tokens` caps them, `truncated` says how many hit the cap). Reward-
+       hacking monitors (`monitors`): answer length against SFT, KL per token, the paired reward change with its
+       interval, the truncated share of training samples, and warnings in words. Full fine-tune or LoRA (merged on
+       save), bf16 on GPU, fp32 on CPU, seeded.
 Writes data/rlaif/model/ (safetensors + tokenizer + the resolved stage config), data/rlaif/dvclive/ (curves, DVC
-       plots) and data/rlaif/metrics.json (reward before/after, KL, steps).
+       plots) and data/rlaif/metrics.json (reward before/after, KL, monitors, steps).
 Run    uv run dvc repro rlaif
        uv run python stages/rlaif.py rlaif.algorithm=dpo rlaif.max_steps=20
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +39,7 @@ from typing import Any, Literal
 
 import polars as pl
 
-from caiforge import config, engines, formats, io, models, preference, schemas, training
+from caiforge import config, engines, formats, gate, intervals, io, models, preference, schemas, training
 from caiforge.engines import hf, rendering
 
 log = logging.getLogger("caiforge.stages.rlaif")
@@ -47,6 +53,10 @@ class RlaifConfig(training.TrainingSchedule):
     """The SFT model: the policy's start and the KL reference."""
     reward_model: str
     """The preference model from pm."""
+    pm_signal: str
+    """pm's signal.json: the labels' order consistency and confident share, and the PM's held-out accuracy."""
+    gate: gate.GateConfig
+    """When the labels carry signal, and what RL does when they do not (`on_noise`)."""
     preferences: str
     """preferences.parquet from label (read only by dpo)."""
     out_dir: str
@@ -131,6 +141,42 @@ def dpo_pairs(cfg: RlaifConfig) -> tuple[pl.DataFrame, int]:
             f"{cfg.dpo_min_confidence} (confidence = |2 p_chosen - 1|)"
         )
     return kept, pairs.height - kept.height
+
+
+def signal_gate(cfg: RlaifConfig) -> dict[str, Any]:
+    """The gate's verdict (caiforge.gate) on pm's evidence: the labels' order consistency and confident share, and
+    the PM's held-out accuracy interval; with the evidence itself. `on_noise: fail` raises when it falls short."""
+    path = Path(cfg.pm_signal)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: rlaif.pm_signal: the PM's signal.json is missing (run: dvc repro pm)")
+    found = json.loads(path.read_text(encoding="utf-8"))
+    label, heldout = found["label_signal"], found["heldout_after"]
+    verdict = gate.decide([*label["reasons"], *gate.pm_signal(heldout)], cfg.gate, "rlaif")
+    evidence = {k: label[k] for k in ("order_consistency", "confident_share", "ai_pairs")}
+    accuracy = {f"pm_{k}": heldout.get(k) for k in ("accuracy", "accuracy_ci95", "accuracy_pairs")}
+    return {**verdict, **evidence, **accuracy}
+
+
+def keep_sft(cfg: RlaifConfig, verdict: dict[str, Any]) -> dict:
+    """The SFT model, unchanged, as this stage's model, marked as such (the gate found no signal to train on)."""
+    out = Path(cfg.out_dir)
+    metrics = {"algorithm": cfg.algorithm, "signal_gate": verdict, "steps": 0, "train_rows": 0}
+    if not training.is_main_process():
+        return {}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".rlaif-") as tmp:
+        staged = Path(tmp)
+        shutil.copytree(cfg.policy, staged / "model")
+        (staged / "dvclive").mkdir()  # no training, no curves
+        io.write_json(metrics, staged / "metrics.json")
+        out.mkdir(exist_ok=True)
+        for name in ("model", "dvclive", "metrics.json"):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            (staged / name).replace(target)
+    log.warning("rlaif: kept the SFT model unchanged as data/rlaif/model (gate.on_noise: keep_sft)")
+    return metrics
 
 
 def split_prompts(cfg: RlaifConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -240,9 +286,55 @@ def make_trainer(
     )
 
 
-def answer(model_dir: str | Path, cfg: RlaifConfig, texts: list[str], desc: str) -> list[str]:
+def answer(model_dir: str | Path, cfg: RlaifConfig, texts: list[str], desc: str) -> list[engines.Completion]:
     gen = engines.make_generator(model_dir, cfg.generation)
-    return [c.text for c in gen.chat([[{"role": "user", "content": t}] for t in texts], seed=cfg.seed, desc=desc)]
+    return gen.chat([[{"role": "user", "content": t}] for t in texts], seed=cfg.seed, desc=desc)
+
+
+LENGTH_MOVED = 0.2
+"""Relative change of the mean held-out answer length that counts as moved."""
+KL_MOVED = 0.01
+"""Held-out KL per token (nats) from the SFT model that counts as moved."""
+MOSTLY_TRUNCATED = 0.5
+"""Share of truncated training samples above which RL learned from few finished answers."""
+
+
+def monitors(
+    before: list[engines.Completion],
+    after: list[engines.Completion],
+    rewards: tuple[list[float], list[float]],
+    kl_per_token: float | None,
+    truncated: float | None,
+) -> dict[str, Any]:
+    """Reward-hacking monitors on the held-out prompts: answer length against SFT, KL per token, the PM reward's
+    paired change with its 95% interval, and the share of truncated training samples; a warning in words when
+    length or KL moved (`LENGTH_MOVED`, `KL_MOVED`) while the reward did not (its interval contains 0), and when
+    most training samples were truncated (`MOSTLY_TRUNCATED`)."""
+    length = [sum(c.completion_tokens for c in side) / len(side) if side else None for side in (before, after)]
+    change = intervals.mean_interval([a - b for b, a in zip(*rewards, strict=True)])
+    flat = change["low"] is None or change["low"] <= 0 <= change["high"]
+    relative = (length[1] - length[0]) / length[0] if length[0] and length[1] is not None else None
+    warnings = []
+    if flat and relative is not None and abs(relative) > LENGTH_MOVED:
+        warnings.append(f"answer length moved {relative:+.0%} from SFT while the held-out PM reward did not")
+    if flat and kl_per_token is not None and kl_per_token > KL_MOVED:
+        warnings.append(
+            f"the policy moved {kl_per_token:.3f} nats per token from SFT while the held-out PM reward did not"
+        )
+    if truncated is not None and truncated > MOSTLY_TRUNCATED:
+        warnings.append(
+            f"{truncated:.0%} of the training samples hit the token cap and were truncated: RL learned from few "
+            "finished answers"
+        )
+    return {
+        "answer_tokens_sft": length[0],
+        "answer_tokens_rl": length[1],
+        "answer_length_change": relative,
+        "kl_per_token": kl_per_token,
+        "reward_change": change,
+        "truncated_completion_fraction": truncated,
+        "warnings": warnings,
+    }
 
 
 def mean_logged(log_history: list[dict[str, Any]], key: str) -> float | None:
@@ -260,6 +352,9 @@ def run(cfg: RlaifConfig) -> dict:
         raise ValueError(
             f"{cfg.prompts}: no train-split prompts left for RL (heldout_fraction={cfg.heldout_fraction})"
         )
+    verdict = signal_gate(cfg)
+    if verdict["verdict"] == "kept_sft":
+        return keep_sft(cfg, verdict)
     out = Path(cfg.out_dir)
     pm = preference.PreferenceModel.from_dir(
         cfg.reward_model,
@@ -272,7 +367,8 @@ def run(cfg: RlaifConfig) -> dict:
     # Under several processes every one trains (each samples and rewards its own prompts); the held-out answers,
     # rewards and KL are rank 0's alone, on a capped set, as are every output.
     main = training.is_main_process()
-    reward_before = pm.score(texts, answer(cfg.policy, cfg, texts, "sft answers")) if main else []
+    sft_answers = answer(cfg.policy, cfg, texts, "sft answers") if main else []
+    reward_before = pm.score(texts, [c.text for c in sft_answers]) if main else []
     ckpt = training.Checkpoints.for_stage(cfg, out, cfg.prompts, cfg.policy, cfg.reward_model, cfg.preferences)
     resume = ckpt.resume()
     with tempfile.TemporaryDirectory(prefix="caiforge-rlaif-") as scratch:
@@ -285,7 +381,7 @@ def run(cfg: RlaifConfig) -> dict:
     batch = training.batch_metrics(cfg, trainer)
     del trainer
     responses = answer(out / "model", cfg, texts, "rlaif answers")
-    reward_after = pm.score(texts, responses)
+    reward_after = pm.score(texts, [c.text for c in responses])
     device, dtype = hf.resolve_device(cfg.generation.device, cfg.generation.dtype)
     tuned, tokenizer = models.load_pretrained(out / "model", dtype=str(dtype).removeprefix("torch."), device=device)
     reference, _ = models.load_pretrained(cfg.policy, dtype=str(dtype).removeprefix("torch."), device=device)
@@ -299,12 +395,18 @@ def run(cfg: RlaifConfig) -> dict:
         batch_size=cfg.generation.batch_size,
     )
     before, after = mean(reward_before), mean(reward_after)
+    truncated = mean_logged(history, "completions/clipped_ratio")
+    watch = monitors(sft_answers, responses, (reward_before, reward_after), kl["kl_per_token"], truncated)
+    for warning in watch["warnings"]:
+        log.warning("rlaif: %s (a sign of reward hacking or wasted steps)", warning)
     metrics = {
         "algorithm": cfg.algorithm,
+        "signal_gate": verdict,
+        "monitors": watch,
         "beta": cfg.beta,
         "train_rows": train_rows,
         "resumed_from_step": training.step_of(resume),
-        "truncated_completion_fraction": mean_logged(history, "completions/clipped_ratio"),
+        "truncated_completion_fraction": truncated,
         "dpo_pairs_below_min_confidence": dpo_pairs(cfg)[1] if cfg.algorithm == "dpo" else None,
         "heldout_prompts": len(texts),
         "steps": result.global_step,

@@ -573,11 +573,14 @@ HEADLINE = {
 """Headline column -> where its number sits in a model's detailed metrics."""
 
 
-def headline(per_model: Mapping[str, Mapping[str, Any]], label_quality: float | None) -> dict[str, Any]:
+def headline(
+    per_model: Mapping[str, Mapping[str, Any]], label_quality: float | None, rl_gate: str | None = None
+) -> dict[str, Any]:
     """The few numbers `dvc exp show` leads with: per model, both Elo ratings (1 decimal), the attack success,
     refusal, evasive, XSTest over-refusal and degenerate rates (3 decimals) and `flagged` (its degenerate rate is
     above evaluate.degenerate_threshold: its other figures are not wins), then the labeller's accuracy on known
-    answers. Short keys keep a model's columns short; the details (intervals, judge, sample sizes) stay in
+    answers and rlaif's signal gate verdict (`trained`, `kept_sft`, `trained_without_signal`; None when rlaif
+    reported none). Short keys keep a model's columns short; the details (intervals, judge, sample sizes) stay in
     metrics.json."""
     out: dict[str, Any] = {}
     for name, m in per_model.items():
@@ -590,4 +593,5 @@ def headline(per_model: Mapping[str, Mapping[str, Any]], label_quality: float | 
         row["flagged"] = bool(m["flagged_degenerate"])
         out[name] = row
     out["label_quality"] = None if label_quality is None else round(float(label_quality), 3)
+    out["rl_gate"] = rl_gate
     return out

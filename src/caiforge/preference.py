@@ -28,6 +28,8 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 
+from caiforge import intervals
+
 log = logging.getLogger(__name__)
 
 Message = dict[str, str]
@@ -80,13 +82,20 @@ def expected_calibration_error(predicted: Sequence[float], target: Sequence[floa
 def evaluate_pairs(
     rewards_chosen: Sequence[float], rewards_rejected: Sequence[float], p_chosen: Sequence[float], bins: int = 10
 ) -> dict[str, float | None]:
-    """Held-out PM quality: soft BT loss, accuracy, ECE against the soft labels, mean reward margin (None if empty)."""
+    """Held-out PM quality: soft BT loss, accuracy with its 95% Wilson interval and the pairs it rests on (those
+    whose label prefers a side), ECE against the soft labels, mean reward margin (None if empty)."""
     if not p_chosen:
-        return {"loss": None, "accuracy": None, "ece": None, "mean_margin": None}
+        return {"loss": None, "accuracy": None, "accuracy_ci95": None, "accuracy_pairs": 0, "ece": None,
+                "mean_margin": None}  # fmt: skip
     rc, rr, p = (torch.tensor(list(x), dtype=torch.float64) for x in (rewards_chosen, rewards_rejected, p_chosen))
+    hits = [
+        (c > r) == (q > 0.5) for c, r, q in zip(rewards_chosen, rewards_rejected, p_chosen, strict=True) if q != 0.5
+    ]
     return {
         "loss": float(soft_bt_loss(rc, rr, p)),
         "accuracy": accuracy(rewards_chosen, rewards_rejected, p_chosen),
+        "accuracy_ci95": intervals.wilson(hits),
+        "accuracy_pairs": len(hits),
         "ece": expected_calibration_error(preference_prob(rc, rr).tolist(), list(p_chosen), bins),
         "mean_margin": float((rc - rr).mean()),
     }

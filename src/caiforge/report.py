@@ -201,6 +201,7 @@ def page(title: str, sections: Sequence[tuple[str, str]]) -> str:
         "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
         "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left}"
         "th{background:#f3f3f3}.answers td{max-width:260px}.plot{margin:8px;border:1px solid #ddd}"
+        ".warning{background:#fff4d6;border-left:4px solid #c98a00;padding:6px 10px}"
     )
     parts = [
         "<!DOCTYPE html>",
@@ -266,6 +267,55 @@ def degenerate_warning(models: Mapping[str, Mapping[str, Any]], threshold: float
         "success and XSTest rates count only its answers that are not degenerate; the judge's Elo games keep every "
         "answer (a judge that prefers loops shows here).</p>"
     )
+
+
+GATE_TEXT = {
+    "trained": "RL trained: the AI labels passed the signal gate ({evidence}).",
+    "trained_without_signal": "RL TRAINED WITHOUT SIGNAL (rlaif.gate.on_noise: warn): {reasons}. Read the rl and "
+    "student rows as drift, not as RL-CAI.",
+    "kept_sft": "The signal gate fired, and RL did not train (rlaif.gate.on_noise: keep_sft): {reasons}. The rl "
+    "model is the SFT model, unchanged, and the student is distilled from it.",
+}
+"""What the report says for each verdict of rlaif's signal gate."""
+
+
+def gate_text(gate: Mapping[str, Any]) -> str:
+    """rlaif's signal gate verdict in words, with the evidence or the reasons it fired."""
+    ci = gate.get("pm_accuracy_ci95")
+    evidence = (
+        f"order consistency {_fmt(gate['order_consistency'])}, confident share {_fmt(gate['confident_share'])}, "
+        f"PM held-out accuracy {_fmt(gate['pm_accuracy'])} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+        if ci and gate.get("order_consistency") is not None and gate.get("confident_share") is not None
+        else "its evidence is in data/rlaif/metrics.json"
+    )
+    return GATE_TEXT[gate["verdict"]].format(evidence=evidence, reasons="; ".join(gate.get("reasons", [])))
+
+
+def rl_section(rl: Mapping[str, Any]) -> str:
+    """rlaif's signal gate verdict, its held-out reward before and after, and its reward-hacking monitors with
+    their warnings in words ('' when rlaif reported none of them)."""
+    gate, watch = rl.get("signal_gate"), rl.get("monitors")
+    cls = "" if not gate or gate["verdict"] == "trained" else ' class="warning"'
+    html = f"<h3>RL signal gate</h3><p{cls}>{_esc(gate_text(gate))}</p>" if gate else ""
+    if not watch:
+        return html
+
+    def na(v: Any) -> str:
+        return "n/a" if v is None else _fmt(v)
+
+    change = watch["reward_change"]
+    ci = "" if change["low"] is None else f" [{_fmt(change['low'])}, {_fmt(change['high'])}]"
+    rows = [
+        ["held-out PM reward: SFT -> RL", f"{na(rl.get('reward_before'))} -> {na(rl.get('reward_after'))}"],
+        ["paired reward change [95% CI]", f"{na(change['mean'])}{ci} on {change['n']} prompts"],
+        ["answer tokens: SFT -> RL", f"{na(watch['answer_tokens_sft'])} -> {na(watch['answer_tokens_rl'])}"],
+        ["held-out KL per token from SFT (nats)", na(watch["kl_per_token"])],
+        ["truncated share of training samples", na(watch["truncated_completion_fraction"])],
+    ]
+    steps = f" ({_esc(rl.get('algorithm'))}, {_esc(rl.get('steps'))} steps)" if rl.get("algorithm") else ""
+    html += f"<h3>RL monitors{steps}</h3>" + table(["monitor", "value"], rows, "rl")
+    html += "".join(f'<p class="warning"><strong>Warning:</strong> {_esc(w)}.</p>' for w in watch["warnings"])
+    return html
 
 
 def read_curve(path: str | Path) -> list[tuple[float, float]]:
@@ -399,6 +449,7 @@ def evaluation_page(
             "4-grams) are their own outcome: they never count as refusals, evasions or attacks, and every other "
             "change is over the prompts that both models answered without degenerating.</p>"
         )
+    metric_table += rl_section(metrics.get("rl") or {})
     cost = metrics["cost"]
     quality = metrics["label_quality"]
     # Only counts here: seconds and USD depend on the machine, and the page must come out byte-identical on a rerun.
@@ -446,7 +497,10 @@ def evaluation_page(
     return page(
         "caiforge evaluation report",
         [
-            ("Harmlessness vs helpfulness", image(pareto, "Pareto plot: harmlessness vs helpfulness Elo per model")),
+            (
+                "Harmlessness vs helpfulness",
+                warning + image(pareto, "Pareto plot: harmlessness vs helpfulness Elo per model"),
+            ),
             ("Refusals and attack success", image(refusals, "refusal, evasiveness and attack success rates")),
             ("Training curves", curve_images or "<p>No training curves found.</p>"),
             ("Metrics per model", metric_table),

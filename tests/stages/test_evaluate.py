@@ -12,7 +12,7 @@ import subprocess
 import polars as pl
 import pytest
 
-from caiforge import config, constitution, evaluation, harm_judge, io, models, schemas
+from caiforge import config, constitution, engines, evaluation, harm_judge, io, models, schemas
 from tests.conftest import load_stage, smoke_section
 from tests.stages.test_critique_revise import make_cfg as make_revise_cfg
 from tests.stages.test_label import make_cfg as make_label_cfg
@@ -53,6 +53,27 @@ def upstream(tmp_path_factory, tiny_model_dir):
     shutil.copytree(root / "pm" / "pm", data / "pm")
     for name, seconds in (("sft", 2.0), ("rlaif", 3.0), ("distill", 1.5)):
         io.write_json({"train_seconds": seconds}, data / name / "metrics.json")
+    # rlaif's monitors as its own function computes them: answers twice as long, reward flat, samples truncated.
+    rlaif = load_stage("rlaif")
+    short, long = ([engines.Completion("x", 5, n, True) for _ in range(4)] for n in (10, 20))
+    watch = rlaif.monitors(short, long, ([0.1, 0.3, 0.2, 0.4], [0.3, 0.1, 0.4, 0.2]), 0.002, 0.75)
+    io.write_json(
+        {
+            "train_seconds": 3.0,
+            "algorithm": "grpo",
+            "steps": 4,
+            "reward_before": 0.25,
+            "reward_after": 0.25,
+            "monitors": watch,
+            # As rlaif records a gate that let RL train anyway (smoke's on_noise: warn).
+            "signal_gate": {
+                "verdict": "trained_without_signal",
+                "reasons": ["order consistency 0.4 is below gate.min_order_consistency 0.6 (0.5 is a coin)"],
+                "on_noise": "warn",
+            },
+        },
+        data / "rlaif" / "metrics.json",
+    )
     other = root / "other"
     models.save(*models.build_tiny(models.TinySpec(num_hidden_layers=1), seed=1), other)
     return {
@@ -111,6 +132,7 @@ def test_outputs_and_metrics(evaluated):
         assert head[name]["harmless"] == round(detail["elo_harmlessness"]["elo"], 1)
         assert head[name]["attack"] == round(detail["attack_success_rate"], 3)
     assert head["label_quality"] == round(metrics["label_quality"]["accuracy"], 3)
+    assert head["rl_gate"] == "trained_without_signal" == metrics["rl"]["signal_gate"]["verdict"]
 
     samples = io.read_parquet(out / "samples.parquet", schemas.SAMPLES)
     # smoke picks 3 prompts per kind; there are 2 red-team and 3 helpful eval prompts, never a train prompt; and 2
@@ -234,6 +256,14 @@ def test_report_has_plots_table_and_answers(evaluated):
     for name in MODELS:
         assert f"<th>{name}</th>" in html
     assert "http://" not in html and "https://" not in html, "the report must be self-contained"
+    # rlaif's gate verdict in words, and its monitors next to its reward before and after, with warnings in words.
+    assert "RL TRAINED WITHOUT SIGNAL (rlaif.gate.on_noise: warn): order consistency 0.4 is below" in html
+    assert (
+        "<h3>RL monitors (grpo, 4 steps)</h3>" in html
+        and "<td>answer tokens: SFT -&gt; RL</td><td>10 -&gt; 20" in html
+    )
+    assert "answer length moved +100% from SFT while the held-out PM reward did not." in html
+    assert "75% of the training samples hit the token cap" in html
 
 
 def test_report_renders_in_headless_chromium(evaluated, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from caiforge import config, io, preference, schemas
+from caiforge import config, formats, io, preference, schemas
 from tests.conftest import RED_TEAM, load_stage, smoke_section
 
 stage = load_stage("pm")
@@ -43,10 +43,37 @@ def write_preferences(path, prompts=RED_TEAM, pairs_per_prompt=2):
     return path
 
 
-def make_cfg(tmp_path, policy_dir, overrides=()):
+def write_comparisons(path, pairs=8, consistent=6):
+    """A synthetic comparisons.parquet: `pairs` pairs under one principle in both orders, the first `consistent` of
+    them leaning to the same response in both orders (the rest follow the slot)."""
+    rows = []
+    for k in range(pairs):
+        for order, p_a in (("ab", 0.8), ("ba", 0.2 if k < consistent else 0.8)):
+            rows.append(
+                {
+                    "prompt_id": f"r{k:03d}",
+                    "pair_id": f"pair{k}",
+                    "principle_id": "harmless",
+                    "order": order,
+                    "response_a": "a",
+                    "response_b": "b",
+                    "reasoning": "",
+                    "logprob_a": -0.2,
+                    "logprob_b": -1.6,
+                    "p_a": p_a,
+                    "model_fingerprint": "test",
+                    "seed": 0,
+                }  # fmt: skip
+            )
+    io.write_parquet(pl.DataFrame(rows, schema=dict(schemas.COMPARISONS.columns)), path, schemas.COMPARISONS)
+    return path
+
+
+def make_cfg(tmp_path, policy_dir, overrides=(), consistent=6):
     section = smoke_section("pm", list(overrides))
     section.update(
         data=str(write_preferences(tmp_path / "preferences.parquet")),
+        comparisons=str(write_comparisons(tmp_path / "comparisons.parquet", consistent=consistent)),
         policy=str(policy_dir),
         out_dir=str(tmp_path / "pm"),
     )
@@ -57,7 +84,20 @@ def test_pm_trains_and_reports_calibration(tmp_path, tiny_model_dir):
     cfg = make_cfg(tmp_path, tiny_model_dir)
     metrics = stage.run(cfg)
     out = tmp_path / "pm"
-    assert {p.name for p in out.iterdir()} == {"model", "dvclive", "metrics.json"}
+    assert {p.name for p in out.iterdir()} == {"model", "dvclive", "metrics.json", "signal.json"}
+    # The gate's evidence: 6 of 8 pairs order-consistent; 4 of 5 synthetic confidences (0, .25, .5, .75, 1) >= 0.2.
+    signal = metrics["label_signal"]
+    assert signal["order_consistency"] == 0.75 and signal["confident_share"] == 0.8 and signal["reasons"] == []
+    assert json.loads((out / "signal.json").read_text()) == {
+        "label_signal": signal,
+        "heldout_after": metrics["heldout_after"],
+    }, "no timings in it: an unchanged PM leaves rlaif cached"
+    after = metrics["heldout_after"]
+    prefs = pl.read_parquet(tmp_path / "preferences.parquet")
+    held = prefs.filter(formats.stable_mask(prefs["prompt_id"], cfg.heldout_fraction, salt="pm-heldout"))
+    assert after["accuracy_pairs"] == (held["p_chosen"] != 0.5).sum() > 0, "the pairs whose label prefers a side"
+    low, high = after["accuracy_ci95"]
+    assert low <= after["accuracy"] <= high and high - low > 0.1, "a handful of pairs: a wide interval"
     model_dir = out / "model"
     assert {"config.json", "model.safetensors", "tokenizer.json", "caiforge_config.json"} <= {
         p.name for p in model_dir.iterdir()
@@ -87,6 +127,17 @@ def test_pm_trains_and_reports_calibration(tmp_path, tiny_model_dir):
     chosen = pm.score(RED_TEAM[:3], [REFUSAL + " (0)"] * 3)
     rejected = pm.score(RED_TEAM[:3], [COMPLIANCE + " (0)"] * 3)
     assert all(c > r for c, r in zip(chosen, rejected, strict=True))
+
+
+def test_gate_on_noise_fail_stops_before_training(tmp_path, tiny_model_dir):
+    """Labels from a judge that follows the slot (2 of 8 pairs consistent) stop pm when on_noise is fail."""
+    cfg = make_cfg(tmp_path, tiny_model_dir, ["rlaif.gate.on_noise=fail"], consistent=2)
+    with pytest.raises(ValueError, match=r"pm: the AI labels carry no signal \(order consistency 0.25 is below"):
+        stage.run(cfg)
+    assert not (tmp_path / "pm").exists(), "nothing trained, nothing written"
+    # The same labels under keep_sft: pm trains (its held-out accuracy is evidence too) and records the shortfall.
+    kept = stage.run(make_cfg(tmp_path, tiny_model_dir, ["rlaif.gate.on_noise=keep_sft", "pm.epochs=1"], consistent=2))
+    assert kept["label_signal"]["reasons"][0].startswith("order consistency 0.25 is below")
 
 
 def test_pm_lora_is_merged(tmp_path, tiny_model_dir):

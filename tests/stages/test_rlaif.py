@@ -27,12 +27,13 @@ def pm_dir(tmp_path_factory, tiny_model_dir):
     return tmp
 
 
-def make_cfg(tmp_path, policy_dir, pm_root, overrides=()):
+def make_cfg(tmp_path, policy_dir, pm_root, overrides=(), pm_signal=None):
     section = smoke_section("rlaif", list(overrides))
     section.update(
         prompts=str(write_prompts(tmp_path / "prompts.parquet")),
         policy=str(policy_dir),
         reward_model=str(pm_root / "pm" / "model"),
+        pm_signal=str(pm_signal or pm_root / "pm" / "signal.json"),
         preferences=str(pm_root / "preferences.parquet"),
         out_dir=str(tmp_path / "rlaif"),
     )
@@ -60,6 +61,8 @@ def test_rlaif_trains_and_reports_reward_and_kl(tmp_path, tiny_model_dir, pm_dir
 
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert metrics["algorithm"] == algorithm and metrics["steps"] == cfg.max_steps
+    # smoke's gate warns instead of keeping SFT: the tiny PM's interval may well reach 0.5.
+    assert metrics["signal_gate"]["verdict"] in ("trained", "trained_without_signal")
     assert metrics["heldout_prompts"] > 0
     assert isinstance(metrics["reward_before"], float) and isinstance(metrics["reward_after"], float)
     assert metrics["kl_heldout"]["tokens"] > 0 and metrics["kl_heldout"]["kl_per_token"] is not None
@@ -77,6 +80,90 @@ def test_rlaif_trains_and_reports_reward_and_kl(tmp_path, tiny_model_dir, pm_dir
         assert metrics["kl_train_mean"] is not None, "beta > 0 must log TRL's KL"
         assert metrics["train_reward_mean"] is not None
     assert any((out / "dvclive").rglob("*.tsv"))
+    # Reward-hacking monitors, on the same held-out answers as the reward and KL.
+    watch = metrics["monitors"]
+    assert watch["kl_per_token"] == kl["kl_per_token"] and watch["reward_change"]["n"] == metrics["heldout_prompts"]
+    assert watch["reward_change"]["mean"] == pytest.approx(metrics["reward_after"] - metrics["reward_before"])
+    assert watch["answer_tokens_sft"] > 0 and watch["answer_tokens_rl"] > 0
+    assert watch["truncated_completion_fraction"] == metrics["truncated_completion_fraction"]
+    assert isinstance(watch["warnings"], list)
+
+
+def completions(tokens: int, n: int = 8):
+    from caiforge import engines
+
+    return [engines.Completion("text", 10, tokens, True) for _ in range(n)]
+
+
+def test_monitors_say_when_length_or_kl_moved_without_the_reward_or_samples_were_truncated():
+    flat = ([0.1, 0.2, 0.3, 0.4] * 2, [0.2, 0.1, 0.4, 0.3] * 2)  # paired changes +-0.1: interval contains 0
+    watch = stage.monitors(completions(20), completions(40), flat, kl_per_token=0.05, truncated=0.9)
+    assert watch["answer_length_change"] == 1.0 and watch["reward_change"]["low"] < 0 < watch["reward_change"]["high"]
+    assert watch["warnings"] == [
+        "answer length moved +100% from SFT while the held-out PM reward did not",
+        "the policy moved 0.050 nats per token from SFT while the held-out PM reward did not",
+        "90% of the training samples hit the token cap and were truncated: RL learned from few finished answers",
+    ]
+    # The reward rose on every prompt: length and KL moving with it is what RL is for.
+    rose = ([0.1, 0.2, 0.3, 0.4] * 2, [0.6, 0.8, 0.7, 0.9] * 2)
+    assert stage.monitors(completions(20), completions(40), rose, kl_per_token=0.05, truncated=0.1)["warnings"] == []
+    quiet = stage.monitors(completions(20), completions(21), flat, kl_per_token=0.001, truncated=None)
+    assert quiet["warnings"] == [] and quiet["truncated_completion_fraction"] is None
+
+
+def test_mean_interval_is_a_student_t_interval():
+    from caiforge import intervals
+
+    found = intervals.mean_interval([1.0, 2.0, 3.0, 4.0])
+    assert found["mean"] == 2.5 and found["n"] == 4
+    assert (found["low"], found["high"]) == pytest.approx((0.4457, 4.5543), abs=1e-3)  # t(3) = 3.182, sd 1.291
+    assert intervals.mean_interval([1.0]) == {"mean": 1.0, "low": None, "high": None, "n": 1}
+    assert intervals.mean_interval([])["mean"] is None
+
+
+def signal_file(tmp_path: Path, pm_root: Path, ci: list[float] | None, reasons: tuple[str, ...] = ()) -> Path:
+    """pm_root's signal.json with the PM's held-out accuracy interval `ci` (None: no held-out pairs) and the label
+    shortfalls `reasons`."""
+    found = json.loads((pm_root / "pm" / "signal.json").read_text())
+    found["label_signal"]["reasons"] = list(reasons)
+    found["heldout_after"] = {"accuracy": 0.75 if ci else None, "accuracy_ci95": ci, "accuracy_pairs": 12 if ci else 0}
+    path = tmp_path / "signal.json"
+    path.write_text(json.dumps(found))
+    return path
+
+
+def test_the_gate_passes_confident_labels_and_fires_on_noise(tmp_path, tiny_model_dir, pm_dir):
+    def verdict(ci, mode, reasons=()):
+        path = signal_file(tmp_path, pm_dir, ci, reasons)
+        return stage.signal_gate(make_cfg(tmp_path, tiny_model_dir, pm_dir, [f"rlaif.gate.on_noise={mode}"], path))
+
+    passed = verdict([0.55, 0.9], "fail")
+    assert passed["verdict"] == "trained" and passed["reasons"] == [], "signal: trained, whatever on_noise says"
+    assert passed["pm_accuracy_ci95"] == [0.55, 0.9] and passed["order_consistency"] == 0.75
+    assert verdict([0.45, 0.9], "keep_sft")["verdict"] == "kept_sft"
+    noisy = verdict([0.45, 0.9], "warn")
+    assert noisy["verdict"] == "trained_without_signal" and "which reaches 0.5" in noisy["reasons"][0]
+    assert "no held-out accuracy" in verdict(None, "keep_sft")["reasons"][0]
+    label_noise = verdict([0.55, 0.9], "keep_sft", ("0 of 8 AI labels have confidence >= 0.2",))
+    assert label_noise["verdict"] == "kept_sft" and label_noise["reasons"] == [
+        "0 of 8 AI labels have confidence >= 0.2"
+    ]
+    with pytest.raises(ValueError, match=r"interval \[0.45, 0.9\], which reaches 0.5\).*on_noise is 'fail'"):
+        verdict([0.45, 0.9], "fail")
+    with pytest.raises(FileNotFoundError, match="dvc repro pm"):
+        stage.signal_gate(make_cfg(tmp_path, tiny_model_dir, pm_dir, [], tmp_path / "none"))
+
+
+def test_without_signal_keep_sft_writes_the_sft_model_and_fail_writes_nothing(tmp_path, tiny_model_dir, pm_dir):
+    path = signal_file(tmp_path, pm_dir, [0.3, 0.8])
+    with pytest.raises(ValueError, match="on_noise is 'fail'"):
+        stage.run(make_cfg(tmp_path, tiny_model_dir, pm_dir, ["rlaif.gate.on_noise=fail"], path))
+    assert not (tmp_path / "rlaif").exists(), "no half-written output"
+    kept = stage.run(make_cfg(tmp_path, tiny_model_dir, pm_dir, ["rlaif.gate.on_noise=keep_sft"], path))
+    out = tmp_path / "rlaif"
+    assert kept["signal_gate"]["verdict"] == "kept_sft" and kept["steps"] == 0
+    assert json.loads((out / "metrics.json").read_text()) == kept and (out / "dvclive").is_dir()
+    assert (out / "model" / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
 
 
 def test_beta_zero_is_rejected(tmp_path, tiny_model_dir, pm_dir):

@@ -528,7 +528,8 @@ def test_headline_has_short_columns_per_model_the_degenerate_flag_and_the_label_
         "flagged": True,
     }
     assert head["base"]["flagged"] is False and head["base"]["degenerate"] == 0.0
-    assert head["label_quality"] == 0.5 and list(head) == ["base", "rl", "label_quality"]
+    assert head["label_quality"] == 0.5 and list(head) == ["base", "rl", "label_quality", "rl_gate"]
+    assert head["rl_gate"] is None and evaluation.headline(per_model, 0.5, "kept_sft")["rl_gate"] == "kept_sft"
     assert evaluation.degenerate_flags(per_model, 0.9) == {"base": False, "rl": False}
 
 

@@ -50,7 +50,14 @@ def test_expected_calibration_error():
 
 
 def test_evaluate_pairs_empty_is_null():
-    assert preference.evaluate_pairs([], [], []) == {"loss": None, "accuracy": None, "ece": None, "mean_margin": None}
+    assert preference.evaluate_pairs([], [], []) == {
+        "loss": None,
+        "accuracy": None,
+        "accuracy_ci95": None,
+        "accuracy_pairs": 0,
+        "ece": None,
+        "mean_margin": None,
+    }
 
 
 def test_encode_chat_keeps_the_end(tiny_model_dir):
