@@ -3,7 +3,8 @@
 Reads  data/curate/prompts.parquet (train split, red-team + helpful), the teacher (data/rlaif/model) and, for
        `init: student`, the `student` role from models.
 Does   the teacher answers the train prompts (`generation`: greedy by default). The student starts as either
-       - prune (default): the teacher with every `prune_every`-th decoder layer kept, weights copied; or
+       - prune (default): the teacher with every `prune_every`-th decoder layer kept (or exactly the layers
+         `prune_keep` lists), weights copied; or
        - student: the `student` role (any smaller model with the teacher's tokenizer).
        It then learns from the teacher's answers by `method`:
        - logit (default): KL(teacher || student) of the next-token distributions (temperature `temperature`) on
@@ -12,9 +13,12 @@ Does   the teacher answers the train prompts (`generation`: greedy by default). 
        - sequence: plain SFT (TRL SFTTrainer) on the teacher's answers, loss on the completion only.
        A stable `heldout_fraction` of train prompt ids (hash) is never trained on: there the student's top-1
        next-token agreement with the teacher and the per-token KL are measured on the teacher's answers, before and
-       after training. bf16 on GPU, fp32 on CPU, seeded.
+       after training; and whether the student still talks: the trained student answers those prompts as the
+       teacher did, and distinct-2 and the degenerate share (caiforge.collapse) of both are reported side by side.
+       bf16 on GPU, fp32 on CPU, seeded.
 Writes data/distill/model/ (safetensors + tokenizer + the resolved stage config), data/distill/dvclive/ (curves, DVC
-       plots) and data/distill/metrics.json (parameter counts, distillation loss, agreement before/after).
+       plots) and data/distill/metrics.json (parameter counts, distillation loss, agreement before/after, the
+       held-out answers' distinct-2 and degenerate share, teacher and student).
 Run    uv run dvc repro distill
        uv run python stages/distill.py distill.method=sequence distill.prune_every=3
 """
@@ -23,14 +27,14 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import polars as pl
 
-from caiforge import config, distillation, engines, formats, io, models, schemas, training
-from caiforge.engines import hf
+from caiforge import collapse, config, distillation, engines, formats, io, models, schemas, training
+from caiforge.engines import hf, serving
 
 log = logging.getLogger("caiforge.stages.distill")
 
@@ -49,6 +53,9 @@ class DistillConfig(training.TrainingSchedule):
     """Student start: the depth-pruned teacher, or the `student` role."""
     prune_every: int
     """init: prune keeps decoder layers 0, k, 2k, ... of the teacher (k = prune_every >= 2)."""
+    prune_keep: tuple[int, ...] | None
+    """init: prune keeps exactly these decoder layers of the teacher instead (e.g. all but a few late ones, which a
+    small model misses least); null: every prune_every-th."""
     method: Literal["logit", "sequence"]
     """logit: KL to the teacher's token distributions; sequence: SFT on the teacher's answers."""
     temperature: float
@@ -91,12 +98,28 @@ def split_prompts(cfg: DistillConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
 def init_student(cfg: DistillConfig, teacher: Any, tokenizer: Any) -> tuple[Any, list[int] | None]:
     kernel = training.attention(cfg.attention)  # the student's: it is the model that trains
     if cfg.init == "prune":
-        return distillation.prune_layers(teacher, cfg.prune_every, attention=kernel)
+        return distillation.prune_layers(teacher, cfg.prune_every, attention=kernel, keep=cfg.prune_keep)
     student, student_tokenizer = models.load_pretrained(
         cfg.student, device=str(next(teacher.parameters()).device), attention=kernel
     )
     distillation.check_same_vocabulary(tokenizer, student_tokenizer, cfg.student)
     return student, None
+
+
+def student_answers(cfg: DistillConfig, student_dir: Path, prompts: list[str], teacher: list[str]) -> dict[str, Any]:
+    """Whether the student still talks: distinct-2 and the degenerate share (empty or looping, `collapse`) of its
+    answers to the held-out prompts, decoded as the teacher's were (`generation`, in-process), beside the
+    teacher's."""
+    gen = engines.make_generator(student_dir, replace(cfg.generation, backend="transformers"))
+    mine = [c.text for c in gen.chat([[{"role": "user", "content": t}] for t in prompts], seed=cfg.seed)]
+    share = lambda texts: round(sum(map(collapse.degenerate, texts)) / len(texts), 4) if texts else None  # noqa: E731
+    return {
+        "prompts": len(prompts),
+        "distinct_2_teacher": round(collapse.distinct_n(teacher, 2), 4),
+        "distinct_2_student": round(collapse.distinct_n(mine, 2), 4),
+        "degenerate_teacher": share(teacher),
+        "degenerate_student": share(mine),
+    }
 
 
 def run(cfg: DistillConfig) -> dict:
@@ -108,7 +131,9 @@ def run(cfg: DistillConfig) -> dict:
     teacher_gen = engines.make_generator(cfg.teacher, cfg.generation)
     # Under several processes each answers its share and every process gets all answers, in row order.
     outs = engines.chat_shared(teacher_gen, [[{"role": "user", "content": t}] for t in texts], seed=cfg.seed)
+    teacher_stats = teacher_gen.stats.as_dict()
     del teacher_gen
+    serving.release(cfg.teacher)  # managed servers: their GPUs and memory go to training
     answers = [c.text for c in outs]
     train = train.with_columns(
         answer=pl.Series(answers[: train.height], dtype=pl.String),
@@ -159,6 +184,9 @@ def run(cfg: DistillConfig) -> dict:
     student, _ = models.load_pretrained(out / "model", device=device)
     after = distillation.agreement(student, teacher, tokenizer, held_prompts, held_answers)
     teacher_params, student_params = models.parameter_count(teacher), models.parameter_count(student)
+    student_layers = student.config.num_hidden_layers
+    del student
+    talks = student_answers(cfg, out / "model", held_prompts, held_answers)
     metrics = {
         "method": cfg.method,
         "init": cfg.init,
@@ -166,7 +194,7 @@ def run(cfg: DistillConfig) -> dict:
         "student_parameters": student_params,
         "compression": round(teacher_params / student_params, 4),
         "teacher_layers": teacher.config.num_hidden_layers,
-        "student_layers": student.config.num_hidden_layers,
+        "student_layers": student_layers,
         "kept_layers": kept,
         "train_rows": train.height,
         "resumed_from_step": training.step_of(resume),
@@ -176,7 +204,9 @@ def run(cfg: DistillConfig) -> dict:
         "mean_train_loss": round(result.training_loss, 6),
         "heldout_before": before,
         "heldout_after": after,
+        "heldout_answers": talks,
         **batch,
+        "teacher_generation": teacher_stats,
         "train_seconds": round(result.metrics["train_runtime"], 2),
     }
     io.write_json(metrics, out / "metrics.json")

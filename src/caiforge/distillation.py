@@ -44,14 +44,22 @@ def kept_layers(num_layers: int, every: int) -> list[int]:
     return list(range(0, num_layers, every))
 
 
-def prune_layers(teacher: Any, every: int, attention: str | None = None) -> tuple[Any, list[int]]:
-    """A copy of causal LM `teacher` keeping every `every`-th decoder layer, with the kept layers' weights and the
-    teacher's embeddings, final norm and head; returns (student, kept layer indices). The teacher is not changed.
-    `attention` is the student's `attn_implementation` (None: transformers' default)."""
+def prune_layers(
+    teacher: Any, every: int, attention: str | None = None, keep: Sequence[int] | None = None
+) -> tuple[Any, list[int]]:
+    """A copy of causal LM `teacher` keeping every `every`-th decoder layer (or exactly the layers `keep` lists),
+    with the kept layers' weights and the teacher's embeddings, final norm and head; returns (student, kept layer
+    indices). The teacher is not changed. `attention` is the student's `attn_implementation` (None: transformers'
+    default)."""
     from transformers import AutoModelForCausalLM
 
     n = teacher.config.num_hidden_layers
-    kept = kept_layers(n, every)
+    if keep is None:
+        kept = kept_layers(n, every)
+    else:
+        kept = sorted(set(keep))
+        if not kept or kept[0] < 0 or kept[-1] >= n or len(kept) == n:
+            raise ValueError(f"prune_keep: {list(keep)} must name some but not all of the teacher's layers 0..{n - 1}")
     cfg = copy.deepcopy(teacher.config)
     cfg.num_hidden_layers = len(kept)
     # Per-layer settings (e.g. `layer_types`: sliding vs full attention) must follow the layers they describe.

@@ -68,6 +68,11 @@ def test_distill_trains_a_smaller_student(tmp_path, tiny_model_dir, student_dir,
         assert metrics[when]["tokens"] > 0
         assert 0 <= metrics[when]["top1_agreement"] <= 1 and metrics[when]["kl_per_token"] >= 0
     assert metrics["heldout_prompts"] > 0 and metrics["train_rows"] > 0
+    talks = metrics["heldout_answers"]
+    assert talks["prompts"] == metrics["heldout_prompts"]
+    for key in ("distinct_2_teacher", "distinct_2_student", "degenerate_teacher", "degenerate_student"):
+        assert 0 <= talks[key] <= 1, key
+    assert metrics["teacher_generation"]["rows"] == metrics["train_rows"] + metrics["heldout_prompts"]
     assert any((out / "dvclive").rglob("*.tsv"))
 
 
@@ -77,8 +82,11 @@ def test_rerun_writes_identical_model(tmp_path, tiny_model_dir, student_dir):
     files = {p.name: p.read_bytes() for p in (tmp_path / "distill" / "model").iterdir()}
     second = stage.run(cfg)
     assert {p.name: p.read_bytes() for p in (tmp_path / "distill" / "model").iterdir()} == files
-    drop = {"train_seconds"}
+    drop = {"train_seconds", "teacher_generation"}
     assert {k: v for k, v in first.items() if k not in drop} == {k: v for k, v in second.items() if k not in drop}
+    timing = {"seconds", "tokens_per_second"}
+    teacher = [{k: v for k, v in m["teacher_generation"].items() if k not in timing} for m in (first, second)]
+    assert teacher[0] == teacher[1] and teacher[0]["rows"] > 0
 
 
 def test_bad_params_are_rejected(tmp_path, tiny_model_dir, student_dir):

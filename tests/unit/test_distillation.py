@@ -51,6 +51,17 @@ def test_pruned_student_copies_the_kept_layers(teacher):
     assert torch.equal(model.model.embed_tokens.weight, before["model.embed_tokens.weight"])
 
 
+def test_prune_keep_names_the_layers_kept(teacher):
+    model, _ = teacher
+    student, kept = distillation.prune_layers(model, 2, keep=[3, 0, 1, 2])
+    assert kept == [0, 1, 2, 3] and student.config.num_hidden_layers == 4, "all but the last of 5 layers"
+    assert torch.equal(student.state_dict()["model.layers.3.mlp.up_proj.weight"],
+                       model.state_dict()["model.layers.3.mlp.up_proj.weight"])  # fmt: skip
+    for bad in ([], [0, 5], list(range(5))):
+        with pytest.raises(ValueError, match="prune_keep"):
+            distillation.prune_layers(model, 2, keep=bad)
+
+
 def test_pruned_student_runs_and_generates(teacher):
     model, tokenizer = teacher
     student, _ = distillation.prune_layers(model, 3)
