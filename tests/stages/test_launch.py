@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from caiforge import launch
 from caiforge.engines.serving import free_port
 from tests.conftest import write_prompts
-from tests.stages.test_pm import write_preferences
+from tests.stages.test_pm import write_comparisons, write_preferences
 from tests.stages.test_rlaif import pm_dir  # noqa: F401 (the fixture: a PM trained on synthetic preferences)
 from tests.stages.test_sft import write_sft
 
@@ -120,7 +120,8 @@ def trained(
     done = fsdp2_on_cpu(tmp_path, stage, args) if fsdp2 else run_stage(stage, processes, args)
     assert done.returncode == 0, done.stderr[-4000:]
     # One copy of every output: rank 1 wrote nothing, not even a second dvclive run.
-    assert sorted(p.name for p in out.iterdir()) == ["dvclive", "metrics.json", "model"]
+    extra = ["signal.json"] if stage == "pm" else []  # the gate's evidence, for rlaif
+    assert sorted(p.name for p in out.iterdir()) == sorted(["dvclive", "metrics.json", "model", *extra])
     metrics = json.loads((out / "metrics.json").read_text())
     ddp = "MULTI_GPU" if torch.cuda.is_available() else "MULTI_CPU"
     expected = "FSDP2" if fsdp2 else "NO" if processes == 1 else ddp
@@ -144,6 +145,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
     else:
         write_preferences(tmp_path / "data.parquet")
     common = [
+        *([f"pm.comparisons={write_comparisons(tmp_path / 'comparisons.parquet')}"] if stage == "pm" else []),
         f"{stage}.data={tmp_path / 'data.parquet'}",
         f"{stage}.policy={tiny_model_dir}",
         f"{stage}.epochs=2",
@@ -215,6 +217,7 @@ def test_distill_shards_the_teacher_answers_and_matches_one_process(tmp_path, ti
         f"distill.teacher={tiny_model_dir}",
         f"distill.student={tiny_model_dir}",
         "distill.prune_every=2",
+        "distill.prune_keep=null",  # cpu_demo's list names SmolLM2's 30 layers; the tiny teacher has 2
         "distill.heldout_fraction=0.3",
         "distill.max_prompts=8",
         "distill.max_heldout_prompts=4",
@@ -246,6 +249,8 @@ def test_rlaif_grpo_step_under_two_processes(tmp_path, tiny_model_dir, pm_dir): 
         f"rlaif.policy={tiny_model_dir}",
         f"rlaif.reward_model={pm_dir / 'pm' / 'model'}",
         f"rlaif.preferences={pm_dir / 'preferences.parquet'}",
+        f"rlaif.pm_signal={pm_dir / 'pm' / 'signal.json'}",
+        "rlaif.gate.on_noise=warn",  # the tiny PM's held-out interval may reach 0.5: train anyway, marked
         "rlaif.algorithm=grpo",
         "rlaif.max_steps=1",
         "rlaif.gradient_accumulation_steps=1",
