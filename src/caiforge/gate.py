@@ -53,7 +53,8 @@ class GateConfig:
 def label_signal(order_consistency: float | None, confidences: Sequence[float], cfg: GateConfig) -> dict[str, Any]:
     """The labels' own evidence: order consistency, the share of confident labels among `confidences` (the AI-
     labelled pairs'), and a reason for each that falls short of its floor (none: they carry signal)."""
-    share = sum(c >= cfg.confident for c in confidences) / len(confidences) if confidences else None
+    confident = sum(c >= cfg.confident for c in confidences)
+    share = confident / len(confidences) if confidences else None
     reasons = []
     if order_consistency is None or order_consistency < cfg.min_order_consistency:
         reasons.append(
@@ -62,8 +63,8 @@ def label_signal(order_consistency: float | None, confidences: Sequence[float], 
         )
     if share is None or share < cfg.min_confident_share:
         reasons.append(
-            f"{_fmt(share)} of {len(confidences)} AI labels have confidence >= {cfg.confident}, below "
-            f"gate.min_confident_share {cfg.min_confident_share}"
+            f"{confident} of {len(confidences)} AI labels have confidence >= {cfg.confident} (a share of "
+            f"{_fmt(share)}, below gate.min_confident_share {cfg.min_confident_share})"
         )
     return {
         "order_consistency": order_consistency,

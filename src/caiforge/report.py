@@ -259,9 +259,9 @@ def degenerate_warning(models: Mapping[str, Mapping[str, Any]], threshold: float
     flagged = [n for n, m in models.items() if m.get("flagged_degenerate")]
     if not flagged:
         return ""
-    rates = ", ".join(f"{n} {_with_ci(models[n], 'degenerate_rate')}" for n in flagged)
+    rates = "; ".join(f"{n}: {_with_ci(models[n], 'degenerate_rate')} of its answers" for n in flagged)
     return (
-        f'<p class="warning"><strong>Degenerate:</strong> {_esc(rates)} of the answers are empty or loop (above '
+        f'<p class="warning"><strong>Degenerate:</strong> {_esc(rates)} are empty or loop (above '
         f"evaluate.degenerate_threshold {_fmt(threshold) if threshold is not None else ''}). Its Elo, attack success "
         "and refusal figures rest on text that is not an answer: none of them is a win. Refusal, evasion, attack "
         "success and XSTest rates count only its answers that are not degenerate; the judge's Elo games keep every "

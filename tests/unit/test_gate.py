@@ -51,7 +51,11 @@ def test_labels_at_one_half_fire_the_gate_and_confident_ones_pass():
     coin = gate.label_signal(0.5, [0.0] * 10, CFG)
     assert coin["confident_share"] == 0.0 and len(coin["reasons"]) == 2
     assert coin["reasons"][0] == "order consistency 0.5 is below gate.min_order_consistency 0.6 (0.5 is a coin)"
-    assert coin["reasons"][1].startswith("0 of 10 AI labels have confidence >= 0.2")
+    assert coin["reasons"][1] == (
+        "0 of 10 AI labels have confidence >= 0.2 (a share of 0, below gate.min_confident_share 0.25)"
+    )
+    few = gate.label_signal(0.9, [0.5, 0.0, 0.1, 0.0, 0.0], CFG)["reasons"]
+    assert few == ["1 of 5 AI labels have confidence >= 0.2 (a share of 0.2, below gate.min_confident_share 0.25)"]
     clear = gate.label_signal(0.9, [0.6, 0.8, 0.1, 0.9], CFG)
     assert clear["confident_share"] == 0.75 and clear["reasons"] == [] and clear["ai_pairs"] == 4
     assert len(gate.label_signal(None, [], CFG)["reasons"]) == 2, "no evidence is no signal"

@@ -110,7 +110,10 @@ def test_evaluation_page_ignores_machine_timings():
     assert "<td>student \u26a0 degenerate 0.75</td><td>1000</td>" in page and "rl \u26a0" not in page
     plots = [base64.b64decode(d).decode() for d in re.findall(r"data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)", page)]
     assert sum("student \u26a0 degenerate 0.75" in svg for svg in plots) == 2, "in the Pareto plot and the bars"
-    assert "<strong>Degenerate:</strong> student 0.75 [0.41, 0.93]" in page and "none of them is a win" in page
+    assert (
+        "<strong>Degenerate:</strong> student: 0.75 [0.41, 0.93] of its answers are empty" in page
+        and "none of them is a win" in page
+    )
     # Label quality per kind, each with its interval.
     assert "red-team items, judged under label&#x27;s red_team principle categories [95% CI]" in page
     assert "<td>0.7778 [0.4526, 0.9368] on 9</td>" in page
