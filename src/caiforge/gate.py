@@ -2,14 +2,15 @@
 
 Three measurements, each with a floor (`GateConfig`):
 - order consistency: the share of (pair, principle) verdicts that lean the same way in both answer orders
-  (`label`'s metrics; 0.5 is a coin, below it the judge follows the slot, not the answers);
+  (read back from label's comparisons.parquet; 0.5 is a coin, below it the judge follows the slot, not the
+  answers);
 - the share of confident labels: AI-labelled pairs whose confidence |2p - 1| is at least `confident`;
 - the PM's held-out accuracy: its 95% Wilson interval must lie above 0.5.
 
-`pm` measures the first two before it trains (and, with `on_noise: fail`, stops there); `rlaif` reads them with the
-PM's accuracy from pm's metrics.json and, when any falls short, does what `on_noise` says: `keep_sft` writes the SFT
-model unchanged and marks it, `fail` stops with what to change, `warn` trains anyway and marks it. The verdict
-(`trained`, `kept_sft`, `trained_without_signal`) travels to the report and the headline.
+`pm` measures the first two before it trains (and, with `on_noise: fail`, stops there) and writes them with the PM's
+accuracy to its signal.json; `rlaif` reads that and, when any falls short, does what `on_noise` says: `keep_sft`
+writes the SFT model unchanged and marks it, `fail` stops with what to change, `warn` trains anyway and marks it. The
+verdict (`trained`, `kept_sft`, `trained_without_signal`) travels to the report and the headline.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 log = logging.getLogger(__name__)
-
-VERDICTS = ("trained", "kept_sft", "trained_without_signal")
 
 REMEDY = (
     "clearer labels carry signal: a stronger feedback model (label.feedback or models.feedback), "

@@ -55,12 +55,19 @@ def accuracy(
     rewards_chosen: Sequence[float], rewards_rejected: Sequence[float], p_chosen: Sequence[float]
 ) -> float | None:
     """Share of pairs ranked like the label (r_c > r_r), over pairs whose label prefers one side (p != 0.5)."""
-    hits = [
+    hits = ranked_like_label(rewards_chosen, rewards_rejected, p_chosen)
+    return sum(hits) / len(hits) if hits else None
+
+
+def ranked_like_label(
+    rewards_chosen: Sequence[float], rewards_rejected: Sequence[float], p_chosen: Sequence[float]
+) -> list[bool]:
+    """Per pair whose label prefers one side (p != 0.5): whether the PM ranks it like the label."""
+    return [
         (rc > rr) == (p > 0.5)
         for rc, rr, p in zip(rewards_chosen, rewards_rejected, p_chosen, strict=True)
         if p != 0.5
     ]
-    return sum(hits) / len(hits) if hits else None
 
 
 def expected_calibration_error(predicted: Sequence[float], target: Sequence[float], bins: int = 10) -> float | None:
@@ -88,12 +95,10 @@ def evaluate_pairs(
         return {"loss": None, "accuracy": None, "accuracy_ci95": None, "accuracy_pairs": 0, "ece": None,
                 "mean_margin": None}  # fmt: skip
     rc, rr, p = (torch.tensor(list(x), dtype=torch.float64) for x in (rewards_chosen, rewards_rejected, p_chosen))
-    hits = [
-        (c > r) == (q > 0.5) for c, r, q in zip(rewards_chosen, rewards_rejected, p_chosen, strict=True) if q != 0.5
-    ]
+    hits = ranked_like_label(rewards_chosen, rewards_rejected, p_chosen)
     return {
         "loss": float(soft_bt_loss(rc, rr, p)),
-        "accuracy": accuracy(rewards_chosen, rewards_rejected, p_chosen),
+        "accuracy": sum(hits) / len(hits) if hits else None,
         "accuracy_ci95": intervals.wilson(hits),
         "accuracy_pairs": len(hits),
         "ece": expected_calibration_error(preference_prob(rc, rr).tolist(), list(p_chosen), bins),
