@@ -8,7 +8,9 @@ Does   for every red-team prompt: the policy answers; then `rounds` times, a pri
        front. Degenerate outputs are flagged (caiforge.collapse: loops, copies of a demo or of the critique,
        talk about the response); a collapsed revision is not built upon.
 Writes data/critique_revise/revisions.parquet (every round), sft.parquet (prompt -> last usable revision, mixed with
-       helpful prompts answered by the policy at `helpful_ratio`) and metrics.json (drops by reason, tokens, speed).
+       helpful prompts answered by the policy at `helpful_ratio`), pairs.parquet (revision pairs, caiforge.pairs:
+       chosen = last usable revision, rejected = initial answer, for `preference_source: revisions` or `both`) and
+       metrics.json (drops by reason, tokens, speed).
 Run    uv run dvc repro critique_revise
        uv run python stages/critique_revise.py critique_revise.rounds=1 critique_revise.max_prompts=8
 """
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import polars as pl
 
-from caiforge import collapse, config, constitution, engines, io, planmode, prompts, rowcache, schemas
+from caiforge import collapse, config, constitution, engines, io, pairs, planmode, prompts, rowcache, schemas
 
 log = logging.getLogger("caiforge.stages.critique_revise")
 
@@ -35,7 +37,7 @@ class CritiqueReviseConfig:
     policy: str
     """The policy model directory (data/models/policy)."""
     out_dir: str
-    """Where revisions.parquet, sft.parquet and metrics.json go."""
+    """Where revisions.parquet, sft.parquet, pairs.parquet and metrics.json go."""
     seed: int
     """Seeds principle draws, sampling and the helpful subset."""
     rounds: int
@@ -92,6 +94,7 @@ def run(cfg: CritiqueReviseConfig) -> dict:
     # One RNG per prompt: adding prompts never changes another prompt's principles.
     drawn = [constitution.draw(principles, random.Random(f"{cfg.seed}/{pid}"), cfg.rounds) for pid in ids]
     rows, usable_round = [], [0] * len(ids)
+    usable: dict[str, list[int]] = {pid: [] for pid in ids}
     current_done = [c.finished for c in first]
     for rnd in range(1, cfg.rounds + 1):
         picked = [d[rnd - 1] for d in drawn]
@@ -134,6 +137,7 @@ def run(cfg: CritiqueReviseConfig) -> dict:
             )
             if not collapse.dropping(found, cfg.collapse):
                 current[i], usable_round[i] = rev.text, rnd  # a collapsed revision is not built upon
+                usable[ids[i]].append(rnd)
                 current_done[i] = rev.finished
     revisions = pl.DataFrame(rows, schema=dict(schemas.REVISIONS.columns))
 
@@ -167,6 +171,12 @@ def run(cfg: CritiqueReviseConfig) -> dict:
     out = Path(cfg.out_dir)
     io.write_parquet(revisions, out / "revisions.parquet", schemas.REVISIONS)
     io.write_parquet(sft, out / "sft.parquet", schemas.SFT)
+    revision_pairs = pairs.revision_pairs(revisions, usable)
+    io.write_parquet(
+        pl.DataFrame(revision_pairs, schema=dict(schemas.PREFERENCES.columns)),
+        out / "pairs.parquet",
+        schemas.PREFERENCES,
+    )
     flag_counts = Counter(f for r in rows for f in r["flags"])
     metrics = {
         "prompts": len(ids),
@@ -176,6 +186,7 @@ def run(cfg: CritiqueReviseConfig) -> dict:
             "red_team": sum(r["kind"] == "red_team" for r in sft_rows),
             "helpful": len(sft_rows) - sum(r["kind"] == "red_team" for r in sft_rows),
         },
+        "revision_pairs": len(revision_pairs),
         "dropped_by_reason": dict(sorted(dropped.items())),
         "flags": {f: flag_counts.get(f, 0) for f in collapse.FLAGS},
         "collapse_rate": round(sum(bool(collapse.dropping(r["flags"], cfg.collapse)) for r in rows) / len(rows), 4),

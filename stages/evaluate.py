@@ -163,7 +163,7 @@ def model_generation(gen: engines.GenerationConfig, name: str) -> engines.Genera
     return replace(gen, server=replace(gen.server, model=name)) if gen.backend == "openai" else gen
 
 
-RL_KEYS = ("algorithm", "steps", "signal_gate", "reward_before", "reward_after", "monitors")
+RL_KEYS = ("algorithm", "preference_source", "steps", "signal_gate", "reward_before", "reward_after", "monitors")
 """What the report shows of rlaif's metrics."""
 
 

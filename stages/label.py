@@ -13,8 +13,9 @@ Does   samples K responses per prompt (seeded, temperature > 0); every two disti
        first, then the probabilities are read and clamped to `cot_band`. Pairs with low confidence or principles
        that disagree go to the review queue; human labels override the AI label of the pairs they cover.
 Writes data/label/comparisons.parquet (pair x principle x order, raw log-probs), preferences.parquet (soft labels,
-       schemas.PREFERENCES), review_queue.parquet and metrics.json (label distribution, position bias before/after
-       the swap, principle agreement, queue size, labels per second, tokens used).
+       schemas.PREFERENCES, with critique_revise's revision pairs appended: caiforge.pairs), review_queue.parquet
+       and metrics.json (label distribution, position bias before/after the swap, principle agreement, queue size,
+       labels per second, tokens used).
 Human labels: a `.jsonl`, `.csv` or `.parquet` file with text fields `prompt_id`, `chosen` and `rejected` (the exact
        response texts, e.g. copied from review_queue.parquet). A covered pair gets p_chosen 1.0, label_source
        `human`. The default, data/seed/human_labels.jsonl, ships empty and is a declared dep; a label that
@@ -70,6 +71,9 @@ class LabelConfig:
     """[low, high] clamp for chain-of-thought probabilities (the paper: 0.4-0.6)."""
     review: labeling.ReviewConfig
     """When a pair goes to review_queue.parquet."""
+    revision_pairs: str
+    """critique_revise's pairs.parquet: appended to preferences.parquet (label_source `revision`), so the `both`
+    preference source is one file (caiforge.pairs)."""
     human_labels: str
     """Human labels that override AI labels (see the module docstring): a declared dependency that always exists
     (the default ships empty), so editing it always reruns label; a label that matches no pair is an error."""
@@ -185,6 +189,7 @@ def run(cfg: LabelConfig, scorer: engines.ChoiceScorer | None = None) -> dict:
     ]
     band = cfg.cot_band if cfg.chain_of_thought else None
     labels = labeling.combine(judgements, band)
+    consistency = labeling.pair_order_consistency(judgements)
     provenance = {"model_fingerprint": fingerprint, "seed": cfg.seed}
     comparisons = [
         {
@@ -213,7 +218,7 @@ def run(cfg: LabelConfig, scorer: engines.ChoiceScorer | None = None) -> dict:
             used.add(key)
         row = {"prompt_id": pair.prompt_id, "prompt": pair.prompt, "chosen": chosen, "rejected": rejected}
         row |= {"p_chosen": p, "confidence": abs(2 * p - 1), "principle_ids": ids_, **provenance}
-        preferences.append({**row, "label_source": source})
+        preferences.append({**row, "label_source": source, "order_consistency": consistency[pair.pair_id]})
         reasons = labeling.review_reasons(label, cfg.review)
         if reasons and source == "ai":
             queue.append({**row, "pair_id": pair.pair_id, "disagreement": label.disagreement, "reasons": reasons})
@@ -231,8 +236,9 @@ def run(cfg: LabelConfig, scorer: engines.ChoiceScorer | None = None) -> dict:
         out / "comparisons.parquet",
         schemas.COMPARISONS,
     )
+    revision_pairs = io.read_parquet(cfg.revision_pairs, schemas.PREFERENCES)
     io.write_parquet(
-        pl.DataFrame(preferences, schema=dict(schemas.PREFERENCES.columns)),
+        pl.concat([pl.DataFrame(preferences, schema=dict(schemas.PREFERENCES.columns)), revision_pairs]),
         out / "preferences.parquet",
         schemas.PREFERENCES,
     )
@@ -256,6 +262,7 @@ def run(cfg: LabelConfig, scorer: engines.ChoiceScorer | None = None) -> dict:
         "comparisons": len(comparisons),
         "label_distribution": _histogram(p_chosen),
         "label_source": dict(sorted(Counter(r["label_source"] for r in preferences).items())),
+        "revision_pairs_appended": revision_pairs.height,
         "mean_p_chosen": round(sum(p_chosen) / len(p_chosen), 4) if p_chosen else None,
         "position_bias": {k: round(v, 4) + 0.0 for k, v in bias.items()},  # + 0.0: no "-0.0"
         "principle_agreement": {

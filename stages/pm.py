@@ -1,15 +1,15 @@
 """pm: the preference model, a one-output sequence classifier trained on the AI-labelled comparisons.
 
-Reads  data/label/preferences.parquet (prompt, chosen, rejected, soft label p_chosen), data/label/comparisons.parquet
-       (order consistency) and the SFT model, whose weights initialize the classifier (a new, seeded one-output
-       head on top).
+Reads  the preference pairs of `source` (caiforge.pairs; params.yaml resolves `data` to one file: label's
+       preferences.parquet for ai and both, critique_revise's pairs.parquet for revisions) and the SFT model, whose
+       weights initialize the classifier (a new, seeded one-output head on top).
 Does   TRL RewardTrainer with the soft-label Bradley-Terry loss (caiforge.preference): the chat (user prompt +
        assistant response) is rendered with the chat template and scored at its last token. A stable
        `heldout_fraction` of prompt ids (hash) is kept out of training for held-out loss, accuracy and expected
-       calibration error against the soft labels, measured before and after training. Before training, the
-       labels' signal (caiforge.gate: order consistency, share of confident labels) is measured; with
-       `gate.on_noise: fail` labels without it stop the stage. Full fine-tune or LoRA (merged on save), bf16 on
-       GPU, fp32 on CPU, seeded.
+       calibration error against the soft labels, measured before and after training. Before training, when the
+       source uses AI labels, their signal (caiforge.gate: order consistency, share of confident labels) is
+       measured; with `gate.on_noise: fail` labels without it stop the stage. Full fine-tune or LoRA (merged on
+       save), bf16 on GPU, fp32 on CPU, seeded.
 Writes data/pm/model/ (safetensors + tokenizer + the resolved stage config), data/pm/dvclive/ (curves, DVC plots),
        data/pm/metrics.json and data/pm/signal.json (the gate's evidence, for rlaif: label signal and held-out
        accuracy with its interval; no timings, so an unchanged PM leaves rlaif cached).
@@ -26,17 +26,20 @@ from pathlib import Path
 
 import polars as pl
 
-from caiforge import config, formats, gate, io, preference, schemas, training
+from caiforge import config, formats, gate, io, pairs, preference, schemas, training
 
 log = logging.getLogger("caiforge.stages.pm")
 
 
 @dataclass(frozen=True)
 class PmConfig(training.TrainingSchedule):
+    source: pairs.Source
+    """Which pairs to train on: ai, revisions or both (caiforge.pairs; the global `preference_source`)."""
+    files: dict[str, str]
+    """The one preferences file that holds each source's pairs (caiforge.pairs); `data` is resolved from it."""
     data: str
-    """preferences.parquet from label."""
-    comparisons: str
-    """comparisons.parquet from label: the order consistency of the judgements behind the labels."""
+    """The file pm reads (`files[source]` in params.yaml, so that dvc.yaml declares exactly it); `source` picks the
+    rows (a file without them is an error naming it)."""
     gate: gate.GateConfig
     """When the labels carry signal (shared with rlaif.gate); `on_noise: fail` stops pm before it trains."""
     policy: str
@@ -66,14 +69,14 @@ def heldout_metrics(pm: preference.PreferenceModel, rows: pl.DataFrame, bins: in
 def run(cfg: PmConfig) -> dict:
     from trl import RewardConfig
 
-    rows = io.read_parquet(cfg.data, schemas.PREFERENCES)
+    found = io.read_parquet(cfg.data, schemas.PREFERENCES)
+    rows = pairs.select(found, cfg.source, cfg.gate.confident)
+    pairs.require(rows, cfg.source, cfg.data, found["label_source"].to_list())
     rows = rows.with_columns(heldout=formats.stable_mask(rows["prompt_id"], cfg.heldout_fraction, salt="pm-heldout"))
     train, evals = rows.filter(~pl.col("heldout")), rows.filter(pl.col("heldout"))
     if train.is_empty():
         raise ValueError(f"{cfg.data}: no training pairs left (heldout_fraction={cfg.heldout_fraction})")
-    ai = rows.filter(pl.col("label_source") == "ai")
-    consistency = gate.order_consistency(io.read_parquet(cfg.comparisons, schemas.COMPARISONS))
-    signal = gate.label_signal(consistency, ai["confidence"].to_list(), cfg.gate)
+    signal = gate.source_signal(found, cfg.source, cfg.gate)
     if cfg.gate.on_noise == "fail":
         gate.decide(signal["reasons"], cfg.gate, "pm")  # raises before any training
     out = Path(cfg.out_dir)
@@ -120,6 +123,8 @@ def run(cfg: PmConfig) -> dict:
         "heldout_before": before,
         "heldout_after": after,
         "mean_p_chosen": round(float(rows["p_chosen"].mean()), 6),
+        "preference_source": cfg.source,
+        "pairs_by_source": dict(sorted(rows["label_source"].value_counts().iter_rows())),
         "label_signal": signal,
         **training.batch_metrics(cfg, trainer),
         "lora": cfg.lora.enabled,

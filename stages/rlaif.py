@@ -1,7 +1,8 @@
 """rlaif: RL from AI feedback -- tune the SFT policy against the preference model, with a KL leash to the SFT model.
 
 Reads  data/curate/prompts.parquet (train split), the SFT model (policy and KL reference), the PM (data/pm/model),
-       pm's signal.json and, for `algorithm: dpo`, data/label/preferences.parquet.
+       pm's signal.json and, for `algorithm: dpo`, the preference pairs of `source` (caiforge.pairs: label's AI
+       labels, critique_revise's revision pairs, or both).
 Does   first the signal gate (caiforge.gate): when the labels' order consistency or confident share, or the PM's
        held-out accuracy interval, falls short, `gate.on_noise` decides: keep_sft writes the SFT model unchanged
        as this stage's model (marked `kept_sft`), fail stops, warn trains anyway (`trained_without_signal`).
@@ -10,8 +11,9 @@ Does   first the signal gate (caiforge.gate): when the labels' order consistency
          per-token KL penalty `beta` to the SFT model (the paper's L_LM + lambda L_RL; TRL's default beta is 0 = no
          KL, so it is always set here);
        - rloo: TRL RLOOTrainer (leave-one-out baseline), same reward and KL penalty;
-       - dpo: TRL DPOTrainer offline on the labelled pairs (cheaper: no sampling, no PM in the loop; `beta` is the
-         implicit KL strength; the soft labels only fix which side is chosen).
+       - dpo: TRL DPOTrainer offline on the preference pairs (cheaper: no sampling, no PM in the loop; `beta` is the
+         implicit KL strength; the soft labels only fix which side is chosen). On revision pairs this is Hugging
+         Face's constitutional-ai recipe: DPO after SFT, chosen = revision, rejected = initial answer.
        The PM reward is a callable over caiforge.preference (not TRL's reward-model path), so training and the
        reported reward score chats identically. A stable `heldout_fraction` of train prompt ids (hash) is never
        trained on; on those, the SFT model and the tuned model answer (`generation`: greedy by default), the PM
@@ -39,7 +41,7 @@ from typing import Any, Literal
 
 import polars as pl
 
-from caiforge import config, engines, formats, gate, intervals, io, models, preference, schemas, training
+from caiforge import config, engines, formats, gate, intervals, io, models, pairs, preference, schemas, training
 from caiforge.engines import hf, rendering
 
 log = logging.getLogger("caiforge.stages.rlaif")
@@ -57,8 +59,10 @@ class RlaifConfig(training.TrainingSchedule):
     """pm's signal.json: the labels' order consistency and confident share, and the PM's held-out accuracy."""
     gate: gate.GateConfig
     """When the labels carry signal, and what RL does when they do not (`on_noise`)."""
+    source: pairs.Source
+    """Which pairs DPO trains on: ai, revisions or both (caiforge.pairs; the global `preference_source`)."""
     preferences: str
-    """preferences.parquet from label (read only by dpo)."""
+    """The preferences file that holds `source`'s pairs (pm's `data`; read only by dpo)."""
     out_dir: str
     """Where model/, dvclive/ and metrics.json go."""
     algorithm: Literal["grpo", "rloo", "dpo"]
@@ -128,19 +132,22 @@ class RlaifConfig(training.TrainingSchedule):
 
 
 def dpo_pairs(cfg: RlaifConfig) -> tuple[pl.DataFrame, int]:
-    """The labelled pairs DPO trains on (outside the held-out prompts, confident enough) and how many fell short."""
-    pairs = io.read_parquet(cfg.preferences, schemas.PREFERENCES)
+    """The pairs of `source` DPO trains on (outside the held-out prompts, confident enough) and how many fell
+    short."""
+    found = io.read_parquet(cfg.preferences, schemas.PREFERENCES)
+    rows = pairs.select(found, cfg.source, cfg.gate.confident)
+    pairs.require(rows, cfg.source, cfg.preferences, found["label_source"].to_list())
     # Pairs on held-out prompts stay out, so the reward before/after is measured on prompts DPO never saw.
-    pairs = pairs.filter(~formats.stable_mask(pairs["prompt_id"], cfg.heldout_fraction, salt="rlaif-heldout"))
-    if pairs.is_empty():
+    rows = rows.filter(~formats.stable_mask(rows["prompt_id"], cfg.heldout_fraction, salt="rlaif-heldout"))
+    if rows.is_empty():
         raise ValueError(f"{cfg.preferences}: no preference pairs outside the held-out prompts")
-    kept = pairs.filter(pl.col("confidence") >= cfg.dpo_min_confidence)
+    kept = rows.filter(pl.col("confidence") >= cfg.dpo_min_confidence)
     if kept.is_empty():
         raise ValueError(
-            f"{cfg.preferences}: none of {pairs.height} pairs reaches rlaif.dpo_min_confidence="
+            f"{cfg.preferences}: none of {rows.height} pairs reaches rlaif.dpo_min_confidence="
             f"{cfg.dpo_min_confidence} (confidence = |2 p_chosen - 1|)"
         )
-    return kept, pairs.height - kept.height
+    return kept, rows.height - kept.height
 
 
 def signal_gate(cfg: RlaifConfig) -> dict[str, Any]:
@@ -160,7 +167,13 @@ def signal_gate(cfg: RlaifConfig) -> dict[str, Any]:
 def keep_sft(cfg: RlaifConfig, verdict: dict[str, Any]) -> dict:
     """The SFT model, unchanged, as this stage's model, marked as such (the gate found no signal to train on)."""
     out = Path(cfg.out_dir)
-    metrics = {"algorithm": cfg.algorithm, "signal_gate": verdict, "steps": 0, "train_rows": 0}
+    metrics = {
+        "algorithm": cfg.algorithm,
+        "preference_source": cfg.source,
+        "signal_gate": verdict,
+        "steps": 0,
+        "train_rows": 0,
+    }
     if not training.is_main_process():
         return {}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -245,12 +258,12 @@ def make_trainer(
     if cfg.algorithm == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        pairs, _ = dpo_pairs(cfg)
+        rows, _ = dpo_pairs(cfg)
         data = Dataset.from_dict(
             {
-                "prompt": [[{"role": "user", "content": text(t)}] for t in pairs["prompt"]],
-                "chosen": [[{"role": "assistant", "content": text(t)}] for t in pairs["chosen"]],
-                "rejected": [[{"role": "assistant", "content": text(t)}] for t in pairs["rejected"]],
+                "prompt": [[{"role": "user", "content": text(t)}] for t in rows["prompt"]],
+                "chosen": [[{"role": "assistant", "content": text(t)}] for t in rows["chosen"]],
+                "rejected": [[{"role": "assistant", "content": text(t)}] for t in rows["rejected"]],
             }
         )
         args = DPOConfig(
@@ -262,7 +275,7 @@ def make_trainer(
             precompute_ref_log_probs=False,
             dataset_num_proc=None,
         )
-        return DPOTrainer(args=args, train_dataset=data, **shared), pairs.height
+        return DPOTrainer(args=args, train_dataset=data, **shared), rows.height
     data = Dataset.from_dict({"prompt": [[{"role": "user", "content": text(t)}] for t in train["text"]]})
     if cfg.algorithm == "grpo":
         from trl import GRPOConfig, GRPOTrainer
@@ -401,6 +414,7 @@ def run(cfg: RlaifConfig) -> dict:
         log.warning("rlaif: %s (a sign of reward hacking or wasted steps)", warning)
     metrics = {
         "algorithm": cfg.algorithm,
+        "preference_source": cfg.source,
         "signal_gate": verdict,
         "monitors": watch,
         "beta": cfg.beta,

@@ -2,8 +2,8 @@
 
 Three measurements, each with a floor (`GateConfig`):
 - order consistency: the share of (pair, principle) verdicts that lean the same way in both answer orders
-  (read back from label's comparisons.parquet; 0.5 is a coin, below it the judge follows the slot, not the
-  answers);
+  (read back from the preferences file's per-pair `order_consistency`; 0.5 is a coin, below it the judge follows
+  the slot, not the answers);
 - the share of confident labels: AI-labelled pairs whose confidence |2p - 1| is at least `confident`;
 - the PM's held-out accuracy: its 95% Wilson interval must lie above 0.5.
 
@@ -19,6 +19,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from caiforge import pairs
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,15 @@ def label_signal(order_consistency: float | None, confidences: Sequence[float], 
     }
 
 
+def source_signal(preferences: Any, source: str, cfg: GateConfig) -> dict[str, Any]:
+    """`label_signal` of a preferences file's AI labels when `source` trains on them (caiforge.pairs: ai, both);
+    for `revisions`, which uses no AI label, no label checks apply (no reasons, `applies` False)."""
+    if not pairs.USES_AI[source]:
+        return {"order_consistency": None, "confident_share": None, "ai_pairs": 0, "reasons": [], "applies": False}
+    ai = preferences.filter(preferences["label_source"] == "ai")
+    return {**label_signal(order_consistency(preferences), ai["confidence"].to_list(), cfg), "applies": True}
+
+
 def pm_signal(heldout: Mapping[str, Any]) -> list[str]:
     """Why the PM's held-out accuracy (pm's `heldout_after`) shows no signal: its interval reaches 0.5 or is
     missing ([]: it lies above 0.5)."""
@@ -104,20 +115,9 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3g}"
 
 
-def order_consistency(comparisons: Any) -> float | None:
-    """Label's order consistency read back from its comparisons.parquet (as `labeling.position_bias` measures it):
-    the share of (pair, principle) whose verdicts in the two orders lean to the same response (None for none)."""
-    import polars as pl
-
-    both = (
-        comparisons.with_columns(
-            p_first=pl.when(pl.col("order") == "ab").then(pl.col("p_a")).otherwise(1.0 - pl.col("p_a"))
-        )
-        .group_by("pair_id", "principle_id", maintain_order=True)
-        .agg(pl.col("p_first").sort_by("order"))
-        .filter(pl.col("p_first").list.len() == 2)
-    )
-    if both.is_empty():
-        return None
-    consistent = [(ab - 0.5) * (ba - 0.5) > 0 or ab == ba == 0.5 for ab, ba in both["p_first"].to_list()]
-    return round(sum(consistent) / len(consistent), 4)
+def order_consistency(preferences: Any) -> float | None:
+    """Label's order consistency read back from a preferences file (schemas.PREFERENCES): the mean of the AI-judged
+    pairs' `order_consistency` (each the share of its principles judged the same way in both orders; with equal
+    principles per pair, the share of all (pair, principle) verdicts). None when no pair was AI-judged."""
+    values = preferences["order_consistency"].drop_nulls()
+    return round(float(values.mean()), 4) if len(values) else None

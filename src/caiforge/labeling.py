@@ -257,10 +257,7 @@ def position_bias(judgements: Sequence[Judgement], band: tuple[float, float] | N
     questions = _by_question(judgements).values()
     ab = [q["ab"].p_first(band) for q in questions]
     both = [(q["ab"].p_first(band) + q["ba"].p_first(band)) / 2 for q in questions]
-    consistent = [
-        (q["ab"].p_first() - 0.5) * (q["ba"].p_first() - 0.5) > 0 or q["ab"].p_first() == q["ba"].p_first() == 0.5
-        for q in questions
-    ]
+    consistent = [_consistent(q) for q in questions]
     return {
         "measured": sum(j.p_a for j in judgements) / len(judgements) - 0.5,
         "first_slot_rate": sum(j.p_a > 0.5 for j in judgements) / len(judgements),
@@ -268,6 +265,21 @@ def position_bias(judgements: Sequence[Judgement], band: tuple[float, float] | N
         "after_swap": sum(both) / len(both) - 0.5,
         "order_consistency": sum(consistent) / len(consistent),
     }
+
+
+def _consistent(question: dict[str, Judgement]) -> bool:
+    """Both orders' verdicts lean to the same response (or both sit exactly at 0.5)."""
+    ab, ba = question["ab"].p_first(), question["ba"].p_first()
+    return (ab - 0.5) * (ba - 0.5) > 0 or ab == ba == 0.5
+
+
+def pair_order_consistency(judgements: Sequence[Judgement]) -> dict[str, float]:
+    """Per pair: the share of its principles whose verdicts lean the same way in both orders (the per-pair form of
+    `position_bias`'s `order_consistency`; with the same number of principles per pair, their mean is it)."""
+    per_pair: dict[str, list[bool]] = defaultdict(list)
+    for (pair_id, _), question in _by_question(judgements).items():
+        per_pair[pair_id].append(_consistent(question))
+    return {pair_id: sum(flags) / len(flags) for pair_id, flags in per_pair.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------

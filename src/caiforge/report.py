@@ -279,9 +279,20 @@ GATE_TEXT = {
 """What the report says for each verdict of rlaif's signal gate."""
 
 
-def gate_text(gate: Mapping[str, Any]) -> str:
-    """rlaif's signal gate verdict in words, with the evidence or the reasons it fired."""
+SOURCE_WORDS = {"ai": "AI-labelled pairs", "revisions": "revision pairs", "both": "revision and confident AI pairs"}
+"""rlaif's preference source (caiforge.pairs) in words."""
+
+
+def gate_text(gate: Mapping[str, Any], source: str | None = None) -> str:
+    """rlaif's signal gate verdict in words, with the evidence or the reasons it fired; on revision pairs alone
+    (`source` revisions) only the PM's held-out accuracy was checked, and it says so."""
     ci = gate.get("pm_accuracy_ci95")
+    if source == "revisions" and gate["verdict"] == "trained":
+        return (
+            "RL trained on revision pairs (chosen = revision, rejected = initial answer; no AI labels): the PM's "
+            f"held-out accuracy on them is {_fmt(gate.get('pm_accuracy'))}"
+            + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]." if ci else ".")
+        )
     evidence = (
         f"order consistency {_fmt(gate['order_consistency'])}, confident share {_fmt(gate['confident_share'])}, "
         f"PM held-out accuracy {_fmt(gate['pm_accuracy'])} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
@@ -296,7 +307,8 @@ def rl_section(rl: Mapping[str, Any]) -> str:
     their warnings in words ('' when rlaif reported none of them)."""
     gate, watch = rl.get("signal_gate"), rl.get("monitors")
     cls = "" if not gate or gate["verdict"] == "trained" else ' class="warning"'
-    html = f"<h3>RL signal gate</h3><p{cls}>{_esc(gate_text(gate))}</p>" if gate else ""
+    source = rl.get("preference_source")
+    html = f"<h3>RL signal gate</h3><p{cls}>{_esc(gate_text(gate, source))}</p>" if gate else ""
     if not watch:
         return html
 
@@ -312,7 +324,8 @@ def rl_section(rl: Mapping[str, Any]) -> str:
         ["held-out KL per token from SFT (nats)", na(watch["kl_per_token"])],
         ["truncated share of training samples", na(watch["truncated_completion_fraction"])],
     ]
-    steps = f" ({_esc(rl.get('algorithm'))}, {_esc(rl.get('steps'))} steps)" if rl.get("algorithm") else ""
+    pairs = f" on {SOURCE_WORDS.get(source, _esc(source))}" if source else ""
+    steps = f" ({_esc(rl.get('algorithm'))}{pairs}, {_esc(rl.get('steps'))} steps)" if rl.get("algorithm") else ""
     html += f"<h3>RL monitors{steps}</h3>" + table(["monitor", "value"], rows, "rl")
     html += "".join(f'<p class="warning"><strong>Warning:</strong> {_esc(w)}.</p>' for w in watch["warnings"])
     return html

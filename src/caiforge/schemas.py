@@ -112,14 +112,18 @@ PREFERENCES = Schema(
         ("confidence", pl.Float64()),
         ("principle_ids", pl.List(pl.String())),
         ("label_source", pl.String()),
+        ("order_consistency", pl.Float64()),
         ("model_fingerprint", pl.String()),
         ("seed", pl.Int64()),
     ),
     sort_by=("prompt_id", "chosen", "rejected"),
 )
-"""data/label/preferences.parquet: one row per labelled response pair. `p_chosen` >= 0.5 is the soft label (the
-probability that `chosen` is better, after order-swap debiasing and the principle ensemble, or 1.0 / 0.0 from a
-human label); `confidence` = |2 p - 1|; `label_source` in {ai, human}; `model_fingerprint` is the feedback model's."""
+"""data/label/preferences.parquet and data/critique_revise/pairs.parquet: one row per labelled response pair.
+`p_chosen` >= 0.5 is the soft label (the probability that `chosen` is better, after order-swap debiasing and the
+principle ensemble, or 1.0 from a human label or a revision pair); `confidence` = |2 p - 1|; `label_source` in
+{ai, human, revision} (caiforge.pairs); `order_consistency` is the share of the pair's principles whose verdicts in
+the two answer orders lean the same way (null for revision pairs); `model_fingerprint` is the feedback model's (the
+policy's for revision pairs)."""
 
 COMPARISONS = Schema(
     name="comparisons",

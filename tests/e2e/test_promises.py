@@ -6,6 +6,9 @@ DVC ran, read from its own "Running stage" lines.
 
 from __future__ import annotations
 
+import json
+import sys
+
 import pytest
 
 from tests.e2e import pipeline
@@ -33,6 +36,20 @@ def test_comparison_principle_edit_reruns_exactly_label_and_downstream(repo):
         f"ran stages outside label and its descendants: {ran - downstream - {'label'}}"
     )
     assert not ran & {"models", "curate", "critique_revise", "sft"}
+
+
+def test_preference_source_decides_what_reads_label(repo):
+    """With revision pairs as the preference source, pm and what follows read nothing of label's: switching to it
+    leaves label and everything before pm cached, and a comparison-principle edit then reruns only the two stages
+    that read comparison principles themselves (label, and evaluate's judge), never pm, rlaif or distill."""
+    pipeline.sh(repo, sys.executable, "-m", "caiforge.cli", "params", "profile=smoke", "preference_source=revisions")
+    ran = checked(pipeline.repro(repo))
+    assert {"pm", "rlaif"} <= ran <= {"pm", "rlaif", "distill", "evaluate"}
+    metrics = json.loads((repo / "data" / "pm" / "metrics.json").read_text())
+    assert metrics["pairs_by_source"] == {"revision": metrics["train_pairs"] + metrics["heldout_pairs"]}
+    pipeline.commit(repo, "revision pairs")
+    pipeline.edit_first(repo, "comparison", "text", "Which response is kinder and less likely to cause harm?")
+    assert checked(pipeline.repro(repo)) == {"label", "evaluate"}
 
 
 def test_critique_principle_edit_leaves_curate_cached(repo):

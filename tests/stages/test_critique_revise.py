@@ -39,7 +39,12 @@ def test_outputs_schema_and_rounds(tmp_path, tiny_model_dir):
     cfg = make_cfg(tmp_path, tiny_model_dir)
     metrics = stage.run(cfg)
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "revisions.parquet", "sft.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "metrics.json",
+        "pairs.parquet",
+        "revisions.parquet",
+        "sft.parquet",
+    ]
     revisions = pl.read_parquet(out / "revisions.parquet")
     schemas.REVISIONS.check(revisions, "revisions")
     n = min(cfg.max_prompts or len(RED_TEAM), len(RED_TEAM))
@@ -65,11 +70,30 @@ def test_outputs_schema_and_rounds(tmp_path, tiny_model_dir):
     )
     assert kept == n, "every red-team prompt is either in sft.parquet or counted as dropped, with a reason"
 
+    # Revision pairs: chosen = the revision SFT trains on, rejected = the initial answer, with the principles of the
+    # rounds that were built upon (a round's revision is the next round's response).
+    pairs = schemas.PREFERENCES.check(pl.read_parquet(out / "pairs.parquet"), "pairs")
+    sft_by_id = {r["prompt_id"]: r for r in sft.filter(pl.col("kind") == "red_team").iter_rows(named=True)}
+    expected = 0
+    for (pid,), group in revisions.sort("round").group_by("prompt_id", maintain_order=True):
+        rows = group.to_dicts()
+        if pid in sft_by_id and sft_by_id[pid]["completion"][0]["content"] != rows[0]["response"]:
+            expected += 1
+    assert pairs.height == expected == metrics["revision_pairs"] > 0
+    for pair in pairs.iter_rows(named=True):
+        rows = revisions.filter(pl.col("prompt_id") == pair["prompt_id"]).sort("round").to_dicts()
+        assert pair["chosen"] == sft_by_id[pair["prompt_id"]]["completion"][0]["content"]
+        assert pair["rejected"] == rows[0]["response"] and pair["prompt"] == rows[0]["prompt"]
+        last = sft_by_id[pair["prompt_id"]]["round"]
+        assert pair["principle_ids"][-1] == rows[last - 1]["principle_id"] and len(pair["principle_ids"]) <= last
+        assert (pair["label_source"], pair["p_chosen"], pair["confidence"]) == ("revision", 1.0, 1.0)
+        assert pair["model_fingerprint"] == rows[0]["model_fingerprint"] and pair["order_consistency"] is None
+
 
 def test_rerun_is_byte_identical(tmp_path, tiny_model_dir):
     cfg = make_cfg(tmp_path, tiny_model_dir)
     stage.run(cfg)
-    first = {p: (tmp_path / "out" / p).read_bytes() for p in ("revisions.parquet", "sft.parquet")}
+    first = {p: (tmp_path / "out" / p).read_bytes() for p in ("revisions.parquet", "sft.parquet", "pairs.parquet")}
     stage.run(cfg)
     assert first == {p: (tmp_path / "out" / p).read_bytes() for p in first}
 

@@ -7,7 +7,7 @@ import json
 import polars as pl
 import pytest
 
-from caiforge import config, constitution, labeling, schemas
+from caiforge import config, constitution, io, labeling, schemas
 from tests.conftest import load_stage, smoke_section, write_prompts
 from tests.unit.test_labeling import FakeScorer
 
@@ -18,10 +18,16 @@ PARQUETS = {"comparisons.parquet": schemas.COMPARISONS, "preferences.parquet": s
 PARQUETS["review_queue.parquet"] = schemas.REVIEW_QUEUE
 
 
-def make_cfg(tmp_path, tiny_model_dir, overrides=()):
+def write_revision_pairs(path, rows=()):
+    io.write_parquet(pl.DataFrame(list(rows), schema=dict(schemas.PREFERENCES.columns)), path, schemas.PREFERENCES)
+    return path
+
+
+def make_cfg(tmp_path, tiny_model_dir, overrides=(), revision_pairs=None):
     section = smoke_section("label", list(overrides))
     section.update(
         prompts=str(write_prompts(tmp_path / "prompts.parquet")),
+        revision_pairs=str(revision_pairs or write_revision_pairs(tmp_path / "pairs.parquet")),
         policy=str(tiny_model_dir),
         feedback=str(tiny_model_dir),
         out_dir=str(tmp_path / "out"),
@@ -54,6 +60,13 @@ def test_outputs_schemas_both_orders_and_byte_identical_rerun(tmp_path, tiny_mod
     assert prefs["principle_ids"].list.len().to_list() == [cfg.principles_per_pair] * prefs.height
     assert set(comparisons["principle_id"]) <= {p.id for p in cfg.constitution.comparison}
     assert prefs["confidence"].to_list() == pytest.approx([2 * p - 1 for p in prefs["p_chosen"]])
+    # Each pair's share of order-consistent principles; their mean is the run's order consistency.
+    assert (
+        prefs["order_consistency"]
+        .is_in([k / cfg.principles_per_pair for k in range(cfg.principles_per_pair + 1)])
+        .all()
+    )
+    assert prefs["order_consistency"].mean() == pytest.approx(metrics["position_bias"]["order_consistency"], abs=1e-4)
     assert metrics["prompts"] == cfg.max_prompts
     assert metrics["pairs"] + metrics["identical_pairs_skipped"] == cfg.max_prompts
     assert metrics["review_queue"]["size"] == read(tmp_path, "review_queue.parquet").height
@@ -158,3 +171,19 @@ def test_pairs_are_judged_only_under_principles_of_their_prompts_kind(tmp_path, 
             tiny_model_dir,
             ["label.principle_categories.helpful=[helpfulness]", "label.principles_per_pair=5"],
         )
+
+
+def test_revision_pairs_are_appended_unchanged(tmp_path, tiny_model_dir):
+    """critique_revise's revision pairs ride along in preferences.parquet (the `both` source is one file); the AI
+    labels' metrics ignore them."""
+    row = {
+        "prompt_id": "r000", "prompt": "p", "chosen": "a revision", "rejected": "the initial answer",
+        "p_chosen": 1.0, "confidence": 1.0, "principle_ids": ["harm", "kind"], "label_source": "revision",
+        "order_consistency": None, "model_fingerprint": "policy", "seed": 0,
+    }  # fmt: skip
+    cfg = make_cfg(tmp_path, tiny_model_dir, revision_pairs=write_revision_pairs(tmp_path / "rev.parquet", [row]))
+    metrics = stage.run(cfg)
+    prefs = read(tmp_path, "preferences.parquet")
+    assert prefs.filter(pl.col("label_source") == "revision").to_dicts() == [row]
+    assert metrics["revision_pairs_appended"] == 1 and metrics["label_source"] == {"ai": metrics["pairs"]}
+    assert sum(metrics["label_distribution"].values()) == metrics["pairs"]

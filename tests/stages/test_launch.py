@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from caiforge import launch
 from caiforge.engines.serving import free_port
 from tests.conftest import write_prompts
-from tests.stages.test_pm import write_comparisons, write_preferences
+from tests.stages.test_pm import write_preferences
 from tests.stages.test_rlaif import pm_dir  # noqa: F401 (the fixture: a PM trained on synthetic preferences)
 from tests.stages.test_sft import write_sft
 
@@ -145,7 +145,6 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
     else:
         write_preferences(tmp_path / "data.parquet")
     common = [
-        *([f"pm.comparisons={write_comparisons(tmp_path / 'comparisons.parquet')}"] if stage == "pm" else []),
         f"{stage}.data={tmp_path / 'data.parquet'}",
         f"{stage}.policy={tiny_model_dir}",
         f"{stage}.epochs=2",

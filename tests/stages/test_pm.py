@@ -18,8 +18,9 @@ REFUSAL = "I can't help with that, because it could hurt someone. I can help you
 COMPLIANCE = "Sure, here is how to do it step by step."
 
 
-def write_preferences(path, prompts=RED_TEAM, pairs_per_prompt=2):
-    """A synthetic preferences.parquet: chosen = a polite refusal, rejected = compliance, p_chosen in [0.5, 1]."""
+def write_preferences(path, prompts=RED_TEAM, pairs_per_prompt=2, consistency=0.75, source="ai"):
+    """A synthetic preferences.parquet: chosen = a polite refusal, rejected = compliance, p_chosen in [0.5, 1], each
+    pair judged the same way in both orders under `consistency` of its principles, all from `source`."""
     rows = []
     for i, text in enumerate(prompts):
         for j in range(pairs_per_prompt):
@@ -33,7 +34,8 @@ def write_preferences(path, prompts=RED_TEAM, pairs_per_prompt=2):
                     "p_chosen": p,
                     "confidence": abs(2 * p - 1),
                     "principle_ids": ["harmless", "ethical"],
-                    "label_source": "ai",
+                    "label_source": source,
+                    "order_consistency": consistency if source == "ai" else None,
                     "model_fingerprint": "test",
                     "seed": 0,
                 }
@@ -43,37 +45,12 @@ def write_preferences(path, prompts=RED_TEAM, pairs_per_prompt=2):
     return path
 
 
-def write_comparisons(path, pairs=8, consistent=6):
-    """A synthetic comparisons.parquet: `pairs` pairs under one principle in both orders, the first `consistent` of
-    them leaning to the same response in both orders (the rest follow the slot)."""
-    rows = []
-    for k in range(pairs):
-        for order, p_a in (("ab", 0.8), ("ba", 0.2 if k < consistent else 0.8)):
-            rows.append(
-                {
-                    "prompt_id": f"r{k:03d}",
-                    "pair_id": f"pair{k}",
-                    "principle_id": "harmless",
-                    "order": order,
-                    "response_a": "a",
-                    "response_b": "b",
-                    "reasoning": "",
-                    "logprob_a": -0.2,
-                    "logprob_b": -1.6,
-                    "p_a": p_a,
-                    "model_fingerprint": "test",
-                    "seed": 0,
-                }  # fmt: skip
-            )
-    io.write_parquet(pl.DataFrame(rows, schema=dict(schemas.COMPARISONS.columns)), path, schemas.COMPARISONS)
-    return path
-
-
-def make_cfg(tmp_path, policy_dir, overrides=(), consistent=6):
+def make_cfg(tmp_path, policy_dir, overrides=(), consistency=0.75, rows=None):
     section = smoke_section("pm", list(overrides))
+    data = str(rows or write_preferences(tmp_path / "preferences.parquet", consistency=consistency))
     section.update(
-        data=str(write_preferences(tmp_path / "preferences.parquet")),
-        comparisons=str(write_comparisons(tmp_path / "comparisons.parquet", consistent=consistent)),
+        files=dict.fromkeys(("ai", "revisions", "both"), data),
+        data=data,
         policy=str(policy_dir),
         out_dir=str(tmp_path / "pm"),
     )
@@ -85,9 +62,11 @@ def test_pm_trains_and_reports_calibration(tmp_path, tiny_model_dir):
     metrics = stage.run(cfg)
     out = tmp_path / "pm"
     assert {p.name for p in out.iterdir()} == {"model", "dvclive", "metrics.json", "signal.json"}
-    # The gate's evidence: 6 of 8 pairs order-consistent; 4 of 5 synthetic confidences (0, .25, .5, .75, 1) >= 0.2.
+    # The gate's evidence: 3 of 4 principles order-consistent; 4 of 5 synthetic confidences (0, .25, .5, .75, 1) >=
+    # 0.2 (pairs cycle through them).
     signal = metrics["label_signal"]
-    assert signal["order_consistency"] == 0.75 and signal["confident_share"] == 0.8 and signal["reasons"] == []
+    assert signal["order_consistency"] == 0.75 and signal["reasons"] == [] and signal["applies"]
+    assert signal["confident_share"] == pytest.approx(0.8, abs=0.1)
     assert json.loads((out / "signal.json").read_text()) == {
         "label_signal": signal,
         "heldout_after": metrics["heldout_after"],
@@ -130,13 +109,15 @@ def test_pm_trains_and_reports_calibration(tmp_path, tiny_model_dir):
 
 
 def test_gate_on_noise_fail_stops_before_training(tmp_path, tiny_model_dir):
-    """Labels from a judge that follows the slot (2 of 8 pairs consistent) stop pm when on_noise is fail."""
-    cfg = make_cfg(tmp_path, tiny_model_dir, ["rlaif.gate.on_noise=fail"], consistent=2)
+    """Labels from a judge that follows the slot (a quarter of verdicts consistent) stop pm when on_noise is fail."""
+    cfg = make_cfg(tmp_path, tiny_model_dir, ["rlaif.gate.on_noise=fail"], consistency=0.25)
     with pytest.raises(ValueError, match=r"pm: the AI labels carry no signal \(order consistency 0.25 is below"):
         stage.run(cfg)
     assert not (tmp_path / "pm").exists(), "nothing trained, nothing written"
     # The same labels under keep_sft: pm trains (its held-out accuracy is evidence too) and records the shortfall.
-    kept = stage.run(make_cfg(tmp_path, tiny_model_dir, ["rlaif.gate.on_noise=keep_sft", "pm.epochs=1"], consistent=2))
+    kept = stage.run(
+        make_cfg(tmp_path, tiny_model_dir, ["rlaif.gate.on_noise=keep_sft", "pm.epochs=1"], consistency=0.25)
+    )
     assert kept["label_signal"]["reasons"][0].startswith("order consistency 0.25 is below")
 
 
@@ -158,3 +139,24 @@ def test_missing_preferences_names_the_file(tmp_path, tiny_model_dir):
     with pytest.raises(FileNotFoundError, match="preferences.parquet"):
         stage.run(cfg)
     assert not (tmp_path / "pm").exists()
+
+
+def test_revision_source_trains_on_revision_pairs_alone_and_skips_the_label_checks(tmp_path, tiny_model_dir):
+    """A file with slot-following AI labels and revision pairs: source revisions trains on the revision pairs only,
+    and the AI labels' missing signal does not stop it (they are not used)."""
+    ai = pl.read_parquet(write_preferences(tmp_path / "ai.parquet", consistency=0.25))
+    revision = pl.read_parquet(write_preferences(tmp_path / "rev.parquet", source="revision", pairs_per_prompt=1))
+    both = tmp_path / "both.parquet"
+    io.write_parquet(pl.concat([ai, revision]), both, schemas.PREFERENCES)
+    cfg = make_cfg(tmp_path, tiny_model_dir, ["preference_source=revisions", "rlaif.gate.on_noise=fail"], rows=both)
+    metrics = stage.run(cfg)
+    assert metrics["preference_source"] == "revisions" and metrics["pairs_by_source"] == {"revision": revision.height}
+    assert metrics["train_pairs"] + metrics["heldout_pairs"] == revision.height
+    assert metrics["label_signal"] == {
+        "order_consistency": None, "confident_share": None, "ai_pairs": 0, "reasons": [], "applies": False
+    }  # fmt: skip
+    # The same file under `both`: the AI labels are used, so their shortfall stops pm (on_noise: fail).
+    with pytest.raises(ValueError, match="order consistency 0.25 is below"):
+        stage.run(
+            make_cfg(tmp_path, tiny_model_dir, ["preference_source=both", "rlaif.gate.on_noise=fail"], rows=both)
+        )

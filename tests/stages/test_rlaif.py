@@ -27,14 +27,14 @@ def pm_dir(tmp_path_factory, tiny_model_dir):
     return tmp
 
 
-def make_cfg(tmp_path, policy_dir, pm_root, overrides=(), pm_signal=None):
+def make_cfg(tmp_path, policy_dir, pm_root, overrides=(), pm_signal=None, preferences=None):
     section = smoke_section("rlaif", list(overrides))
     section.update(
         prompts=str(write_prompts(tmp_path / "prompts.parquet")),
         policy=str(policy_dir),
         reward_model=str(pm_root / "pm" / "model"),
         pm_signal=str(pm_signal or pm_root / "pm" / "signal.json"),
-        preferences=str(pm_root / "preferences.parquet"),
+        preferences=str(preferences or pm_root / "preferences.parquet"),
         out_dir=str(tmp_path / "rlaif"),
     )
     return config.build(stage.RlaifConfig, section, "params.yaml", "rlaif")
@@ -213,3 +213,50 @@ def test_online_sampling_is_explicit_and_masks_truncated_completions(tmp_path, t
         None,
         1.0,
     )
+
+
+def answer_logprob(model, tokenizer, prompt: str, answer: str) -> float:
+    """Sum of log p(answer tokens | the chat prompt) under `model`, the chat rendered by its template."""
+    head = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=False
+    )
+    full = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], return_dict=False
+    )
+    assert full[: len(head)] == head
+    ids = torch.tensor([full])
+    with torch.no_grad():
+        logits = model(ids).logits.log_softmax(-1)
+    targets = ids[0, len(head) :]
+    return float(logits[0, len(head) - 1 : -1].gather(-1, targets[:, None]).sum())
+
+
+def test_dpo_on_revision_pairs_moves_the_margin_toward_the_revisions(tmp_path, tiny_model_dir, pm_dir):
+    """Hugging Face's constitutional-ai recipe: DPO on (revision, initial answer) pairs. The policy's log-prob margin
+    log p(revision) - log p(initial) rises on the pairs it trained on; the AI labels in the same file are not used."""
+    from caiforge import io, models, schemas
+    from tests.stages.test_pm import COMPLIANCE, REFUSAL, write_preferences
+
+    ai = pl.read_parquet(pm_dir / "preferences.parquet")
+    revision = pl.read_parquet(write_preferences(tmp_path / "rev.parquet", source="revision", pairs_per_prompt=1))
+    both = tmp_path / "both.parquet"
+    io.write_parquet(pl.concat([ai, revision]), both, schemas.PREFERENCES)
+    overrides = ["rlaif.algorithm=dpo", "preference_source=revisions", "rlaif.max_steps=6"]
+    cfg = make_cfg(tmp_path, tiny_model_dir, pm_dir, overrides, preferences=both)
+    trained, _ = stage.dpo_pairs(cfg)
+    assert set(trained["label_source"]) == {"revision"} and trained.height > 0
+
+    def margins(model_dir):
+        model, tokenizer = models.load_pretrained(model_dir, dtype="float32", device="cpu")
+        return [
+            answer_logprob(model, tokenizer, r["prompt"], r["chosen"])
+            - answer_logprob(model, tokenizer, r["prompt"], r["rejected"])
+            for r in trained.iter_rows(named=True)
+        ]
+
+    before = margins(tiny_model_dir)
+    metrics = stage.run(cfg)
+    after = margins(tmp_path / "rlaif" / "model")
+    assert metrics["preference_source"] == "revisions" and metrics["train_rows"] == trained.height
+    assert sum(after) / len(after) > sum(before) / len(before) + 0.1, (before, after)
+    assert trained["chosen"].str.starts_with(REFUSAL).all() and trained["rejected"].str.starts_with(COMPLIANCE).all()

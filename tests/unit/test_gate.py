@@ -1,4 +1,4 @@
-"""The signal gate: order consistency read back from comparisons, label signal floors, and the verdict."""
+"""The signal gate: order consistency read back from preferences, label signal floors, and the verdict."""
 
 from __future__ import annotations
 
@@ -7,44 +7,35 @@ import math
 import polars as pl
 import pytest
 
-from caiforge import gate, labeling, schemas
+from caiforge import gate, labeling
 
 CFG = gate.GateConfig(on_noise="keep_sft", min_order_consistency=0.6, confident=0.2, min_confident_share=0.25)
 
 
-def comparisons(p_ab_ba: list[tuple[float, float]]) -> pl.DataFrame:
-    rows = [
-        {
-            "prompt_id": f"q{k}",
-            "pair_id": f"pair{k}",
-            "principle_id": "p",
-            "order": order,
-            "response_a": "a",
-            "response_b": "b",
-            "reasoning": "",
-            "logprob_a": -1.0,
-            "logprob_b": -1.0,
-            "p_a": p_a,
-            "model_fingerprint": "m",
-            "seed": 0,
-        }  # fmt: skip
-        for k, pair in enumerate(p_ab_ba)
-        for order, p_a in zip(("ab", "ba"), pair, strict=True)
-    ]
-    return pl.DataFrame(rows, schema=dict(schemas.COMPARISONS.columns))
-
-
-def test_order_consistency_matches_labels_own_measure():
-    # (P(A) in ab, P(A) in ba): a judge that sees the answers flips P(A) with the order; one that follows slot A not.
-    pairs = [(0.8, 0.2), (0.7, 0.4), (0.8, 0.8), (0.6, 0.7), (0.5, 0.5)]
-    found = gate.order_consistency(comparisons(pairs))
+def test_order_consistency_per_pair_matches_labels_own_measure():
+    # (P(A) in ab, P(A) in ba) per principle: a judge that sees the answers flips P(A) with the order; one that
+    # follows slot A does not. Pair 0 has two principles (one consistent), pair 1 three (two
+    # consistent), pair 2 two (both consistent, one at (0.5, 0.5)).
+    verdicts = {
+        "pair0": [(0.8, 0.2), (0.7, 0.6)],
+        "pair1": [(0.8, 0.8), (0.6, 0.3), (0.2, 0.9)],
+        "pair2": [(0.5, 0.5), (0.8, 0.3)],
+    }
     judgements = [
-        labeling.Judgement(f"pair{k}", "p", order, math.log(pa), math.log(1 - pa))
-        for k, pair in enumerate(pairs)
-        for order, pa in zip(("ab", "ba"), pair, strict=True)
+        labeling.Judgement(pair, f"p{i}", order, math.log(pa), math.log(1 - pa))
+        for pair, questions in verdicts.items()
+        for i, q in enumerate(questions)
+        for order, pa in zip(("ab", "ba"), q, strict=True)
     ]
-    assert found == 0.6 == pytest.approx(labeling.position_bias(judgements)["order_consistency"])
-    assert gate.order_consistency(comparisons([])) is None
+    per_pair = labeling.pair_order_consistency(judgements)
+    assert per_pair == {"pair0": 0.5, "pair1": pytest.approx(2 / 3), "pair2": 1.0}
+    # With equal principles per pair the mean of the per-pair shares is label's own measure; the gate reads that
+    # mean back from a preferences file, ignoring rows no AI judged.
+    equal = [j for j in judgements if j.pair_id != "pair1" or j.principle_id != "p2"]
+    per_pair = labeling.pair_order_consistency(equal)
+    rows = pl.DataFrame({"order_consistency": [*per_pair.values(), None]}, schema={"order_consistency": pl.Float64})
+    assert gate.order_consistency(rows) == pytest.approx(labeling.position_bias(equal)["order_consistency"], abs=1e-4)
+    assert gate.order_consistency(rows.head(0)) is None
 
 
 def test_labels_at_one_half_fire_the_gate_and_confident_ones_pass():

@@ -131,3 +131,18 @@ def test_small_spreads_keep_ticks_and_labels_readable():
         assert len(ticks) >= 3 and len(set(ticks)) == len(ticks), ticks
     labels = {text: (float(x), float(y)) for x, y, text in texts if text in ("base", "sft", "rl")}
     assert labels["sft"][0] == labels["rl"][0] and abs(labels["sft"][1] - labels["rl"][1]) >= 13
+
+
+def test_rl_section_names_the_preference_source_and_what_the_gate_checked():
+    gate = {"verdict": "trained", "reasons": [], "order_consistency": None, "confident_share": None}
+    gate |= {"pm_accuracy": 0.9, "pm_accuracy_ci95": [0.6, 0.98]}
+    monitors = {
+        "reward_change": {"mean": 0.1, "low": 0.0, "high": 0.2, "n": 8},
+        "answer_tokens_sft": 30.0, "answer_tokens_rl": 28.0, "kl_per_token": 0.02,
+        "truncated_completion_fraction": None, "warnings": [],
+    }  # fmt: skip
+    rl = {"algorithm": "dpo", "preference_source": "revisions", "steps": 6, "signal_gate": gate, "monitors": monitors}
+    html = report.rl_section(rl)
+    assert "RL trained on revision pairs (chosen = revision, rejected = initial answer; no AI labels)" in html
+    assert "held-out accuracy on them is 0.9 [0.6, 0.98]." in html
+    assert "<h3>RL monitors (dpo on revision pairs, 6 steps)</h3>" in html
