@@ -318,11 +318,13 @@ def monitors(
     rewards: tuple[list[float], list[float]],
     kl_per_token: float | None,
     truncated: float | None,
+    zero_gradient_steps: int = 0,
 ) -> dict[str, Any]:
     """Reward-hacking monitors on the held-out prompts: answer length against SFT, KL per token, the PM reward's
-    paired change with its 95% interval, and the share of truncated training samples; a warning in words when
-    length or KL moved (`LENGTH_MOVED`, `KL_MOVED`) while the reward did not (its interval contains 0), and when
-    most training samples were truncated (`MOSTLY_TRUNCATED`)."""
+    paired change with its 95% interval, the share of truncated training samples and the logged steps whose
+    gradient norm was exactly 0; a warning in words when length or KL moved (`LENGTH_MOVED`, `KL_MOVED`) while the
+    reward did not (its interval contains 0), when most training samples were truncated (`MOSTLY_TRUNCATED`), and
+    when a step had no gradient (it learned nothing)."""
     length = [sum(c.completion_tokens for c in side) / len(side) if side else None for side in (before, after)]
     change = intervals.mean_interval([a - b for b, a in zip(*rewards, strict=True)])
     flat = change["low"] is None or change["low"] <= 0 <= change["high"]
@@ -339,6 +341,10 @@ def monitors(
             f"{truncated:.0%} of the training samples hit the token cap and were truncated: RL learned from few "
             "finished answers"
         )
+    if zero_gradient_steps:
+        warnings.append(
+            f"{zero_gradient_steps} logged training step(s) had a gradient norm of exactly 0: they learned nothing"
+        )
     return {
         "answer_tokens_sft": length[0],
         "answer_tokens_rl": length[1],
@@ -346,6 +352,7 @@ def monitors(
         "kl_per_token": kl_per_token,
         "reward_change": change,
         "truncated_completion_fraction": truncated,
+        "zero_gradient_steps": zero_gradient_steps,
         "warnings": warnings,
     }
 
@@ -409,7 +416,8 @@ def run(cfg: RlaifConfig) -> dict:
     )
     before, after = mean(reward_before), mean(reward_after)
     truncated = mean_logged(history, "completions/clipped_ratio")
-    watch = monitors(sft_answers, responses, (reward_before, reward_after), kl["kl_per_token"], truncated)
+    zero = sum(float(entry["grad_norm"]) == 0.0 for entry in history if "grad_norm" in entry)
+    watch = monitors(sft_answers, responses, (reward_before, reward_after), kl["kl_per_token"], truncated, zero)
     for warning in watch["warnings"]:
         log.warning("rlaif: %s (a sign of reward hacking or wasted steps)", warning)
     metrics = {

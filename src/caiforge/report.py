@@ -323,6 +323,7 @@ def rl_section(rl: Mapping[str, Any]) -> str:
         ["answer tokens: SFT -> RL", f"{na(watch['answer_tokens_sft'])} -> {na(watch['answer_tokens_rl'])}"],
         ["held-out KL per token from SFT (nats)", na(watch["kl_per_token"])],
         ["truncated share of training samples", na(watch["truncated_completion_fraction"])],
+        ["logged steps with zero gradient", na(watch.get("zero_gradient_steps"))],
     ]
     pairs = f" on {SOURCE_WORDS.get(source, _esc(source))}" if source else ""
     steps = f" ({_esc(rl.get('algorithm'))}{pairs}, {_esc(rl.get('steps'))} steps)" if rl.get("algorithm") else ""

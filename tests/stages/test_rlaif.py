@@ -86,7 +86,7 @@ def test_rlaif_trains_and_reports_reward_and_kl(tmp_path, tiny_model_dir, pm_dir
     assert watch["reward_change"]["mean"] == pytest.approx(metrics["reward_after"] - metrics["reward_before"])
     assert watch["answer_tokens_sft"] > 0 and watch["answer_tokens_rl"] > 0
     assert watch["truncated_completion_fraction"] == metrics["truncated_completion_fraction"]
-    assert isinstance(watch["warnings"], list)
+    assert isinstance(watch["warnings"], list) and watch["zero_gradient_steps"] == 0, "every tiny-model step learns"
 
 
 def completions(tokens: int, n: int = 8):
@@ -97,12 +97,15 @@ def completions(tokens: int, n: int = 8):
 
 def test_monitors_say_when_length_or_kl_moved_without_the_reward_or_samples_were_truncated():
     flat = ([0.1, 0.2, 0.3, 0.4] * 2, [0.2, 0.1, 0.4, 0.3] * 2)  # paired changes +-0.1: interval contains 0
-    watch = stage.monitors(completions(20), completions(40), flat, kl_per_token=0.05, truncated=0.9)
+    watch = stage.monitors(
+        completions(20), completions(40), flat, kl_per_token=0.05, truncated=0.9, zero_gradient_steps=3
+    )
     assert watch["answer_length_change"] == 1.0 and watch["reward_change"]["low"] < 0 < watch["reward_change"]["high"]
     assert watch["warnings"] == [
         "answer length moved +100% from SFT while the held-out PM reward did not",
         "the policy moved 0.050 nats per token from SFT while the held-out PM reward did not",
         "90% of the training samples hit the token cap and were truncated: RL learned from few finished answers",
+        "3 logged training step(s) had a gradient norm of exactly 0: they learned nothing",
     ]
     # The reward rose on every prompt: length and KL moving with it is what RL is for.
     rose = ([0.1, 0.2, 0.3, 0.4] * 2, [0.6, 0.8, 0.7, 0.9] * 2)
