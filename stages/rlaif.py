@@ -151,14 +151,18 @@ def dpo_pairs(cfg: RlaifConfig) -> tuple[pl.DataFrame, int]:
 
 
 def signal_gate(cfg: RlaifConfig) -> dict[str, Any]:
-    """The gate's verdict (caiforge.gate) on pm's evidence: the labels' order consistency and confident share, and
-    the PM's held-out accuracy interval; with the evidence itself. `on_noise: fail` raises when it falls short."""
+    """The gate's verdict (caiforge.gate) on pm's evidence: the labels' order consistency and confident share (when
+    the source uses AI labels), and the PM's held-out accuracy interval (when RL trains against the PM, or the
+    source uses AI labels: then it is evidence about them too; DPO on revision pairs uses neither); with the
+    evidence itself. `on_noise: fail` raises when it falls short."""
     path = Path(cfg.pm_signal)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: rlaif.pm_signal: the PM's signal.json is missing (run: dvc repro pm)")
     found = json.loads(path.read_text(encoding="utf-8"))
     label, heldout = found["label_signal"], found["heldout_after"]
-    verdict = gate.decide([*label["reasons"], *gate.pm_signal(heldout)], cfg.gate, "rlaif")
+    checks_pm = cfg.algorithm != "dpo" or pairs.USES_AI[cfg.source]
+    reasons = [*label["reasons"], *(gate.pm_signal(heldout) if checks_pm else [])]
+    verdict = {**gate.decide(reasons, cfg.gate, "rlaif"), "pm_accuracy_checked": checks_pm}
     evidence = {k: label[k] for k in ("order_consistency", "confident_share", "ai_pairs")}
     accuracy = {f"pm_{k}": heldout.get(k) for k in ("accuracy", "accuracy_ci95", "accuracy_pairs")}
     return {**verdict, **evidence, **accuracy}

@@ -136,9 +136,10 @@ def signal_file(tmp_path: Path, pm_root: Path, ci: list[float] | None, reasons: 
 
 
 def test_the_gate_passes_confident_labels_and_fires_on_noise(tmp_path, tiny_model_dir, pm_dir):
-    def verdict(ci, mode, reasons=()):
+    def verdict(ci, mode, reasons=(), more=()):
         path = signal_file(tmp_path, pm_dir, ci, reasons)
-        return stage.signal_gate(make_cfg(tmp_path, tiny_model_dir, pm_dir, [f"rlaif.gate.on_noise={mode}"], path))
+        overrides = [f"rlaif.gate.on_noise={mode}", *more]
+        return stage.signal_gate(make_cfg(tmp_path, tiny_model_dir, pm_dir, overrides, path))
 
     passed = verdict([0.55, 0.9], "fail")
     assert passed["verdict"] == "trained" and passed["reasons"] == [], "signal: trained, whatever on_noise says"
@@ -153,6 +154,13 @@ def test_the_gate_passes_confident_labels_and_fires_on_noise(tmp_path, tiny_mode
     ]
     with pytest.raises(ValueError, match=r"interval \[0.45, 0.9\], which reaches 0.5\).*on_noise is 'fail'"):
         verdict([0.45, 0.9], "fail")
+    # DPO on revision pairs trains on neither AI labels nor the PM: a PM without held-out signal does not stop it;
+    # GRPO on the same pairs is rewarded by that PM, so it does.
+    revisions = ["preference_source=revisions"]
+    dpo = verdict([0.2, 0.9], "fail", more=[*revisions, "rlaif.algorithm=dpo"])
+    assert dpo["verdict"] == "trained" and dpo["pm_accuracy_checked"] is False
+    assert verdict([0.2, 0.9], "keep_sft", more=[*revisions, "rlaif.algorithm=grpo"])["verdict"] == "kept_sft"
+    assert verdict([0.2, 0.9], "keep_sft", more=["rlaif.algorithm=dpo"])["verdict"] == "kept_sft", "AI labels"
     with pytest.raises(FileNotFoundError, match="dvc repro pm"):
         stage.signal_gate(make_cfg(tmp_path, tiny_model_dir, pm_dir, [], tmp_path / "none"))
 
