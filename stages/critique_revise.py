@@ -9,7 +9,8 @@ Does   for every red-team prompt: the policy answers; then `rounds` times, a pri
        talk about the response); a collapsed revision is not built upon.
 Writes data/critique_revise/revisions.parquet (every round), sft.parquet (prompt -> last usable revision, mixed with
        helpful prompts answered by the policy at `helpful_ratio`), pairs.parquet (revision pairs, caiforge.pairs:
-       chosen = last usable revision, rejected = initial answer, for `preference_source: revisions` or `both`) and
+       chosen = last usable revision, rejected = initial answer, for `preference_source: revisions` or `both`; a
+       revision that is a non-answer (`pairs_drop`, caiforge.refusal) makes no pair) and
        metrics.json (drops by reason, tokens, speed).
 Run    uv run dvc repro critique_revise
        uv run python stages/critique_revise.py critique_revise.rounds=1 critique_revise.max_prompts=8
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import polars as pl
 
-from caiforge import collapse, config, constitution, engines, io, pairs, planmode, prompts, rowcache, schemas
+from caiforge import collapse, config, constitution, engines, io, pairs, planmode, prompts, refusal, rowcache, schemas
 
 log = logging.getLogger("caiforge.stages.critique_revise")
 
@@ -56,6 +57,9 @@ class CritiqueReviseConfig:
     """Decoding settings for answers, critiques and revisions."""
     collapse: collapse.CollapseConfig
     """Degeneracy thresholds and which flags drop a row."""
+    pairs_drop: tuple[str, ...]
+    """Revision pairs whose revision caiforge.refusal classifies as one of these kinds are left out of pairs.parquet
+    (a non-answer preferred over an answer teaches DPO evasiveness, not harmlessness)."""
     constitution: constitution.Constitution
     """Only the critique/revision part, as declared in dvc.yaml."""
     row_cache: rowcache.RowCacheConfig
@@ -63,6 +67,9 @@ class CritiqueReviseConfig:
 
     def __post_init__(self) -> None:
         config.require_caps(self, "max_prompts")
+        unknown = sorted(set(self.pairs_drop) - set(refusal.KINDS))
+        if unknown:
+            raise ValueError(f"pairs_drop: unknown kinds {unknown}; choose from {', '.join(refusal.KINDS)}")
         if self.rounds < 1 or self.few_shot < 0 or self.helpful_ratio < 0:
             raise ValueError(
                 f"rounds must be >= 1, few_shot >= 0 and helpful_ratio >= 0, got {self.rounds}, {self.few_shot}, "
@@ -171,7 +178,13 @@ def run(cfg: CritiqueReviseConfig) -> dict:
     out = Path(cfg.out_dir)
     io.write_parquet(revisions, out / "revisions.parquet", schemas.REVISIONS)
     io.write_parquet(sft, out / "sft.parquet", schemas.SFT)
-    revision_pairs = pairs.revision_pairs(revisions, usable)
+    revision_pairs, pairs_dropped = [], Counter()
+    for pair in pairs.revision_pairs(revisions, usable):
+        kind = refusal.classify(pair["chosen"])
+        if kind in cfg.pairs_drop:
+            pairs_dropped[kind] += 1
+        else:
+            revision_pairs.append(pair)
     io.write_parquet(
         pl.DataFrame(revision_pairs, schema=dict(schemas.PREFERENCES.columns)),
         out / "pairs.parquet",
@@ -187,6 +200,7 @@ def run(cfg: CritiqueReviseConfig) -> dict:
             "helpful": len(sft_rows) - sum(r["kind"] == "red_team" for r in sft_rows),
         },
         "revision_pairs": len(revision_pairs),
+        "revision_pairs_dropped": dict(sorted(pairs_dropped.items())),
         "dropped_by_reason": dict(sorted(dropped.items())),
         "flags": {f: flag_counts.get(f, 0) for f in collapse.FLAGS},
         "collapse_rate": round(sum(bool(collapse.dropping(r["flags"], cfg.collapse)) for r in rows) / len(rows), 4),

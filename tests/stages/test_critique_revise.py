@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from caiforge import config, constitution, schemas
+from caiforge import config, constitution, refusal, schemas
 from tests.conftest import RED_TEAM, load_stage, smoke_section, write_prompts
 
 stage = load_stage("critique_revise")
@@ -79,7 +79,10 @@ def test_outputs_schema_and_rounds(tmp_path, tiny_model_dir):
         rows = group.to_dicts()
         if pid in sft_by_id and sft_by_id[pid]["completion"][0]["content"] != rows[0]["response"]:
             expected += 1
-    assert pairs.height == expected == metrics["revision_pairs"] > 0
+    dropped = metrics["revision_pairs_dropped"]
+    assert set(dropped) <= set(cfg.pairs_drop) == {"deflection"}
+    assert pairs.height + sum(dropped.values()) == expected and pairs.height == metrics["revision_pairs"] > 0
+    assert not any(refusal.classify(c) in cfg.pairs_drop for c in pairs["chosen"]), "no non-answer is preferred"
     for pair in pairs.iter_rows(named=True):
         rows = revisions.filter(pl.col("prompt_id") == pair["prompt_id"]).sort("round").to_dicts()
         assert pair["chosen"] == sft_by_id[pair["prompt_id"]]["completion"][0]["content"]
@@ -130,3 +133,16 @@ def test_sft_rows_record_whether_the_answer_finished(tmp_path, tiny_model_dir):
     assert sft.height > 0
     for row in sft.iter_rows(named=True):
         assert row["finished"] is not runaway[(row["prompt_id"], row["round"])]
+
+
+def test_pairs_drop_leaves_out_non_answer_revisions(tmp_path, tiny_model_dir):
+    """With no kind dropped every revision that differs from its initial answer is a pair; an unknown kind is a
+    config error naming the field."""
+    kept = stage.run(make_cfg(tmp_path, tiny_model_dir, ["critique_revise.pairs_drop=[]"]))
+    assert kept["revision_pairs_dropped"] == {}
+    everything = pl.read_parquet(tmp_path / "out" / "pairs.parquet")
+    stage.run(make_cfg(tmp_path, tiny_model_dir, ["critique_revise.pairs_drop=[engaged]"]))
+    answers = pl.read_parquet(tmp_path / "out" / "pairs.parquet")
+    assert answers["chosen"].to_list() == [c for c in everything["chosen"] if refusal.classify(c) != "engaged"]
+    with pytest.raises(config.ConfigError, match="pairs_drop: unknown kinds \\['silence'\\]"):
+        make_cfg(tmp_path, tiny_model_dir, ["critique_revise.pairs_drop=[silence]"])
