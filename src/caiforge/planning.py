@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -67,13 +68,33 @@ def _paths(entries: Sequence[Any]) -> list[str]:
     return [next(iter(e)) if isinstance(e, dict) else str(e) for e in entries or ()]
 
 
+_VARIABLE = re.compile(r"\$\{([^}]+)\}")
+
+
+def _interpolate(path: str, params: dict[str, Any]) -> str:
+    """`path` with each `${a.b}` replaced by params.yaml's value at a.b, as DVC's templating resolves it."""
+
+    def value(match: re.Match[str]) -> str:
+        node: Any = params
+        for key in match.group(1).strip().split("."):
+            if not isinstance(node, dict) or key not in node:
+                raise StageError(f"dvc.yaml: ${{{match.group(1)}}} names no value in params.yaml")
+            node = node[key]
+        return str(node)
+
+    return _VARIABLE.sub(value, path)
+
+
 def read_stages(root: Path) -> list[_Stage]:
-    """dvc.yaml's stages in file order (which is the pipeline's order), with deps and outs."""
+    """dvc.yaml's stages in file order (which is the pipeline's order), with deps and outs (`${...}` resolved from
+    params.yaml, as DVC resolves them)."""
     spec = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))
+    params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")) or {}
     stages = []
     for name, body in spec["stages"].items():
-        outs = _paths(body.get("outs", ())) + _paths(body.get("metrics", ()))
-        stages.append(_Stage(name, _paths(body.get("deps", ())), outs, any(o.endswith("/rowcache") for o in outs)))
+        outs = [_interpolate(o, params) for o in _paths(body.get("outs", ())) + _paths(body.get("metrics", ()))]
+        deps = [_interpolate(d, params) for d in _paths(body.get("deps", ()))]
+        stages.append(_Stage(name, deps, outs, any(o.endswith("/rowcache") for o in outs)))
     return stages
 
 
