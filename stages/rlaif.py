@@ -7,11 +7,11 @@ Does   first the signal gate (caiforge.gate): when the labels' order consistency
        held-out accuracy interval, falls short, `gate.on_noise` decides: keep_sft writes the SFT model unchanged
        as this stage's model (marked `kept_sft`), fail stops, warn trains anyway (`trained_without_signal`).
        Then one of (`rlaif.algorithm`):
-       - grpo: TRL GRPOTrainer, `num_generations` sampled answers per prompt, rewarded by the PM, with the
+       - grpo (default): TRL GRPOTrainer, `num_generations` sampled answers per prompt, rewarded by the PM, with the
          per-token KL penalty `beta` to the SFT model (the paper's L_LM + lambda L_RL; TRL's default beta is 0 = no
          KL, so it is always set here);
        - rloo: TRL RLOOTrainer (leave-one-out baseline), same reward and KL penalty;
-       - dpo (default): TRL DPOTrainer offline on the preference pairs (cheaper: no sampling, no PM in the loop;
+       - dpo: TRL DPOTrainer offline on the preference pairs (cheaper: no sampling, no PM in the loop;
          `beta` is the implicit KL strength; the soft labels only fix which side is chosen). On revision pairs this
          is Hugging Face's constitutional-ai recipe: DPO after SFT, chosen = revision, rejected = initial answer.
        The PM reward is a callable over caiforge.preference (not TRL's reward-model path), so training and the
@@ -26,7 +26,7 @@ Does   first the signal gate (caiforge.gate): when the labels' order consistency
 Writes data/rlaif/model/ (safetensors + tokenizer + the resolved stage config), data/rlaif/dvclive/ (curves, DVC
        plots) and data/rlaif/metrics.json (reward before/after, KL, monitors, steps).
 Run    uv run dvc repro rlaif
-       uv run python stages/rlaif.py rlaif.algorithm=grpo rlaif.max_steps=20
+       uv run python stages/rlaif.py rlaif.algorithm=dpo rlaif.max_steps=20
 """
 
 from __future__ import annotations
