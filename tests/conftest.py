@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -29,7 +32,15 @@ def smoke_section(stage: str, overrides: list[str] | None = None) -> dict[str, A
     # The cache's default lives under the repo's data/: a test that wants one names a tmp dir.
     if "row_cache" in section and not any(".row_cache.dir=" in o for o in overrides or []):
         section["row_cache"] = {**section["row_cache"], "dir": None}
+    # label's revision pairs default to critique_revise's output under data/: an empty file unless a test names one.
+    if stage == "label" and not any("label.revision_pairs=" in o for o in overrides or []):
+        section["revision_pairs"] = str(_no_revision_pairs())
     return section
+
+
+@functools.cache
+def _no_revision_pairs() -> Path:
+    return write_revision_pairs(Path(tempfile.mkdtemp(prefix="caiforge-test-")) / "pairs.parquet")
 
 
 @pytest.fixture(scope="session")
@@ -161,6 +172,16 @@ HELPFUL = [
     "How do I reverse a list in Python?",
     "Suggest a weekend itinerary for Lisbon.",
 ]
+
+
+def write_revision_pairs(path: Path, rows: Sequence[dict] = ()) -> Path:
+    """A critique_revise pairs.parquet (schemas.PREFERENCES) with `rows` (none: label appends nothing)."""
+    import polars as pl
+
+    from caiforge import io, schemas
+
+    io.write_parquet(pl.DataFrame(list(rows), schema=dict(schemas.PREFERENCES.columns)), path, schemas.PREFERENCES)
+    return path
 
 
 def write_prompts(path: Path, red: list[str] = RED_TEAM, helpful: list[str] = HELPFUL) -> Path:

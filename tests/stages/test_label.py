@@ -7,8 +7,8 @@ import json
 import polars as pl
 import pytest
 
-from caiforge import config, constitution, io, labeling, schemas
-from tests.conftest import load_stage, smoke_section, write_prompts
+from caiforge import config, constitution, labeling, schemas
+from tests.conftest import load_stage, smoke_section, write_prompts, write_revision_pairs
 from tests.unit.test_labeling import FakeScorer
 
 stage = load_stage("label")
@@ -16,11 +16,6 @@ DEFAULT = config.ROOT / "constitutions" / "default.yaml"
 OUTPUTS = ["comparisons.parquet", "metrics.json", "preferences.parquet", "review_queue.parquet"]
 PARQUETS = {"comparisons.parquet": schemas.COMPARISONS, "preferences.parquet": schemas.PREFERENCES}
 PARQUETS["review_queue.parquet"] = schemas.REVIEW_QUEUE
-
-
-def write_revision_pairs(path, rows=()):
-    io.write_parquet(pl.DataFrame(list(rows), schema=dict(schemas.PREFERENCES.columns)), path, schemas.PREFERENCES)
-    return path
 
 
 def make_cfg(tmp_path, tiny_model_dir, overrides=(), revision_pairs=None):

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from caiforge import config, constitution, planmode
-from tests.conftest import load_stage, smoke_section, write_prompts
+from tests.conftest import load_stage, smoke_section, write_prompts, write_revision_pairs
 
 DEFAULT = config.ROOT / "constitutions" / "default.yaml"
 critique_revise = load_stage("critique_revise")
@@ -99,6 +99,7 @@ def label_cfg(tmp_path, model_dir, out: str, cache: str | None, const: dict):
         policy=str(model_dir),
         feedback=str(model_dir),
         out_dir=str(tmp_path / out),
+        revision_pairs=str(write_revision_pairs(tmp_path / "pairs.parquet")),
         row_cache={"dir": str(tmp_path / cache) if cache else None, "keep_builds": 0},
     )
     values = {"label": ("params.yaml", section)}

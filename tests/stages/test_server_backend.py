@@ -14,7 +14,7 @@ import pytest
 
 from caiforge import config, constitution, engines
 from tests import servers
-from tests.conftest import SERVED_GGUF, load_stage, smoke_section, write_prompts
+from tests.conftest import SERVED_GGUF, load_stage, smoke_section, write_prompts, write_revision_pairs
 
 DEFAULT = config.ROOT / "constitutions" / "default.yaml"
 PARTS = constitution.to_dict(constitution.load(DEFAULT))
@@ -114,6 +114,7 @@ def test_label_samples_reasons_and_scores_through_the_server(
     section = smoke_section("label", ["label.max_prompts=4", "label.chain_of_thought=true"])
     section.update(prompts=str(write_prompts(tmp_path / "prompts.parquet")), out_dir=str(tmp_path / "out"))
     section.update(policy=str(smollm2_tokenizer_dir), feedback=str(smollm2_tokenizer_dir))
+    section.update(revision_pairs=str(write_revision_pairs(tmp_path / "pairs.parquet")))
     on_servers(section, "generation", [llama_server.url])
     on_servers(section, "scoring", [llama_server.url])
     parts = {k: ("constitutions/default.yaml", PARTS[k]) for k in ("comparison", "comparison_examples")}
