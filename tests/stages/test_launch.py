@@ -146,6 +146,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
         write_preferences(tmp_path / "data.parquet")
     common = [
         f"{stage}.data={tmp_path / 'data.parquet'}",
+        *(["pm.source=ai"] if stage == "pm" else []),  # the synthetic pairs are AI labels, whatever the default
         f"{stage}.policy={tiny_model_dir}",
         f"{stage}.epochs=2",
         f"{stage}.gradient_accumulation_steps=1",
