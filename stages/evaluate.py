@@ -302,6 +302,8 @@ def run(cfg: EvaluateConfig) -> dict:
                 "principles_per_pair": lab.principles_per_pair,
                 "chain_of_thought": lab.chain_of_thought,
             },
+            # label's agreement with the people's verdicts (caiforge review) on this build's own pairs.
+            "human": stage_metrics["label"].get("human_agreement"),
         },
         # The independent harm judge behind attack_success_rate, and how often it is right on held-out responses.
         "harm_judge": harm.heldout,

@@ -11,15 +11,16 @@ Does   samples K responses per prompt (seeded, temperature > 0); every two disti
        model's next-token log-probabilities of the two option letters give P(A); averaging the two orders removes
        position bias, averaging the principles is the ensemble. Chain-of-thought mode: the feedback model reasons
        first, then the probabilities are read and clamped to `cot_band`. Pairs with low confidence or principles
-       that disagree go to the review queue; human labels override the AI label of the pairs they cover.
+       that disagree go to the review queue; human verdicts override the AI label of the pairs they prefer.
 Writes data/label/comparisons.parquet (pair x principle x order, raw log-probs), preferences.parquet (soft labels,
        schemas.PREFERENCES, with critique_revise's revision pairs appended: caiforge.pairs), review_queue.parquet
        and metrics.json (label distribution, position bias before/after the swap, principle agreement, queue size,
        labels per second, tokens used).
-Human labels: a `.jsonl`, `.csv` or `.parquet` file with text fields `prompt_id`, `chosen` and `rejected` (the exact
-       response texts, e.g. copied from review_queue.parquet). A covered pair gets p_chosen 1.0, label_source
-       `human`. The default, data/seed/human_labels.jsonl, ships empty and is a declared dep; a label that
-       matches no pair of the run is an error.
+Human labels: verdicts on pairs (caiforge.human_labels: the format; `caiforge review` writes them). A `prefer`
+       verdict replaces the pair's AI label (p_chosen 1.0, label_source `human`); a tie or skip keeps the AI label.
+       The default, data/seed/human_labels.jsonl, ships empty and is a declared dep; a verdict that matches no pair of
+       the run is an error. metrics.json's `human_agreement` is how often the AI's label agreed with the people's
+       preferences (with a 95% Wilson interval): label quality on this data, mostly on the pairs it was unsure of.
 Run    uv run dvc repro label
        uv run python stages/label.py label.max_prompts=8 label.chain_of_thought=true
 """
@@ -35,7 +36,19 @@ from pathlib import Path
 
 import polars as pl
 
-from caiforge import config, constitution, engines, io, labeling, planmode, prompts, rowcache, schemas
+from caiforge import (
+    config,
+    constitution,
+    engines,
+    human_labels,
+    intervals,
+    io,
+    labeling,
+    planmode,
+    prompts,
+    rowcache,
+    schemas,
+)
 
 log = logging.getLogger("caiforge.stages.label")
 
@@ -127,7 +140,7 @@ class LabelConfig:
 
 
 def run(cfg: LabelConfig, scorer: engines.ChoiceScorer | None = None) -> dict:
-    human = labeling.read_human_labels(cfg.human_labels)
+    human = human_labels.read(cfg.human_labels)
     principles = cfg.constitution.comparison
     kinds = ["red_team", "helpful"] if cfg.include_helpful else ["red_team"]
     table = io.read_parquet(cfg.prompts, schemas.PROMPTS)
@@ -207,24 +220,32 @@ def run(cfg: LabelConfig, scorer: engines.ChoiceScorer | None = None) -> dict:
         }
         for (pair, _, _), j, r in zip(questions, judgements, reasoning, strict=True)
     ]
-    preferences, queue, used = [], [], set()
+    preferences, queue, used, agreed = [], [], set(), []
     for pair in pairs:
         label, ids_ = labels[pair.pair_id], [p.id for p in drawn[pair.pair_id]]
         chosen, rejected, p = labeling.orient(pair, label.p_first)
-        key = labeling.pair_key(pair.prompt_id, pair.first, pair.second)
-        source = "ai"
-        if key in human:
-            (chosen, rejected), p, source = human[key], 1.0, "human"
-            used.add(key)
         row = {"prompt_id": pair.prompt_id, "prompt": pair.prompt, "chosen": chosen, "rejected": rejected}
         row |= {"p_chosen": p, "confidence": abs(2 * p - 1), "principle_ids": ids_, **provenance}
-        preferences.append({**row, "label_source": source, "order_consistency": consistency[pair.pair_id]})
         reasons = labeling.review_reasons(label, cfg.review)
-        if reasons and source == "ai":
-            queue.append({**row, "pair_id": pair.pair_id, "disagreement": label.disagreement, "reasons": reasons})
+        if reasons:  # queued whether or not a person has decided it: the reviewer can see and change the verdict
+            per = dict(label.per_principle)
+            per_chosen = [per[i] if chosen == pair.first else 1 - per[i] for i in ids_]
+            queue.append(
+                {**row, "pair_id": pair.pair_id, "disagreement": label.disagreement, "reasons": reasons}
+                | {"principle_p_chosen": per_chosen}
+            )
+        verdict = human.get(labeling.pair_key(pair.prompt_id, pair.first, pair.second))
+        source = "ai"
+        if verdict is not None:
+            used.add(verdict.key)
+            if verdict.is_preference:
+                agreed.append(verdict.chosen == chosen)
+                row |= {"chosen": verdict.chosen, "rejected": verdict.rejected, "p_chosen": 1.0, "confidence": 1.0}
+                source = "human"
+        preferences.append({**row, "label_source": source, "order_consistency": consistency[pair.pair_id]})
     if len(used) < len(human):
         stale = sorted(k[0] for k in human if k not in used)
-        raise labeling.HumanLabelsError(
+        raise human_labels.HumanLabelsError(
             f"{cfg.human_labels}: {len(stale)} human label(s) match no pair of this run (prompt_id "
             f"{', '.join(map(repr, stale[:5]))}{', ...' if len(stale) > 5 else ''}): the responses were resampled or "
             "the prompt is gone; relabel them from the new review_queue.parquet or delete them"
@@ -273,7 +294,17 @@ def run(cfg: LabelConfig, scorer: engines.ChoiceScorer | None = None) -> dict:
             "size": len(queue),
             **{r: sum(r in q["reasons"] for q in queue) for r in labeling.REVIEW_REASONS},
         },
-        "human_labels": {"rows": len(human), "applied": len(used), "unmatched": len(human) - len(used)},
+        "human_labels": {
+            "rows": len(human),
+            "applied": len(agreed),
+            **{v: sum(h.verdict == v for h in human.values()) for v in ("tie", "skip")},
+            "unmatched": len(human) - len(used),
+        },
+        "human_agreement": {
+            "pairs": len(agreed),
+            "rate": round(sum(agreed) / len(agreed), 4) if agreed else None,
+            "interval": intervals.wilson(agreed),
+        },
         "labels_per_second": round(len(pairs) / label_seconds, 3) if label_seconds else None,
         "tokens": {"sampling": sampling_stats, "reasoning": cot_stats, "scoring": scorer.stats.as_dict()},
         "row_cache": rowcache.finish(cache, cfg.row_cache),

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 REMEDY = (
     "clearer labels carry signal: a stronger feedback model (label.feedback or models.feedback), "
-    "label.chain_of_thought, more label.principles_per_pair, or human verdicts in data/label/human_labels.jsonl; "
+    "label.chain_of_thought, more label.principles_per_pair, or human verdicts (`caiforge review`); "
     "or set rlaif.gate.on_noise to keep_sft (keep the SFT model) or warn (train anyway)"
 )
 

@@ -13,8 +13,8 @@ The pieces, in the order the `label` stage uses them:
   mode), mapped back to "first response is better", averaged over the two orders (order-swap debiasing: a labeller
   that always answers (A) gives exactly 0.5) and then over the principles (the ensemble);
 - `position_bias`, `principle_agreement`: what the metrics report;
-- `review_reasons`: HRLAIF: which pairs a human should look at;
-- `read_human_labels`: the optional human-labels file that overrides AI labels.
+- `review_reasons`: HRLAIF: which pairs a human should look at (their verdicts: caiforge.human_labels);
+- `pair_key`: how a human verdict finds its pair.
 
 Probabilities here are always "the first response of the pair is better" unless a name says otherwise (`p_a`: the
 response in slot A is better).
@@ -30,11 +30,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
-from pathlib import Path
 
-import polars as pl
-
-from caiforge import constitution, io
+from caiforge import constitution
 from caiforge.constitution import ComparisonExample, ComparisonPrinciple
 from caiforge.engines import Message
 
@@ -310,59 +307,6 @@ def review_reasons(label: PairLabel, cfg: ReviewConfig) -> list[str]:
     return reasons
 
 
-class HumanLabelsError(ValueError):
-    """The human-labels file is malformed; the message names the file, the row and the field."""
-
-
-HUMAN_LABEL_FIELDS = ("prompt_id", "chosen", "rejected")
-
-
 def pair_key(prompt_id: str, a: str, b: str) -> tuple[str, frozenset[str]]:
     """Identity of an unordered pair of responses to one prompt (how human labels find their pair)."""
     return prompt_id, frozenset((a, b))
-
-
-def read_human_labels(path: str | Path) -> dict[tuple[str, frozenset[str]], tuple[str, str]]:
-    """Read human labels: `pair_key` -> (chosen, rejected).
-
-    The file is JSON lines (`.jsonl`), CSV (`.csv`) or Parquet (`.parquet`) with string columns `prompt_id`,
-    `chosen` and `rejected` (other columns, e.g. an annotator or a note, are ignored). `chosen` and `rejected` are
-    the exact response texts, as in `review_queue.parquet`. A pair labelled twice must be labelled the same way.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: human labels file does not exist (label.human_labels)")
-    readers = {
-        ".jsonl": pl.read_ndjson,
-        ".csv": lambda p: pl.read_csv(p, infer_schema=False),
-        ".parquet": pl.read_parquet,
-    }
-    if path.suffix not in readers:
-        raise HumanLabelsError(f"{path}: unsupported human labels format {path.suffix!r} (use .jsonl, .csv, .parquet)")
-    if path.suffix != ".parquet" and not io.read_utf8(path).strip():
-        return {}  # the shipped default: no human labels yet
-    try:
-        df = readers[path.suffix](path)
-    except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
-        raise HumanLabelsError(f"{path}: cannot read: {exc}") from None
-    for name in HUMAN_LABEL_FIELDS:
-        if name not in df.columns:
-            raise HumanLabelsError(f"{path}: missing field {name!r} (required: {', '.join(HUMAN_LABEL_FIELDS)})")
-        if df.schema[name] not in (pl.String, pl.Null):
-            raise HumanLabelsError(f"{path}: field {name!r} must be text, got {df.schema[name]}")
-    out: dict[tuple[str, frozenset[str]], tuple[str, str]] = {}
-    for row_no, row in enumerate(df.select(HUMAN_LABEL_FIELDS).iter_rows(named=True), start=1):
-        for name in HUMAN_LABEL_FIELDS:
-            if not row[name] or not row[name].strip():
-                raise HumanLabelsError(f"{path}: row {row_no}: field {name!r} must be a non-empty string")
-        if row["chosen"] == row["rejected"]:
-            raise HumanLabelsError(f"{path}: row {row_no}: fields 'chosen' and 'rejected' are the same text")
-        key = pair_key(row["prompt_id"], row["chosen"], row["rejected"])
-        verdict = (row["chosen"], row["rejected"])
-        if out.get(key, verdict) != verdict:
-            raise HumanLabelsError(
-                f"{path}: row {row_no}: field 'chosen': prompt_id {row['prompt_id']!r} has this pair labelled both "
-                "ways"
-            )
-        out[key] = verdict
-    return out

@@ -237,6 +237,13 @@ def _with_ci(m: Mapping[str, object], key: str, ci_key: str | None = None) -> st
     return f"{_fmt(value)} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else _fmt(value)
 
 
+def human_agreement_text(agreement: Mapping[str, Any] | None) -> str:
+    """label's agreement with the human verdicts, or how to get some."""
+    if not agreement or not agreement["pairs"]:
+        return "no human verdicts yet: review the unsure labels with `caiforge review`"
+    return f"{_with_ci(agreement, 'rate', 'interval')} on {agreement['pairs']} pairs"
+
+
 def _paired(d: Mapping[str, Any]) -> str:
     """A paired difference with its interval and discordant counts, e.g. "-0.141 [-0.240, -0.051] (+1/-10)"."""
     if d["ci95"] is None:
@@ -472,6 +479,11 @@ def evaluation_page(
         [
             ["judge accuracy on known answers [95% CI]", _with_ci(quality, "accuracy")],
             ["known-answer comparisons", quality["comparisons"]],
+            [
+                "AI label agreement with your verdicts [95% CI] (label quality on your own pairs, mostly those the "
+                "AI was unsure of)",
+                human_agreement_text(quality.get("human")),
+            ],
             *(
                 [
                     "harm judge held-out accuracy [95% CI] (attack success rests on it)",

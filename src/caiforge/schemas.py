@@ -161,16 +161,18 @@ REVIEW_QUEUE = Schema(
         ("confidence", pl.Float64()),
         ("disagreement", pl.Float64()),
         ("principle_ids", pl.List(pl.String())),
+        ("principle_p_chosen", pl.List(pl.Float64())),
         ("reasons", pl.List(pl.String())),
         ("model_fingerprint", pl.String()),
         ("seed", pl.Int64()),
     ),
     sort_by=("prompt_id", "pair_id"),
 )
-"""data/label/review_queue.parquet: AI-labelled pairs a human should check (HRLAIF), not yet covered by the human
-labels file. `chosen`/`rejected`/`p_chosen` are the AI's verdict; `disagreement` = max - min of the principles'
-debiased verdicts; `reasons` in {low_confidence, principle_disagreement}. To override, copy `prompt_id`, `chosen`
-and `rejected` (swapped if the AI got it wrong) into the human labels file."""
+"""data/label/review_queue.parquet: AI-labelled pairs a human should check (HRLAIF), whether or not the human labels
+file already has a verdict on them (so a verdict can be revisited, and the queue does not move as verdicts come in).
+`chosen`/`rejected`/`p_chosen` are always the AI's verdict; `principle_p_chosen[i]` is the debiased probability that
+`chosen` is better under `principle_ids[i]`; `disagreement` = max - min of those; `reasons` in {low_confidence,
+principle_disagreement}. `caiforge review` is the way to decide them (caiforge.human_labels: the file format)."""
 
 SAMPLES = Schema(
     name="samples",

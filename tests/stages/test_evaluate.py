@@ -222,6 +222,7 @@ def test_outputs_and_metrics(evaluated):
     low, high = quality["accuracy_ci95"]
     assert low <= quality["accuracy"] <= high
     assert quality["by_set"]["seed"]["comparisons"] == quality["comparisons"]
+    assert quality["human"] == {"pairs": 0, "rate": None, "interval": None}, "label's, with no verdicts yet"
     # Per kind, each judged under its own principles: the shipped items are all red_team or helpful.
     assert set(quality["by_kind"]) == {"red_team", "helpful"}
     assert sum(k["comparisons"] for k in quality["by_kind"].values()) == quality["comparisons"]

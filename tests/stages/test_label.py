@@ -7,7 +7,7 @@ import json
 import polars as pl
 import pytest
 
-from caiforge import config, constitution, labeling, schemas
+from caiforge import config, constitution, human_labels, intervals, labeling, schemas
 from tests.conftest import load_stage, smoke_section, write_prompts, write_revision_pairs
 from tests.unit.test_labeling import FakeScorer
 
@@ -16,6 +16,10 @@ DEFAULT = config.ROOT / "constitutions" / "default.yaml"
 OUTPUTS = ["comparisons.parquet", "metrics.json", "preferences.parquet", "review_queue.parquet"]
 PARQUETS = {"comparisons.parquet": schemas.COMPARISONS, "preferences.parquet": schemas.PREFERENCES}
 PARQUETS["review_queue.parquet"] = schemas.REVIEW_QUEUE
+
+
+def by_pair(df: pl.DataFrame) -> dict:
+    return {labeling.pair_key(r["prompt_id"], r["chosen"], r["rejected"]): r for r in df.iter_rows(named=True)}
 
 
 def make_cfg(tmp_path, tiny_model_dir, overrides=(), revision_pairs=None):
@@ -73,35 +77,50 @@ def test_outputs_schemas_both_orders_and_byte_identical_rerun(tmp_path, tiny_mod
     assert first == {p: (tmp_path / "out" / p).read_bytes() for p in PARQUETS}
 
 
-def test_human_labels_override_and_leave_the_queue(tmp_path, tiny_model_dir):
+def test_human_verdicts_override_ties_keep_the_ai_label_and_the_queue_stays(tmp_path, tiny_model_dir):
     cfg = make_cfg(tmp_path, tiny_model_dir, ["label.review.min_confidence=1.0"])
     stage.run(cfg)
-    ai = read(tmp_path, "preferences.parquet").row(0, named=True)
+    ai_prefs = read(tmp_path, "preferences.parquet")
     queued = read(tmp_path, "review_queue.parquet")
-    assert queued.height == read(tmp_path, "preferences.parquet").height, "min_confidence 1.0 queues every pair"
-    # The human disagrees with the AI on the first pair.
+    assert queued.height == ai_prefs.height >= 3, "min_confidence 1.0 queues every pair"
+    ai = by_pair(ai_prefs)
+    assert {k: (r["chosen"], r["p_chosen"]) for k, r in by_pair(queued).items()} == {
+        k: (r["chosen"], r["p_chosen"]) for k, r in ai.items()
+    }
+    for ids, ps, p in queued.select("principle_ids", "principle_p_chosen", "p_chosen").iter_rows():
+        assert len(ps) == len(ids) == cfg.principles_per_pair
+        assert sum(ps) / len(ps) == pytest.approx(p), "the ensemble is the mean of the principles' verdicts"
+    first, second, third = (ai_prefs.row(i, named=True) for i in range(3))
+    # The human disagrees with the AI on the first pair, agrees on the second and calls the third a tie.
     human = tmp_path / "human.jsonl"
-    row = {"prompt_id": ai["prompt_id"], "chosen": ai["rejected"], "rejected": ai["chosen"], "note": "checked"}
-    human.write_text(json.dumps(row) + "\n")
+    rows = [
+        {"prompt_id": first["prompt_id"], "chosen": first["rejected"], "rejected": first["chosen"], "note": "x"},
+        {"prompt_id": second["prompt_id"], "chosen": second["chosen"], "rejected": second["rejected"]},
+        {"prompt_id": third["prompt_id"], "chosen": third["chosen"], "rejected": third["rejected"], "verdict": "tie"},
+    ]
+    human.write_text("".join(json.dumps(r) + "\n" for r in rows))
     metrics = stage.run(
         make_cfg(tmp_path, tiny_model_dir, ["label.review.min_confidence=1.0", f"label.human_labels={human}"])
     )
-    prefs = read(tmp_path, "preferences.parquet")
-    mine = prefs.filter((pl.col("prompt_id") == ai["prompt_id"]) & (pl.col("chosen") == ai["rejected"]))
-    assert mine.select("rejected", "p_chosen", "confidence", "label_source").row(0) == (
-        ai["chosen"],
-        1.0,
-        1.0,
-        "human",
-    )
-    assert (prefs.filter(pl.col("label_source") == "ai").height) == prefs.height - 1
-    assert read(tmp_path, "review_queue.parquet").height == queued.height - 1
-    assert metrics["human_labels"] == {"rows": 1, "applied": 1, "unmatched": 0}
+    prefs = by_pair(read(tmp_path, "preferences.parquet"))
+    keys = [labeling.pair_key(r["prompt_id"], r["chosen"], r["rejected"]) for r in (first, second, third)]
+    assert prefs[keys[0]] == first | {
+        "chosen": first["rejected"],
+        "rejected": first["chosen"],
+        "p_chosen": 1.0,
+        "confidence": 1.0,
+        "label_source": "human",
+    }
+    assert prefs[keys[1]]["label_source"] == "human" and prefs[keys[2]] == third, "a tie keeps the AI label"
+    assert sum(r["label_source"] == "human" for r in prefs.values()) == 2
+    assert read(tmp_path, "review_queue.parquet").equals(queued), "the queue keeps decided pairs, with the AI label"
+    assert metrics["human_labels"] == {"rows": 3, "applied": 2, "tie": 1, "skip": 0, "unmatched": 0}
+    assert metrics["human_agreement"] == {"pairs": 2, "rate": 0.5, "interval": intervals.wilson([True, False])}
 
     # A label for a pair this run did not make (resampled responses, a removed prompt) is an error, not a warning.
     written = {p: (tmp_path / "out" / p).read_bytes() for p in PARQUETS}
-    human.write_text(json.dumps(row) + "\n" + json.dumps({**row, "prompt_id": "gone"}) + "\n")
-    with pytest.raises(labeling.HumanLabelsError, match=r"human.jsonl: 1 human label\(s\) match no pair.*'gone'"):
+    human.write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[1], "prompt_id": "gone"}) + "\n")
+    with pytest.raises(human_labels.HumanLabelsError, match=r"human.jsonl: 1 human label\(s\) match no pair.*'gone'"):
         stage.run(
             make_cfg(tmp_path, tiny_model_dir, ["label.review.min_confidence=1.0", f"label.human_labels={human}"])
         )
@@ -115,7 +134,7 @@ def test_missing_or_bad_human_labels_fail_before_writing(tmp_path, tiny_model_di
     assert not (tmp_path / "out").exists(), "no output written"
     (tmp_path / "bad.csv").write_text("prompt_id,chosen\nr000,x\n")
     cfg = make_cfg(tmp_path, tiny_model_dir, [f"label.human_labels={tmp_path / 'bad.csv'}"])
-    with pytest.raises(labeling.HumanLabelsError, match=r"bad.csv: missing field 'rejected'"):
+    with pytest.raises(human_labels.HumanLabelsError, match=r"bad.csv: row 1: missing field 'rejected'"):
         stage.run(cfg)
     assert not (tmp_path / "out").exists()
 

@@ -1,12 +1,10 @@
-"""Pure labelling logic: pairs, prompts, order-swap debiasing, ensembling, bias, review queue, human labels."""
+"""Pure labelling logic: pairs, prompts, order-swap debiasing, ensembling, bias, review queue."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 
-import polars as pl
 import pytest
 
 from caiforge import config, constitution, engines, labeling
@@ -168,49 +166,6 @@ def test_review_queue_thresholds():
     assert labeling.review_reasons(both, cfg) == ["low_confidence", "principle_disagreement"]
     with pytest.raises(ValueError, match="min_confidence"):
         labeling.ReviewConfig(min_confidence=1.5)
-
-
-ROWS = [{"prompt_id": "p1", "chosen": "good", "rejected": "bad", "annotator": "ann"}]
-
-
-@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
-def test_human_labels_formats(tmp_path, fmt):
-    path = tmp_path / f"labels.{fmt}"
-    df = pl.DataFrame(ROWS * 2)
-    {"jsonl": df.write_ndjson, "csv": df.write_csv, "parquet": df.write_parquet}[fmt](path)
-    labels = labeling.read_human_labels(path)
-    assert labels == {labeling.pair_key("p1", "bad", "good"): ("good", "bad")}
-
-
-@pytest.mark.parametrize(
-    ("rows", "match"),
-    [
-        ([{"prompt_id": "p1", "chosen": "good"}], r"missing field 'rejected'"),
-        ([{"prompt_id": "p1", "chosen": " ", "rejected": "bad"}], r"row 1: field 'chosen' must be a non-empty"),
-        ([{"prompt_id": "p1", "chosen": "x", "rejected": "x"}], r"row 1: fields 'chosen' and 'rejected' are the same"),
-        ([*ROWS, {"prompt_id": "p1", "chosen": "bad", "rejected": "good"}], r"row 2: .*labelled both ways"),
-        ([{"prompt_id": 3, "chosen": "a", "rejected": "b"}], r"field 'prompt_id' must be text"),
-    ],
-)
-def test_human_labels_errors_name_file_and_field(tmp_path, rows, match):
-    path = tmp_path / "labels.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(labeling.HumanLabelsError, match=match) as err:
-        labeling.read_human_labels(path)
-    assert str(err.value).startswith(str(path))
-
-
-def test_human_labels_missing_or_unknown_format(tmp_path):
-    with pytest.raises(FileNotFoundError, match="human labels file does not exist"):
-        labeling.read_human_labels(tmp_path / "nope.jsonl")
-    (tmp_path / "labels.txt").write_text("x")
-    with pytest.raises(labeling.HumanLabelsError, match="unsupported"):
-        labeling.read_human_labels(tmp_path / "labels.txt")
-    (tmp_path / "empty.jsonl").write_text("\n")
-    assert labeling.read_human_labels(tmp_path / "empty.jsonl") == {}, "the shipped default: no labels yet"
-    (tmp_path / "broken.jsonl").write_text("{not json\n")
-    with pytest.raises(labeling.HumanLabelsError, match="cannot read"):
-        labeling.read_human_labels(tmp_path / "broken.jsonl")
 
 
 def test_default_constitution_demos_resolve():

@@ -88,6 +88,7 @@ def test_evaluation_page_ignores_machine_timings():
                     "helpful": {"comparisons": 11, "accuracy": 1.0, "ci95": [0.7412, 1.0]},
                     "red_team": {"comparisons": 9, "accuracy": 0.7778, "ci95": [0.4526, 0.9368]},
                 },
+                "human": {"pairs": 12, "rate": 0.75, "interval": [0.4677, 0.9111]},
             },
             "cost": cost,
             "judge": judge,
@@ -100,6 +101,7 @@ def test_evaluation_page_ignores_machine_timings():
     assert "<td>AI labels made (label)</td><td>4</td>" in page and "4.9" not in page
     assert "<td>0.25 [0.0457, 0.6994]</td>" in page, "attack success with its prompt-level interval"
     assert "<td>0.9 [0.699, 0.9721]</td>" in page and "20 clear-cut comparisons (easy" in page
+    assert "label quality on your own pairs" in page and "<td>0.75 [0.4677, 0.9111] on 12 pairs</td>" in page
     assert "Elo judge: <code>abc123</code>" in page and "labelled the RL training pairs" in page
     assert "Change from base, on the same prompts" in page
     assert "<td>sft</td><td>-0.141 [-0.240, -0.051] (+1/-10)</td>" in page, "paired change with its interval"
@@ -146,3 +148,11 @@ def test_rl_section_names_the_preference_source_and_what_the_gate_checked():
     assert "RL trained on revision pairs (chosen = revision, rejected = initial answer; no AI labels)" in html
     assert "held-out accuracy on them is 0.9 [0.6, 0.98]." in html
     assert "<h3>RL monitors (dpo on revision pairs, 6 steps)</h3>" in html
+
+
+def test_human_agreement_says_how_to_get_verdicts_when_there_are_none():
+    assert report.human_agreement_text(None) == report.human_agreement_text({"pairs": 0, "rate": None})
+    assert "caiforge review" in report.human_agreement_text(None)
+    assert (
+        report.human_agreement_text({"pairs": 1, "rate": 1.0, "interval": [0.2065, 1.0]}) == "1 [0.2065, 1] on 1 pairs"
+    )
