@@ -6,6 +6,7 @@
     caiforge params [OVERRIDE ...]                       compose conf/ into params.yaml (as `dvc exp run` does)
     caiforge harm-judge fit [--harmless FILE] [-o FILE]  refit the evaluation's harm judge (data/seed/harm_judge.json)
     caiforge plan [STAGE ...] [--json]                   what the next `dvc repro` runs and sends, from the row caches
+    caiforge review [--port N] [--reviewer NAME]          decide the review queue's pairs in a local page (HRLAIF)
 
 Each command is one function `(args) -> exit code`; `GROUPS` maps a top-level command to the function that adds its
 subcommands, so a new command (e.g. `params`) is one more entry there.
@@ -200,6 +201,27 @@ def plan_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def review_serve(args: argparse.Namespace) -> int:
+    """Serve the review page for the project's review queue until Ctrl-C."""
+    from caiforge import human_labels, review
+
+    try:
+        review.serve(config.project_root(), args.reviewer, lambda line: print(line, flush=True), port=args.port)
+    except (review.ReviewError, human_labels.HumanLabelsError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_review(sub: argparse._SubParsersAction) -> None:
+    import getpass
+
+    cmd = sub.add_parser("review", help="decide the pairs the AI labeller was unsure of, in a local web page")
+    cmd.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default: 8765)")
+    cmd.add_argument("--reviewer", default=getpass.getuser(), help="your name in the verdicts (default: the login)")
+    cmd.set_defaults(func=review_serve)
+
+
 def _add_plan(sub: argparse._SubParsersAction) -> None:
     cmd = sub.add_parser(
         "plan", help="what the next dvc repro runs, and the engine requests it sends (counted, no model loaded)"
@@ -218,6 +240,7 @@ GROUPS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "params": _add_params,
     "harm-judge": _add_harm_judge,
     "plan": _add_plan,
+    "review": _add_review,
 }
 """Top-level commands: name -> function that registers its parser(s) and sets `func` on each leaf."""
 

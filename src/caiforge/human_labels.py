@@ -23,7 +23,7 @@ import fcntl
 import json
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,8 @@ class Verdict:
     rejected: str
     verdict: str = "prefer"
     """`prefer` (`chosen` is better), `tie` or `skip` (no preference: the AI label stays)."""
+    row: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """The whole row as written, extras included (who, when, the order shown)."""
 
     @property
     def key(self) -> tuple[str, frozenset[str]]:
@@ -72,12 +74,15 @@ def _verdict(row: Mapping[str, Any], where: str) -> Verdict:
     verdict = row.get("verdict") or "prefer"
     if verdict not in VERDICTS:
         raise HumanLabelsError(f"{where}: field 'verdict' must be one of {', '.join(VERDICTS)}, got {verdict!r}")
-    return Verdict(row["prompt_id"], row["chosen"], row["rejected"], verdict)
+    return Verdict(row["prompt_id"], row["chosen"], row["rejected"], verdict, dict(row))
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, str, dict[str, Any]]]:
     """(line number, raw line, parsed object) for each non-blank line of a JSON-lines file."""
-    text = io.read_utf8(path)
+    try:
+        text = io.read_utf8(path)
+    except ValueError as exc:
+        raise HumanLabelsError(str(exc)) from None
     for number, line in enumerate(text.splitlines(keepends=True), start=1):
         if not line.strip():
             continue

@@ -25,7 +25,9 @@ from caiforge.schemas import Schema
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside `path` (file or directory); rename it onto `path` only on success."""
+    """Yield a temporary path beside `path` (file or directory); rename it onto `path` only on success.
+
+    A file (or link) at `path` is replaced by one rename, so a reader sees the old file or the new one, never none."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
@@ -33,9 +35,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield target
         if final.is_dir() and not final.is_symlink():
-            shutil.rmtree(final)
-        elif final.exists() or final.is_symlink():
-            final.unlink()
+            shutil.rmtree(final)  # a directory cannot be renamed over; a file or link is replaced in one step
         os.replace(target, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -106,16 +106,25 @@ def _write_many(path: str, writer: int, count: int, start) -> None:
         human_labels.record(path, {"prompt_id": f"w{writer}-{i}", "chosen": "a", "rejected": "b", "reviewer": writer})
 
 
-def test_two_processes_writing_at_once_lose_nothing(tmp_path):
+def _read_until(path: str, stop, start) -> None:
+    start.wait()
+    while not stop.is_set():
+        human_labels.read(path)  # raises (exit code 1) if it ever finds no file or a torn one
+
+
+def test_two_processes_writing_at_once_lose_nothing_and_a_reader_always_finds_the_file(tmp_path):
     path = tmp_path / "labels.jsonl"
     path.write_text("")
     ctx = multiprocessing.get_context("spawn")
-    start = ctx.Barrier(2)
+    start, stop = ctx.Barrier(3), ctx.Event()
     procs = [ctx.Process(target=_write_many, args=(str(path), w, 40, start)) for w in range(2)]
-    for p in procs:
+    reader = ctx.Process(target=_read_until, args=(str(path), stop, start))
+    for p in [*procs, reader]:
         p.start()
     for p in procs:
         p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0, 0]
+    stop.set()
+    reader.join(timeout=60)
+    assert [p.exitcode for p in [*procs, reader]] == [0, 0, 0]
     ids = {v.prompt_id for v in human_labels.read(path).values()}
     assert ids == {f"w{w}-{i}" for w in range(2) for i in range(40)}, "every verdict of both writers is in the file"
