@@ -27,8 +27,8 @@ from aiohttp import web
 
 from caiforge import human_labels, io, labeling, schemas
 
-DECISIONS = {"left": "L", "right": "R", "tie": "T", "skip": "S"}
-"""Decision -> the key that makes it (the arrow keys work too: left, right, down = tie)."""
+DECISIONS = ("left", "right", "tie", "skip")
+"""What a reviewer can decide (keys: left and right arrows, down arrow or t, s)."""
 
 
 class ReviewError(ValueError):
@@ -163,7 +163,7 @@ nav { margin-top: 1rem; display: flex; gap: 1rem; }
 KEYS = """
 document.addEventListener("keydown", (e) => {
   if (e.altKey || e.ctrlKey || e.metaKey) return;
-  const keys = {ArrowLeft: "left", l: "left", ArrowRight: "right", r: "right", ArrowDown: "tie", t: "tie", s: "skip"};
+  const keys = {ArrowLeft: "left", ArrowRight: "right", ArrowDown: "tie", t: "tie", s: "skip"};
   const nav = {p: "prev", n: "next"};
   if (keys[e.key]) { e.preventDefault(); document.getElementById("decide-" + keys[e.key]).click(); }
   else if (nav[e.key] && document.getElementById(nav[e.key])) { document.getElementById(nav[e.key]).click(); }
@@ -254,6 +254,15 @@ def done_page(done: int, total: int, reviewer: str) -> str:
 # The web app
 
 
+@web.middleware
+async def _labels_errors(request: web.Request, handler) -> web.StreamResponse:
+    """A labels file broken while the page is up (a hand edit) is a page that names the line, not a bare 500."""
+    try:
+        return await handler(request)
+    except human_labels.HumanLabelsError as exc:
+        raise web.HTTPConflict(text=f"{exc}\n\nNothing was saved. Fix the file, then reload this page.") from None
+
+
 class Review:
     """The state one `caiforge review` process serves: the queue (fixed) and the labels file (reread per request)."""
 
@@ -269,7 +278,7 @@ class Review:
         return [shown(p, saved[p.key].row if p.key in saved else None, self.reviewer) for p in self.pairs]
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[_labels_errors])
         app.add_routes(
             [web.get("/", self.start), web.get("/pair/{n:\\d+}", self.show), web.post("/pair/{n:\\d+}", self.decide)]
         )

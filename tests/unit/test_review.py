@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 from datetime import UTC, datetime
 
+import polars as pl
 import pytest
+import yaml
 
-from caiforge import human_labels, review
+from caiforge import human_labels, io, review, schemas
 
 AI = {"prompt_id": "p1", "pair_id": "abc", "chosen": "good", "rejected": "bad", "p_chosen": 0.6}
 NOW = datetime(2026, 12, 6, 10, 0, 0, tzinfo=UTC)
@@ -66,3 +70,54 @@ def test_an_undecided_or_hand_typed_verdict_gets_the_drawn_order():
     )
     with pytest.raises(ValueError, match="unknown decision"):
         review.verdict_row(review.Shown(pair(), "chosen", None), "both", "ann", NOW)
+
+
+def workspace(tmp_path, rows: list[dict]) -> review.Workspace:
+    """A project directory as `dvc repro label` leaves it: params.yaml, the queue, dvc.lock naming its md5."""
+    (tmp_path / "params.yaml").write_text("label:\n  out_dir: data/label\n  human_labels: data/seed/labels.jsonl\n")
+    queue = tmp_path / "data" / "label" / "review_queue.parquet"
+    io.write_parquet(pl.DataFrame(rows, schema=dict(schemas.REVIEW_QUEUE.columns)), queue, schemas.REVIEW_QUEUE)
+    md5 = hashlib.md5(queue.read_bytes()).hexdigest()
+    lock = {"stages": {"label": {"outs": [{"path": "data/label/review_queue.parquet", "md5": md5}]}}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    (tmp_path / "data" / "seed").mkdir(parents=True)
+    (tmp_path / "data" / "seed" / "labels.jsonl").write_text("")
+    return review.Workspace.of(tmp_path)
+
+
+QUEUED = AI | {
+    "prompt": "How?",
+    "confidence": 0.2,
+    "disagreement": 0.6,
+    "principle_ids": ["cmp-a", "cmp-b"],
+    "principle_p_chosen": [0.9, 0.3],
+    "reasons": ["principle_disagreement"],
+    "model_fingerprint": "f",
+    "seed": 0,
+}
+
+
+def test_an_empty_queue_is_an_error_not_an_empty_page(tmp_path):
+    with pytest.raises(review.ReviewError, match="review queue is empty: the AI labeller was sure of every pair"):
+        review.Review(workspace(tmp_path, []), "ann")
+
+
+def test_a_labels_file_broken_while_serving_names_the_line_and_saves_nothing(tmp_path):
+    asyncio.run(_broken_labels_file(tmp_path))
+
+
+async def _broken_labels_file(tmp_path):
+    from aiohttp.test_utils import TestClient, TestServer
+
+    ws = workspace(tmp_path, [QUEUED])
+    async with TestClient(TestServer(review.Review(ws, "ann").app())) as client:
+        page = await client.get("/pair/1")
+        text = await page.text()
+        assert page.status == 200 and "queued for: principle disagreement" in text and "How?" in text
+        assert "<li><code>cmp-b</code>: " in text and '<details id="ai-label">' in text, "the AI label is folded"
+        ws.labels.write_text('{"prompt_id": "p1"}\n')
+        for response in (await client.get("/pair/1"), await client.post("/pair/1", data={"decision": "left"})):
+            assert response.status in (400, 409)
+        saved = await client.post("/pair/1", data={"decision": "left", "left": "chosen"})
+        assert saved.status == 409 and "labels.jsonl: line 1: missing field 'chosen'" in await saved.text()
+    assert ws.labels.read_text() == '{"prompt_id": "p1"}\n'
