@@ -70,8 +70,7 @@ def run(cfg: PmConfig) -> dict:
     from trl import RewardConfig
 
     found = io.read_parquet(cfg.data, schemas.PREFERENCES)
-    rows = pairs.select(found, cfg.source, cfg.gate.confident)
-    pairs.require(rows, cfg.source, cfg.data, found["label_source"].to_list())
+    rows = pairs.training_rows(found, cfg.source, cfg.gate.confident, cfg.data)
     rows = rows.with_columns(heldout=formats.stable_mask(rows["prompt_id"], cfg.heldout_fraction, salt="pm-heldout"))
     train, evals = rows.filter(~pl.col("heldout")), rows.filter(pl.col("heldout"))
     if train.is_empty():

@@ -135,8 +135,7 @@ def dpo_pairs(cfg: RlaifConfig) -> tuple[pl.DataFrame, int]:
     """The pairs of `source` DPO trains on (outside the held-out prompts, confident enough) and how many fell
     short."""
     found = io.read_parquet(cfg.preferences, schemas.PREFERENCES)
-    rows = pairs.select(found, cfg.source, cfg.gate.confident)
-    pairs.require(rows, cfg.source, cfg.preferences, found["label_source"].to_list())
+    rows = pairs.training_rows(found, cfg.source, cfg.gate.confident, cfg.preferences)
     # Pairs on held-out prompts stay out, so the reward before/after is measured on prompts DPO never saw.
     rows = rows.filter(~formats.stable_mask(rows["prompt_id"], cfg.heldout_fraction, salt="rlaif-heldout"))
     if rows.is_empty():

@@ -16,7 +16,6 @@ so with `revisions` neither stage depends on label at all.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Literal
 
 import polars as pl
@@ -72,15 +71,17 @@ def select(rows: pl.DataFrame, source: Source, confident: float) -> pl.DataFrame
     raise ValueError(f"preference source must be one of {', '.join(SOURCES)}, got {source!r}")
 
 
-def require(rows: pl.DataFrame, source: Source, path: str, sources: Sequence[str]) -> None:
-    """A ValueError naming the file when `rows` (selected for `source`) is empty: nothing to train on."""
+def training_rows(found: pl.DataFrame, source: Source, confident: float, path: str) -> pl.DataFrame:
+    """`select`'s rows of the preferences file `path`; a ValueError naming the file when there are none."""
+    rows = select(found, source, confident)
     if rows.is_empty():
         raise ValueError(
             f"{path}: no preference pairs for preference_source={source!r} (label_source values present: "
-            f"{', '.join(sorted(set(sources))) or 'none'}); "
+            f"{', '.join(sorted(set(found['label_source'].to_list()))) or 'none'}); "
             + (
                 "critique_revise found no usable revision that differs from its initial answer"
                 if source == "revisions"
                 else "label wrote no pairs"
             )
         )
+    return rows

@@ -291,10 +291,17 @@ SOURCE_WORDS = {"ai": "AI-labelled pairs", "revisions": "revision pairs", "both"
 
 
 def gate_text(gate: Mapping[str, Any], source: str | None = None) -> str:
-    """rlaif's signal gate verdict in words, with the evidence or the reasons it fired; on revision pairs alone
-    (`source` revisions) only the PM's held-out accuracy was checked, and it says so."""
+    """rlaif's signal gate verdict in words, with the evidence or the reasons it fired. On revision pairs alone
+    (`source` revisions) no AI label was checked: with GRPO/RLOO the PM's held-out accuracy was, and it says so;
+    with DPO (`pm_accuracy_checked` false) nothing was, and it says that."""
     ci = gate.get("pm_accuracy_ci95")
     if source == "revisions" and gate["verdict"] == "trained":
+        if gate.get("pm_accuracy_checked") is False:
+            return (
+                "RL trained on revision pairs (chosen = revision, rejected = initial answer; no AI labels) with DPO, "
+                "which uses neither AI labels nor the PM: the gate had nothing to check. Read the change from SFT "
+                "below, over-refusal included."
+            )
         return (
             "RL trained on revision pairs (chosen = revision, rejected = initial answer; no AI labels): the PM's "
             f"held-out accuracy on them is {_fmt(gate.get('pm_accuracy'))}"

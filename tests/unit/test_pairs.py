@@ -64,5 +64,10 @@ def test_each_source_selects_its_rows():
     assert pairs.select(rows, "both", 0.2)["confidence"].to_list() == [0.5, 1.0, 1.0]
     with pytest.raises(ValueError, match="must be one of ai, revisions, both"):
         pairs.select(rows, "votes", 0.2)
-    with pytest.raises(ValueError, match="x.parquet: no preference pairs for preference_source='revisions'"):
-        pairs.require(rows.head(0), "revisions", "x.parquet", ["ai"])
+    assert pairs.training_rows(rows, "both", 0.2, "x.parquet").equals(pairs.select(rows, "both", 0.2))
+    only_ai = rows.filter(pl.col("label_source") == "ai")
+    with pytest.raises(
+        ValueError,
+        match=r"x.parquet: no preference pairs for preference_source='revisions' \(label_source values present: ai\)",
+    ):
+        pairs.training_rows(only_ai, "revisions", 0.2, "x.parquet")

@@ -143,11 +143,16 @@ def test_rl_section_names_the_preference_source_and_what_the_gate_checked():
         "answer_tokens_sft": 30.0, "answer_tokens_rl": 28.0, "kl_per_token": 0.02,
         "truncated_completion_fraction": None, "warnings": [],
     }  # fmt: skip
-    rl = {"algorithm": "dpo", "preference_source": "revisions", "steps": 6, "signal_gate": gate, "monitors": monitors}
-    html = report.rl_section(rl)
+    # GRPO on revision pairs: the PM trained on them is what the gate checked.
+    rl = {"algorithm": "grpo", "preference_source": "revisions", "steps": 6, "monitors": monitors}
+    html = report.rl_section(rl | {"signal_gate": gate | {"pm_accuracy_checked": True}})
     assert "RL trained on revision pairs (chosen = revision, rejected = initial answer; no AI labels)" in html
     assert "held-out accuracy on them is 0.9 [0.6, 0.98]." in html
-    assert "<h3>RL monitors (dpo on revision pairs, 6 steps)</h3>" in html
+    assert "<h3>RL monitors (grpo on revision pairs, 6 steps)</h3>" in html
+    # DPO on them uses neither AI labels nor the PM: the report says the gate checked nothing.
+    html = report.rl_section(rl | {"algorithm": "dpo", "signal_gate": gate | {"pm_accuracy_checked": False}})
+    assert "with DPO, which uses neither AI labels nor the PM: the gate had nothing to check" in html
+    assert "held-out accuracy" not in html and "<h3>RL monitors (dpo on revision pairs, 6 steps)</h3>" in html
 
 
 def test_human_agreement_says_how_to_get_verdicts_when_there_are_none():
