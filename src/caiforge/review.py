@@ -158,6 +158,7 @@ kbd { border: 1px solid #999; border-radius: 3px; padding: 0 0.3rem; font-size: 
 .note { background: #eef6ff; border-left: 4px solid #48c; padding: 0.5rem 0.8rem; margin: 1rem 0; }
 .why { color: #555; }
 nav { margin-top: 1rem; display: flex; gap: 1rem; }
+details { margin-top: 1rem; }
 """
 
 KEYS = """
@@ -194,12 +195,20 @@ def _ai_label(view: Shown) -> str:
     """The AI's verdict in the page's terms: which side it preferred, how strongly, and under each principle."""
     row = view.pair.row
     side = "left" if view.left == "chosen" else "right"
+
+    def leaning(p: float) -> str:  # p: the AI's chosen answer is better under one principle
+        if round(p, 2) == 0.5:
+            return "neither (P = 0.50)"
+        return f"{side if p > 0.5 else ('right' if side == 'left' else 'left')} (P = {max(p, 1 - p):.2f})"
+
     per = "".join(
-        f"<li><code>{_e(pid)}</code>: {'left' if (p >= 0.5) == (side == 'left') else 'right'} "
-        f"(P = {max(p, 1 - p):.2f})</li>"
+        f"<li><code>{_e(pid)}</code>: {leaning(p)}</li>"
         for pid, p in zip(row["principle_ids"], row["principle_p_chosen"], strict=True)
     )
-    return f"The AI preferred the <b>{side}</b> answer, P = {row['p_chosen']:.2f}.<ul>{per}</ul>"
+    verdict = ""
+    if view.decision in ("left", "right"):
+        verdict = " You agree." if view.decision == side else " You disagree."
+    return f"The AI preferred the <b>{side}</b> answer, P = {row['p_chosen']:.2f}.{verdict}<ul>{per}</ul>"
 
 
 def pair_page(view: Shown, done: int, total: int, reviewer: str, last: Shown | None) -> str:

@@ -121,3 +121,26 @@ async def _broken_labels_file(tmp_path):
         saved = await client.post("/pair/1", data={"decision": "left", "left": "chosen"})
         assert saved.status == 409 and "labels.jsonl: line 1: missing field 'chosen'" in await saved.text()
     assert ws.labels.read_text() == '{"prompt_id": "p1"}\n'
+
+
+def test_after_a_decision_the_next_page_shows_the_ai_label_and_whether_you_agree(tmp_path):
+    asyncio.run(_decide_twice(tmp_path))
+
+
+async def _decide_twice(tmp_path):
+    from aiohttp.test_utils import TestClient, TestServer
+
+    other = QUEUED | {"prompt_id": "p2", "pair_id": "def", "principle_p_chosen": [0.5, 0.7]}
+    ws = workspace(tmp_path, [QUEUED, other])
+    async with TestClient(TestServer(review.Review(ws, "ann").app())) as client:
+        first = await client.post("/pair/1", data={"decision": "left", "left": "chosen"})
+        text = await first.text()
+        assert str(first.url).endswith("/pair/2?saved=1") and "1 of 2 reviewed" in text
+        note = text[text.index('id="last"') : text.index("</div>", text.index('id="last"'))]
+        assert "Saved: pair 1, <b>left</b>. The AI preferred the <b>left</b> answer, P = 0.60. You agree." in note
+        assert "<code>cmp-a</code>: left (P = 0.90)" in note and "<code>cmp-b</code>: right (P = 0.70)" in note
+        done = await client.post("/pair/2", data={"decision": "right", "left": "chosen"})
+        assert "Every queued pair has a verdict" in await done.text() and "2 of 2 reviewed" in await done.text()
+        revisit = await (await client.get("/pair/2")).text()
+        assert "You disagree." in revisit and "<code>cmp-a</code>: neither (P = 0.50)" in revisit
+        assert '<details id="ai-label" open>' in revisit, "a decided pair shows the AI's label"
