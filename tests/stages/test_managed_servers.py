@@ -171,3 +171,51 @@ def test_released_servers_stop_and_free_their_directory_only(
     finally:
         serving.stop_all()
     assert tuned.poll() is not None
+
+
+# A worker in the replica's process group that needs time to shut down (vLLM's GPU workers free their memory on
+# SIGTERM): it writes `done` once it has finished cleaning up.
+SLOW_WORKER = (
+    "import signal, sys, time; "
+    "signal.signal(signal.SIGTERM, lambda *a: (time.sleep(1.5), open(sys.argv[1], 'w').write('done'), sys.exit(0))); "
+    "time.sleep(600)"
+)
+
+
+def test_a_replica_sees_no_gpu_logs_alone_and_stops_only_when_its_workers_have(
+    tmp_path, smollm2_gguf, smollm2_tokenizer_dir, llama_binary, monkeypatch
+):
+    import shlex
+    import shutil
+
+    from caiforge import engines
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # what a training rank on a GPU node would see
+    dirs = [tmp_path / "base", tmp_path / "sft"]
+    for d in dirs:
+        shutil.copytree(smollm2_tokenizer_dir, d)
+    marker = tmp_path / "worker-finished"
+    worker = shlex.join([sys.executable, "-c", SLOW_WORKER, str(marker)])
+    script = (
+        f'echo "replica sees CUDA_VISIBLE_DEVICES=[$CUDA_VISIBLE_DEVICES]"; {worker} & '
+        f"exec {llama_binary} --model {smollm2_gguf} --host $0 --port $1 --alias $2 --threads 1"
+    )
+    command = f"sh -c {shlex.quote(script)} {{host}} {{port}} {{name}}"
+    server = engines.ServerConfig(managed=serving.ManagedConfig(launch="command", command=command))
+    try:
+        first = serving.serve(server, dirs[0])
+        fleet = serving.running()[0]
+        replica = fleet.replicas[0]
+        serving.release(dirs[0])
+        assert marker.read_text() == "done", "stop waited for the worker's own shutdown instead of killing it"
+        assert not serving._group_alive(replica.process.pid), "no process of the replica's group is left"
+        serving.serve(server, dirs[1])
+        serving.serve(server, dirs[0])  # served again: a new replica, a new log
+        logs = [r.log_path for f in [fleet, *serving.running()] for r in f.replicas]
+        assert len(set(logs)) == 3 and all(p.is_file() for p in logs), "each role and replica logs to its own file"
+        first_log = logs[0].read_text()
+        assert "replica sees CUDA_VISIBLE_DEVICES=[]" in first_log, "a replica given no GPUs sees none"
+        assert first_log.count("replica sees") == 1, "no other replica wrote to (or truncated) its log"
+        assert first.urls
+    finally:
+        serving.stop_all()

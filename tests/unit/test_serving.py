@@ -5,6 +5,7 @@ llama.cpp's servers in tests/stages/test_managed_servers.py."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,10 @@ def test_plan_mode_starts_no_server_and_keys_rows_by_the_directory(tiny_model_di
     engine = engines.make_generator(tiny_model_dir, cfg)
     assert engine.identity == f"openai:{serving.SERVED_NAME}@{hf.weights_fingerprint(tiny_model_dir)}"
     assert serving.running() == [] and engine.fleet.requests_sent == 0
+
+
+def test_a_replica_given_no_gpus_sees_none(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert serving.replica_env(None)["CUDA_VISIBLE_DEVICES"] == ""
+    assert serving.replica_env("1")["CUDA_VISIBLE_DEVICES"] == "1"
+    assert serving.replica_env(None)["PATH"] == os.environ["PATH"], "the rest of the environment is kept"

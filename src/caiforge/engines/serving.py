@@ -4,13 +4,14 @@ declares, and stops them when the stage ends.
 The servers are the engines people run (vLLM, SGLang, llama.cpp's `llama-server`, llama-cpp-python's server, or a
 command template); caiforge only places, starts, waits for and stops them:
 
-- each replica gets a free port on 127.0.0.1 and, for vLLM and SGLang, its own GPUs (`CUDA_VISIBLE_DEVICES`:
-  replicas x `gpus_per_replica` of the visible ones);
+- each replica gets a free port on 127.0.0.1 and its own GPUs (`CUDA_VISIBLE_DEVICES`: replicas x
+  `gpus_per_replica` of the visible ones; empty for a replica given none) and its own log file;
 - a replica is ready when /v1/models lists the served name; one that exits or is not ready within
   `startup_timeout` fails the stage with the tail of its log;
 - every replica runs in its own process group, and a watchdog process (one per stage process) kills those groups
   when the stage process dies, however it dies (SIGKILL included): no server outlives its stage. A normal end,
-  an error, Ctrl-C or SIGTERM stop them at once (`stop_all`, called by every stage's main);
+  an error, Ctrl-C or SIGTERM stop them at once (`stop_all`, called by every stage's main); stopping returns only
+  once no process of the replica's group is left, its workers included;
 - llama.cpp serves GGUF files: the role's safetensors directory is converted with llama.cpp's own
   `convert_hf_to_gguf.py` (from the sources llama-cpp-python's sdist vendors; `.ci/build-llama-server` installs
   it), cached by the directory's weights fingerprint.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -63,7 +65,8 @@ class ManagedConfig:
     replicas: int = 1
     """Servers to start; requests are spread over all of them."""
     gpus_per_replica: int = 0
-    """GPUs each replica gets (vLLM/SGLang tensor-parallel size; 0: none, e.g. llama.cpp on CPU)."""
+    """GPUs each replica gets (vLLM/SGLang tensor-parallel size; 0: none, e.g. llama.cpp on CPU: the replica then
+    runs with CUDA_VISIBLE_DEVICES empty, so it cannot take a GPU training uses)."""
     args: tuple[str, ...] = ()
     """Extra command-line arguments for every replica (e.g. ["--max-model-len", "4096"])."""
     command: str | None = None
@@ -254,18 +257,46 @@ class Fleet:
     def urls(self) -> tuple[str, ...]:
         return tuple(r.url for r in self.replicas)
 
-    def stop(self) -> None:
-        """SIGTERM every replica's process group, then SIGKILL what is left after 10 s."""
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM every replica's process group, SIGKILL what is left of them after `grace` seconds, and return
+        once no process of any group is left (workers included: the GPU memory they hold is free again)."""
+        groups = [r.process.pid for r in self.replicas]
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 30.0)):
+            for r in self.replicas:
+                _signal_group(r.process, sig)
+            deadline = time.monotonic() + wait
+            while (left := [g for g in groups if _group_alive(g)]) and time.monotonic() < deadline:
+                for r in self.replicas:
+                    r.process.poll()  # reap a leader that has exited: a zombie leader is not a live group
+                time.sleep(0.1)
+            if not left:
+                break
+        else:
+            log.warning("server.managed: process groups %s still have processes after SIGKILL", left)
         for r in self.replicas:
-            _signal_group(r.process, signal.SIGTERM)
-        deadline = time.monotonic() + 10.0
-        for r in self.replicas:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                r.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            _signal_group(r.process, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 r.process.wait(timeout=10)
-        _forget([r.process.pid for r in self.replicas])
+        _forget(groups)
+
+
+def _group_alive(group: int) -> bool:
+    """Whether any process of process group `group` is running (zombies waiting for their reaper do not count:
+    they hold no memory). Reads /proc where there is one, else asks the kernel (kill 0)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(group, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        if int(fields[2]) == group and fields[0] != "Z":  # fields after the name: state, ppid, pgrp, ...
+            return True
+    return False
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:
@@ -322,6 +353,16 @@ def _listed(url: str, name: str) -> bool:
     return any(m.get("id") == name for m in body.get("data", []) if isinstance(m, dict))
 
 
+def replica_env(devices: str | None) -> dict[str, str]:
+    """A replica's environment: this process's, with CUDA_VISIBLE_DEVICES set to the replica's GPUs, or to "" for
+    a replica given none (so a llama.cpp or command replica does not take GPU 0 from training)."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": devices or ""}
+
+
+_fleet_numbers = itertools.count()
+"""Numbers each replica log of this process uniquely: two roles, or a model served again, never share a file."""
+
+
 def start(cfg: ManagedConfig, model_dir: Path, log_dir: Path) -> Fleet:
     """Start `cfg.replicas` servers on `model_dir` and wait until every one lists SERVED_NAME."""
     gguf = gguf_for(model_dir, cfg.gguf_type) if needs_gguf(cfg) else None
@@ -333,10 +374,8 @@ def start(cfg: ManagedConfig, model_dir: Path, log_dir: Path) -> Fleet:
         for i, devices in enumerate(gpus):
             port = free_port()
             cmd = command_line(cfg, model_dir, gguf, port, devices)
-            env = dict(os.environ)
-            if devices is not None:
-                env["CUDA_VISIBLE_DEVICES"] = devices
-            path = log_dir / f"{cfg.launch}-{i}.log"
+            env = replica_env(devices)
+            path = log_dir / f"{model_dir.name}-{cfg.launch}-{next(_fleet_numbers)}-{i}.log"
             with path.open("wb") as fh:
                 process = subprocess.Popen(
                     cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True
