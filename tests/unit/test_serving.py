@@ -105,3 +105,32 @@ def test_a_replica_given_no_gpus_sees_none(monkeypatch):
     assert serving.replica_env(None)["CUDA_VISIBLE_DEVICES"] == ""
     assert serving.replica_env("1")["CUDA_VISIBLE_DEVICES"] == "1"
     assert serving.replica_env(None)["PATH"] == os.environ["PATH"], "the rest of the environment is kept"
+
+
+# Stands in for llama.cpp's convert_hf_to_gguf.py (its real run is tests/stages/test_managed_servers.py): writes
+# its version into the output and counts its runs.
+CONVERTER = """import sys
+args = sys.argv[1:]
+open(args[args.index("--outfile") + 1], "w").write("{version}")
+open(__file__ + ".runs", "a").write("x")
+"""
+
+
+def test_the_gguf_cache_is_keyed_by_the_converter_and_cleans_up_after_killed_conversions(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    script, cache = tmp_path / "convert_hf_to_gguf.py", tmp_path / "gguf"
+    monkeypatch.setenv("CAIFORGE_LLAMA_CONVERTER", str(script))
+    script.write_text(CONVERTER.format(version="v1"))
+    first = serving.gguf_for(tiny_model_dir, "f16", cache)
+    assert serving.gguf_for(tiny_model_dir, "f16", cache) == first and first.read_text() == "v1"
+    assert (tmp_path / "convert_hf_to_gguf.py.runs").read_text() == "x", "the same converter converts once"
+    assert serving.gguf_for(tiny_model_dir, "q8_0", cache) != first, "the type is part of the key"
+
+    dead, live = cache / ".converting-999999999-abc", cache / f".converting-{os.getpid()}-def"
+    dead.mkdir()
+    live.mkdir()
+    script.write_text(CONVERTER.format(version="v2"))  # a newer llama.cpp
+    second = serving.gguf_for(tiny_model_dir, "f16", cache)
+    assert second != first and second.read_text() == "v2", "a new converter's output is not the old file"
+    assert not dead.exists() and live.exists(), "a killed conversion's folder goes; a running one's stays"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import itertools
 import json
 import logging
@@ -184,20 +185,25 @@ def converter() -> Path:
 
 def gguf_for(model_dir: Path, gguf_type: str, cache_dir: Path | None = None) -> Path:
     """The GGUF llama.cpp serves for `model_dir`: converted once by llama.cpp's own converter and cached under the
-    directory's weights fingerprint (and the type), so the same weights are never converted twice."""
+    directory's weights fingerprint, the type and the converter's own hash (a newer converter can write a different
+    file), so the same weights are never converted twice by one converter. A conversion killed midway leaves a
+    `.converting-<pid>-*` folder; the next call removes those whose process is gone."""
     from caiforge.engines import hf
 
     cache_dir = cache_dir or Path(os.environ.get("CAIFORGE_GGUF_CACHE") or Path.home() / ".cache/caiforge/gguf")
-    out = cache_dir / f"{hf.weights_fingerprint(model_dir)[:24]}-{gguf_type}.gguf"
+    script = converter()
+    version = hashlib.sha256(script.read_bytes()).hexdigest()[:12]
+    out = cache_dir / f"{hf.weights_fingerprint(model_dir)[:24]}-{gguf_type}-conv{version}.gguf"
     if out.is_file():
         return out
     cache_dir.mkdir(parents=True, exist_ok=True)
+    _remove_dead_conversions(cache_dir)
     from caiforge import models
 
     source = models.resolve(model_dir)
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".converting-") as tmp:
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=f".converting-{os.getpid()}-") as tmp:
         part = Path(tmp) / out.name
-        cmd = [sys.executable, str(converter()), str(source), "--outfile", str(part), "--outtype", gguf_type]
+        cmd = [sys.executable, str(script), str(source), "--outfile", str(part), "--outtype", gguf_type]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode or not part.is_file():
             tail = (done.stderr or done.stdout)[-2000:]
@@ -205,6 +211,26 @@ def gguf_for(model_dir: Path, gguf_type: str, cache_dir: Path | None = None) -> 
         part.replace(out)  # atomic: a half-written GGUF never sits at `out`
     log.info("converted %s to %s", source, out)
     return out
+
+
+def _remove_dead_conversions(cache_dir: Path) -> None:
+    """Delete `.converting-<pid>-*` folders whose process no longer runs (a live one is another stage's)."""
+    import shutil
+
+    for folder in cache_dir.glob(".converting-*"):
+        pid = folder.name.split("-")[1]  # .converting-<pid>-<random>
+        if not pid.isdigit() or not _pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 WATCHDOG = r"""
