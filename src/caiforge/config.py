@@ -388,12 +388,18 @@ ADHOC_DIR = "outputs"
 
 def _outside_dvc(stage: str, cfg: T) -> T:
     """A stage run by hand writes to outputs/<stage>/, not to the DVC output data/<stage>/ (which an ad-hoc run
-    would silently clobber, leaving the workspace out of step with dvc.lock). DVC sets DVC_STAGE for the stages
-    it runs; `<stage>.out_dir=...` on the command line writes wherever it says, data/ included."""
-    from caiforge import planmode
+    would silently clobber, leaving the workspace out of step with dvc.lock), and its row cache does not count it as
+    a build (`RowCacheConfig.build`). DVC sets DVC_STAGE for the stages it runs; `<stage>.out_dir=...` on the
+    command line writes wherever it says, data/ included."""
+    from caiforge import planmode, rowcache
 
+    if os.environ.get("DVC_STAGE") or planmode.active():
+        return cfg
+    cache = getattr(cfg, "row_cache", None)
+    if isinstance(cache, rowcache.RowCacheConfig):  # rows are kept, but a hand run is no build of the cache
+        cfg = dataclasses.replace(cfg, row_cache=dataclasses.replace(cache, build=False))  # type: ignore[type-var]
     out_dir = getattr(cfg, "out_dir", None)
-    if os.environ.get("DVC_STAGE") or planmode.active() or not isinstance(out_dir, str):
+    if not isinstance(out_dir, str):
         return cfg
     if any(arg.startswith(f"{stage}.out_dir=") for arg in sys.argv[1:]):
         return cfg

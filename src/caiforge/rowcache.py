@@ -18,8 +18,9 @@ plus one) and `s` is the engine time the row cost the build that made it (what a
 - when the stage completes, the files it read and its own journal are compacted into one, named by its content
   hash (`rows-<hash>.jsonl`), holding the entries that one of the last `keep_builds` builds used (this one
   included; 0 keeps all): the cache stays as large as a few builds, however many builds it has seen, and
-  reverting a recent edit still finds its rows. Files that appeared after it opened the cache (another live
-  process's journal) are left for the next build to merge.
+  reverting a recent edit still finds its rows. Files that appeared after it opened the cache, and journals of
+  processes still running, are left for the next build to merge. A run by hand (outside `dvc repro`) is no build:
+  it leaves its journal and prunes nothing.
 
 Files are only ever created whole or appended to under a fresh name and deleted; never rewritten in place, so a
 file DVC links from its cache is never modified.
@@ -54,6 +55,11 @@ class RowCacheConfig:
     keep_builds: int = 3
     """When the stage completes, keep the entries that one of the last `keep_builds` builds used (1: this build's
     only; 0: everything ever computed). Bounds the cache, and the time to read it at every start."""
+
+    build: bool = True
+    """False for a stage run by hand, outside `dvc repro` (the stage loader sets it): its rows join the cache as a
+    journal that the next build merges, but the run is no build: it numbers none and prunes nothing, so hand runs
+    never push out the rows the committed build uses."""
 
     def __post_init__(self) -> None:
         if self.keep_builds < 0:
@@ -176,7 +182,8 @@ class RowCache:
             k: self.build if k in self.used or k not in self.last_build else self.last_build[k] for k in self.entries
         }
         keep = {k: v for k, v in self.entries.items() if not keep_builds or last[k] > self.build - keep_builds}
-        old = [path for path in self._read if path.exists()]
+        # Another live process's journal stays where it is: it may still be appending (the next build merges it).
+        old = [path for path in self._read if path.exists() and not _live_journal(path)]
         if not keep and not old:
             return None
         body = "".join(
@@ -238,10 +245,28 @@ class PlanCache(RowCache):
         return None
 
 
+def _live_journal(path: Path) -> bool:
+    """`path` is the journal of another process that is still running (named journal-<pid>-<ns>.jsonl)."""
+    parts = path.name.split("-")
+    if len(parts) != 3 or parts[0] != "journal" or not parts[1].isdigit() or int(parts[1]) == os.getpid():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def finish(cache: RowCache | None, cfg: RowCacheConfig) -> dict[str, int] | None:
-    """A stage's last step once its outputs are written: the cache's counts, then compaction (and pruning)."""
+    """A stage's last step once its outputs are written: the cache's counts, then compaction (and pruning); a run
+    that is no build (`cfg.build` false) only closes its journal."""
     if cache is None:
         return None
     stats = cache.stats()
-    cache.compact(keep_builds=cfg.keep_builds)
+    if cfg.build:
+        cache.compact(keep_builds=cfg.keep_builds)
+    else:
+        cache.close()
     return stats

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 
-from caiforge import engines, models, rowcache
+from caiforge import config, engines, models, rowcache
 from caiforge.engines import hf
 
 # Rows that differ right after a shared few-shot prefix: every subset of them shares the same prefix length, so
@@ -221,3 +224,50 @@ def test_a_cached_row_carries_what_it_cost_to_make(tiny, tmp_path):
     legacy = generator(tiny, rowcache.RowCache(old))
     legacy.chat(CONVS, seed=3)
     assert legacy.stats.cache_hits == 1 and legacy.stats.unpriced_cache_hits == 1 and legacy.stats.rows == 6
+
+
+def test_compaction_leaves_a_live_processs_journal_and_merges_it_once_that_process_is_gone(tmp_path):
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        journal = tmp_path / f"journal-{writer.pid}-1.jsonl"  # that process's journal, still being appended to
+        journal.write_text(json.dumps({"k": "theirs", "v": 1}) + "\n")
+        build = rowcache.RowCache(tmp_path)
+        build.put([("mine", 2)])
+        build.compact(keep_builds=1)
+        assert journal.exists(), "a journal a live process may still append to is not deleted"
+        with journal.open("a") as f:
+            f.write(json.dumps({"k": "later", "v": 3}) + "\n")
+    finally:
+        writer.kill()
+        writer.wait()
+    rowcache.RowCache(tmp_path).compact()
+    assert not journal.exists() and rowcache.RowCache(tmp_path).entries == {"theirs": 1, "mine": 2, "later": 3}
+
+
+def test_a_run_by_hand_is_no_build_and_prunes_nothing(tmp_path):
+    cfg = rowcache.RowCacheConfig(dir=str(tmp_path), keep_builds=1)
+    committed = rowcache.RowCache.open(cfg)
+    committed.put([("committed", 1)])
+    rowcache.finish(committed, cfg)
+    for i in range(3):  # three hand runs, each with rows of its own, none using the committed build's
+        hand = rowcache.RowCache.open(dataclasses.replace(cfg, build=False))
+        assert hand.build == 2, "a hand run numbers no build"
+        hand.put([(f"hand{i}", i)])
+        rowcache.finish(hand, dataclasses.replace(cfg, build=False))
+    rebuild = rowcache.RowCache.open(cfg)
+    assert rebuild.build == 2 and rebuild.get("committed") == 1, "the committed build's rows survived"
+    assert {f"hand{i}" for i in range(3)} <= set(rebuild.entries), "and the hand runs' rows were kept"
+
+
+def test_the_stage_loader_marks_a_run_outside_dvc_as_no_build(monkeypatch):
+    @dataclasses.dataclass(frozen=True)
+    class Cfg:
+        out_dir: str
+        row_cache: rowcache.RowCacheConfig
+
+    cfg = Cfg("data/label", rowcache.RowCacheConfig(dir="data/label/rowcache"))
+    monkeypatch.setenv("DVC_STAGE", "label")
+    assert config._outside_dvc("label", cfg) == cfg, "under dvc repro: a build, written where params say"
+    monkeypatch.delenv("DVC_STAGE")
+    by_hand = config._outside_dvc("label", cfg)
+    assert by_hand.row_cache.build is False and by_hand.out_dir == "outputs/label"
