@@ -391,12 +391,12 @@ def _outside_dvc(stage: str, cfg: T) -> T:
     would silently clobber, leaving the workspace out of step with dvc.lock), and its row cache does not count it as
     a build (`RowCacheConfig.build`). DVC sets DVC_STAGE for the stages it runs; `<stage>.out_dir=...` on the
     command line writes wherever it says, data/ included."""
-    from caiforge import planmode, rowcache
+    from caiforge import planmode
 
     if os.environ.get("DVC_STAGE") or planmode.active():
         return cfg
-    cache = getattr(cfg, "row_cache", None)
-    if isinstance(cache, rowcache.RowCacheConfig):  # rows are kept, but a hand run is no build of the cache
+    cache = getattr(cfg, "row_cache", None)  # a rowcache.RowCacheConfig (not imported: stages without one skip it)
+    if dataclasses.is_dataclass(cache) and "build" in {f.name for f in dataclasses.fields(cache)}:
         cfg = dataclasses.replace(cfg, row_cache=dataclasses.replace(cache, build=False))  # type: ignore[type-var]
     out_dir = getattr(cfg, "out_dir", None)
     if not isinstance(out_dir, str):
