@@ -219,3 +219,36 @@ def test_a_replica_sees_no_gpu_logs_alone_and_stops_only_when_its_workers_have(
         assert first.urls
     finally:
         serving.stop_all()
+
+
+def test_a_replica_started_with_an_api_key_is_probed_with_it_and_its_death_fails_the_call_at_once(
+    tmp_path, smollm2_gguf, smollm2_tokenizer_dir, monkeypatch
+):
+    """llama-cpp-python's server (like vLLM with --api-key) answers /v1/models with 401 to a probe without the key;
+    a replica that dies mid-stage fails the next request with its exit code and log, not after retry_window."""
+    from caiforge import engines
+    from caiforge.engines import openai
+
+    monkeypatch.setenv(servers.API_KEY_ENV, servers.API_KEY)
+    command = (
+        f"{sys.executable} -m llama_cpp.server --model {smollm2_gguf} --host {{host}} --port {{port}} "
+        f"--model_alias {{name}} --n_threads 1 --api_key {servers.API_KEY}"
+    )
+    managed = serving.ManagedConfig(launch="command", command=command, startup_timeout=120)
+    server = engines.ServerConfig(managed=managed, api_key_env=servers.API_KEY_ENV, max_retries=3)
+    try:
+        served = serving.serve(server, smollm2_tokenizer_dir)
+        fleet = openai.Fleet(served)
+        assert fleet.complete([{"prompt": "Hello", "max_tokens": 2}])[0]["choices"], "ready, and it answers"
+        replica = serving.running()[0].replicas[0]
+        replica.process.kill()
+        replica.process.wait()
+        began = time.monotonic()
+        with pytest.raises(openai.ServerError, match=r"exited with -9 .*its log .* ends:") as err:
+            fleet.complete([{"prompt": "Hello", "max_tokens": 2}])
+        assert time.monotonic() - began < 30, (
+            f"failed at once, not after server.retry_window ({server.retry_window} s)"
+        )
+        assert servers.API_KEY not in str(err.value)
+    finally:
+        serving.stop_all()

@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -103,12 +102,7 @@ class Fleet:
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
         self.urls = [base_url(u) for u in cfg.urls]
-        self.headers = {"Content-Type": "application/json"}
-        if cfg.api_key_env:
-            key = os.environ.get(cfg.api_key_env)
-            if not key:
-                raise ValueError(f"server.api_key_env: environment variable {cfg.api_key_env} is not set")
-            self.headers["Authorization"] = f"Bearer {key}"
+        self.headers = {"Content-Type": "application/json", **serving.auth_headers(cfg)}
         self.model = cfg.model or ""
         self.dialects = {url: cfg.dialect if cfg.dialect != "auto" else "openai" for url in self.urls}
         self.requests_sent = 0
@@ -241,6 +235,10 @@ class Fleet:
                 except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
                     error, retry = f"{url}: {type(exc).__name__}: {exc or 'timed out'}", True
                 last_error[url] = error
+                died = serving.replica_death(url)  # a managed replica that exited fails the call now, not in 600 s
+                if died:
+                    fail(f"request {i} failed: {error}; {died}")
+                    return
                 if not retry:
                     fail(f"request {i} failed and is not retryable: {error}")
                     return

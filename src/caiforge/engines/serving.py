@@ -271,6 +271,8 @@ class Replica:
     log_path: Path
     command: list[str]
     gpus: str | None
+    shown: str = ""
+    """The command line as logs and errors show it: the API key, if it is on it, replaced by ***."""
 
 
 class Fleet:
@@ -370,9 +372,10 @@ def _log_tail(path: Path, n: int = 3000) -> str:
         return "(no log)"
 
 
-def _listed(url: str, name: str) -> bool:
+def _listed(url: str, name: str, headers: dict[str, str]) -> bool:
     try:
-        with urllib.request.urlopen(f"{url}/models", timeout=2) as resp:
+        request = urllib.request.Request(f"{url}/models", headers=headers)
+        with urllib.request.urlopen(request, timeout=2) as resp:
             body = json.loads(resp.read())
     except (OSError, ValueError, urllib.error.URLError):
         return False
@@ -389,8 +392,9 @@ _fleet_numbers = itertools.count()
 """Numbers each replica log of this process uniquely: two roles, or a model served again, never share a file."""
 
 
-def start(cfg: ManagedConfig, model_dir: Path, log_dir: Path) -> Fleet:
-    """Start `cfg.replicas` servers on `model_dir` and wait until every one lists SERVED_NAME."""
+def start(cfg: ManagedConfig, model_dir: Path, log_dir: Path, headers: dict[str, str] | None = None) -> Fleet:
+    """Start `cfg.replicas` servers on `model_dir` and wait until every one lists SERVED_NAME (asking with
+    `headers`: the role's API key, for a server started with one)."""
     gguf = gguf_for(model_dir, cfg.gguf_type) if needs_gguf(cfg) else None
     busy = {g for f in _running.values() for r in f.replicas for g in (r.gpus or "").split(",") if g}
     gpus = placement(cfg.replicas, cfg.gpus_per_replica, visible_gpus() if cfg.gpus_per_replica else [], busy)
@@ -407,8 +411,11 @@ def start(cfg: ManagedConfig, model_dir: Path, log_dir: Path) -> Fleet:
                     cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True
                 )
             _remember([process.pid])
-            replicas.append(Replica(f"http://127.0.0.1:{port}/v1", process, path, cmd, devices))
-            log.info("started %s replica %d on %s: %s", cfg.launch, i, replicas[-1].url, shlex.join(cmd))
+            shown = shlex.join(cmd)
+            for secret in {v.removeprefix("Bearer ") for v in (headers or {}).values()}:
+                shown = shown.replace(secret, "***")
+            replicas.append(Replica(f"http://127.0.0.1:{port}/v1", process, path, cmd, devices, shown))
+            log.info("started %s replica %d on %s: %s", cfg.launch, i, replicas[-1].url, shown)
         deadline = time.monotonic() + cfg.startup_timeout
         waiting = list(replicas)
         while waiting:
@@ -416,9 +423,9 @@ def start(cfg: ManagedConfig, model_dir: Path, log_dir: Path) -> Fleet:
                 if r.process.poll() is not None:
                     raise RuntimeError(
                         f"server.managed: {cfg.launch} on {model_dir} exited with {r.process.returncode} before it "
-                        f"was ready ({shlex.join(r.command)}); its log ({r.log_path}) ends:\n{_log_tail(r.log_path)}"
+                        f"was ready ({r.shown}); its log ({r.log_path}) ends:\n{_log_tail(r.log_path)}"
                     )
-                if _listed(r.url, SERVED_NAME):
+                if _listed(r.url, SERVED_NAME, headers or {}):
                     waiting.remove(r)
             if waiting and time.monotonic() > deadline:
                 r = waiting[0]
@@ -433,6 +440,16 @@ def start(cfg: ManagedConfig, model_dir: Path, log_dir: Path) -> Fleet:
     return Fleet(cfg, model_dir, replicas)
 
 
+def auth_headers(cfg: Any) -> dict[str, str]:
+    """The Authorization header for `cfg` (a ServerConfig): the key in the variable `api_key_env` names, if any."""
+    if not cfg.api_key_env:
+        return {}
+    key = os.environ.get(cfg.api_key_env)
+    if not key:
+        raise ValueError(f"server.api_key_env: environment variable {cfg.api_key_env} is not set")
+    return {"Authorization": f"Bearer {key}"}
+
+
 def serve(cfg: Any, model_dir: str | Path) -> Any:
     """`cfg` (a ServerConfig) as the engine should use it: unchanged without `managed.launch`; else pointing at
     this stage's replicas serving `model_dir` (started on first use, shared by every engine of the stage on the
@@ -445,12 +462,26 @@ def serve(cfg: Any, model_dir: str | Path) -> Any:
     if key not in _running:
         _install_sigterm()
         log_dir = Path(tempfile.gettempdir()) / f"caiforge-servers-{os.getpid()}"
-        _running[key] = start(managed, model_dir, log_dir)
+        _running[key] = start(managed, model_dir, log_dir, auth_headers(cfg))
     fleet = _running[key]
     # The engine sees plain servers at these URLs, serving exactly the directory it fingerprints.
     return dataclasses.replace(
         cfg, urls=fleet.urls, model=SERVED_NAME, weights="model_dir", tokenizer=None, managed=ManagedConfig()
     )
+
+
+def replica_death(url: str) -> str | None:
+    """If `url` is a managed replica of this process whose server has exited, what to tell the user: its exit code,
+    command and log tail (None: not a managed replica, or still running)."""
+    for fleet in _running.values():
+        for r in fleet.replicas:
+            if r.url.rstrip("/") == url.rstrip("/") and r.process.poll() is not None:
+                return (
+                    f"the managed {fleet.cfg.launch} replica serving {fleet.model_dir} at {r.url} exited with "
+                    f"{r.process.returncode} ({r.shown}); its log ({r.log_path}) ends:\n"
+                    f"{_log_tail(r.log_path)}"
+                )
+    return None
 
 
 def running() -> list[Fleet]:
