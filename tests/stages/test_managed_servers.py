@@ -241,6 +241,7 @@ def test_a_replica_started_with_an_api_key_is_probed_with_it_and_its_death_fails
         fleet = openai.Fleet(served)
         assert fleet.complete([{"prompt": "Hello", "max_tokens": 2}])[0]["choices"], "ready, and it answers"
         replica = serving.running()[0].replicas[0]
+        assert replica.name.startswith(f"{serving.SERVED_NAME}-") and fleet.served_as(replica.url) == replica.name
         replica.process.kill()
         replica.process.wait()
         began = time.monotonic()
@@ -252,3 +253,24 @@ def test_a_replica_started_with_an_api_key_is_probed_with_it_and_its_death_fails
         assert servers.API_KEY not in str(err.value)
     finally:
         serving.stop_all()
+
+
+def test_another_server_on_the_replicas_port_is_never_taken_for_it(
+    tmp_path, smollm2_gguf, smollm2_tokenizer_dir, llama_binary, monkeypatch
+):
+    """The port is free when chosen and bound by the server later; something else serving "caiforge" on it (a
+    leftover replica) must not make the stage talk to the wrong weights: a replica is ready only under its own name."""
+    from caiforge import engines
+
+    with servers.running(smollm2_gguf, tmp_path, cpp=True, alias=serving.SERVED_NAME) as squatter:
+        port = int(squatter.url.rsplit(":", 1)[1].split("/")[0])
+        monkeypatch.setattr(serving, "free_port", lambda: port)
+        command = f"{llama_binary} --model {smollm2_gguf} --host {{host}} --port {{port}} --alias {{name}} --threads 1"
+        managed = serving.ManagedConfig(launch="command", command=command, startup_timeout=60)
+        monkeypatch.setenv(servers.API_KEY_ENV, servers.API_KEY)  # the squatter would answer the probe
+        server = engines.ServerConfig(managed=managed, api_key_env=servers.API_KEY_ENV)
+        try:
+            with pytest.raises(RuntimeError, match=r"exited with \d+ before it was ready"):
+                serving.serve(server, smollm2_tokenizer_dir)
+        finally:
+            serving.stop_all()

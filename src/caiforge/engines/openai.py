@@ -111,6 +111,10 @@ class Fleet:
     def describe(self) -> str:
         return ", ".join(self.urls)
 
+    def served_as(self, url: str) -> str:
+        """The model name requests to `url` carry: a managed replica's own name, else the fleet's."""
+        return serving.served_name(url) or self.model
+
     def served_model(self) -> str:
         """The model id every server reports (or `server.model`, checked against their lists)."""
         reported = asyncio.run(self._gather_models())
@@ -120,7 +124,7 @@ class Fleet:
                 owners = {m.get("owned_by") for m in body.get("data", [])}
                 self.dialects[url] = next((OWNED_BY[o] for o in owners if o in OWNED_BY), "openai")
         if self.cfg.model:
-            missing = [url for url, names in ids.items() if self.cfg.model not in names]
+            missing = [url for url, names in ids.items() if self.served_as(url) not in names]
             if missing:
                 raise ServerError(f"server.model {self.cfg.model!r} is not served by {missing}: they list {ids}")
             return self.cfg.model
@@ -203,7 +207,8 @@ class Fleet:
                 if not server.up.is_set():  # went down while this worker waited for work
                     queue.put_nowait((i, attempt))
                     continue
-                body = {"model": self.model, **payloads[i]} if self.model else payloads[i]
+                model = self.served_as(url)
+                body = {"model": model, **payloads[i]} if model else payloads[i]
                 body = in_dialect(body, self.dialects[url])
                 retry_after = None
                 try:
@@ -263,7 +268,7 @@ class Fleet:
                 except (TimeoutError, aiohttp.ClientError, ConnectionError, ValueError):
                     listed = None
                 names = [m.get("id") for m in listed.get("data", [])] if isinstance(listed, dict) else []
-                if names and (not self.model or self.model in names):
+                if names and (not self.model or self.served_as(server.url) in names):
                     log.warning("%s: answers /models again; back in the fleet", server.url)
                     server.back()
                 else:

@@ -6,7 +6,8 @@ command template); caiforge only places, starts, waits for and stops them:
 
 - each replica gets a free port on 127.0.0.1 and its own GPUs (`CUDA_VISIBLE_DEVICES`: replicas x
   `gpus_per_replica` of the visible ones; empty for a replica given none) and its own log file;
-- a replica is ready when /v1/models lists the served name; one that exits or is not ready within
+- a replica is ready when /v1/models lists its own served name (`caiforge-<token>`, so another server holding the
+  port is never taken for it); one that exits or is not ready within
   `startup_timeout` fails the stage with the tail of its log;
 - every replica runs in its own process group, and a watchdog process (one per stage process) kills those groups
   when the stage process dies, however it dies (SIGKILL included): no server outlives its stage. A normal end,
@@ -29,6 +30,7 @@ import itertools
 import json
 import logging
 import os
+import secrets
 import shlex
 import signal
 import socket
@@ -46,7 +48,8 @@ log = logging.getLogger(__name__)
 
 Launcher = Literal["none", "vllm", "sglang", "llama_server", "llama_cpp_python", "command"]
 SERVED_NAME = "caiforge"
-"""The name every managed replica serves its model under."""
+"""What identifies a managed role's model in its row keys (`openai:caiforge@<fingerprint>`); each replica serves
+under this name plus a token of its own (`served_name`)."""
 LLAMA_CPP_VERSION = "0.3.36"
 """The llama-cpp-python release whose vendored llama.cpp `.ci/build-llama-server` builds (binary and converter)."""
 
@@ -140,9 +143,11 @@ def llama_server_binary(cfg: ManagedConfig) -> str:
     )
 
 
-def command_line(cfg: ManagedConfig, model_dir: Path, gguf: Path | None, port: int, gpus: str | None) -> list[str]:
-    """The command that starts one replica serving `model_dir` (or its `gguf`) as SERVED_NAME on 127.0.0.1:`port`."""
-    host, name, extra = "127.0.0.1", SERVED_NAME, list(cfg.args)
+def command_line(
+    cfg: ManagedConfig, model_dir: Path, gguf: Path | None, port: int, gpus: str | None, name: str = SERVED_NAME
+) -> list[str]:
+    """The command that starts one replica serving `model_dir` (or its `gguf`) as `name` on 127.0.0.1:`port`."""
+    host, extra = "127.0.0.1", list(cfg.args)
     tp = str(cfg.gpus_per_replica)
     if cfg.launch == "vllm":
         cmd = ["vllm", "serve", str(model_dir), "--host", host, "--port", str(port), "--served-model-name", name]
@@ -271,6 +276,9 @@ class Replica:
     log_path: Path
     command: list[str]
     gpus: str | None
+    name: str = SERVED_NAME
+    """The name this replica serves its model under (its own: readiness is then never fooled by another server
+    that holds the port)."""
     shown: str = ""
     """The command line as logs and errors show it: the API key, if it is on it, replaced by ***."""
 
@@ -393,8 +401,8 @@ _fleet_numbers = itertools.count()
 
 
 def start(cfg: ManagedConfig, model_dir: Path, log_dir: Path, headers: dict[str, str] | None = None) -> Fleet:
-    """Start `cfg.replicas` servers on `model_dir` and wait until every one lists SERVED_NAME (asking with
-    `headers`: the role's API key, for a server started with one)."""
+    """Start `cfg.replicas` servers on `model_dir`, each under a served name of its own, and wait until every one
+    lists its name (asking with `headers`: the role's API key, for a server started with one)."""
     gguf = gguf_for(model_dir, cfg.gguf_type) if needs_gguf(cfg) else None
     busy = {g for f in _running.values() for r in f.replicas for g in (r.gpus or "").split(",") if g}
     gpus = placement(cfg.replicas, cfg.gpus_per_replica, visible_gpus() if cfg.gpus_per_replica else [], busy)
@@ -402,8 +410,8 @@ def start(cfg: ManagedConfig, model_dir: Path, log_dir: Path, headers: dict[str,
     replicas: list[Replica] = []
     try:
         for i, devices in enumerate(gpus):
-            port = free_port()
-            cmd = command_line(cfg, model_dir, gguf, port, devices)
+            port, name = free_port(), f"{SERVED_NAME}-{secrets.token_hex(4)}"
+            cmd = command_line(cfg, model_dir, gguf, port, devices, name)
             env = replica_env(devices)
             path = log_dir / f"{model_dir.name}-{cfg.launch}-{next(_fleet_numbers)}-{i}.log"
             with path.open("wb") as fh:
@@ -414,7 +422,7 @@ def start(cfg: ManagedConfig, model_dir: Path, log_dir: Path, headers: dict[str,
             shown = shlex.join(cmd)
             for secret in {v.removeprefix("Bearer ") for v in (headers or {}).values()}:
                 shown = shown.replace(secret, "***")
-            replicas.append(Replica(f"http://127.0.0.1:{port}/v1", process, path, cmd, devices, shown))
+            replicas.append(Replica(f"http://127.0.0.1:{port}/v1", process, path, cmd, devices, name, shown))
             log.info("started %s replica %d on %s: %s", cfg.launch, i, replicas[-1].url, shown)
         deadline = time.monotonic() + cfg.startup_timeout
         waiting = list(replicas)
@@ -425,7 +433,7 @@ def start(cfg: ManagedConfig, model_dir: Path, log_dir: Path, headers: dict[str,
                         f"server.managed: {cfg.launch} on {model_dir} exited with {r.process.returncode} before it "
                         f"was ready ({r.shown}); its log ({r.log_path}) ends:\n{_log_tail(r.log_path)}"
                     )
-                if _listed(r.url, SERVED_NAME, headers or {}):
+                if _listed(r.url, r.name, headers or {}):
                     waiting.remove(r)
             if waiting and time.monotonic() > deadline:
                 r = waiting[0]
@@ -481,6 +489,15 @@ def replica_death(url: str) -> str | None:
                     f"{r.process.returncode} ({r.shown}); its log ({r.log_path}) ends:\n"
                     f"{_log_tail(r.log_path)}"
                 )
+    return None
+
+
+def served_name(url: str) -> str | None:
+    """The name the managed replica at `url` serves under (None: not a managed replica of this process)."""
+    for fleet in _running.values():
+        for r in fleet.replicas:
+            if r.url.rstrip("/") == url.rstrip("/"):
+                return r.name
     return None
 
 
