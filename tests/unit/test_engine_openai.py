@@ -91,6 +91,20 @@ def test_api_key_comes_from_the_environment(any_server, smollm2_tokenizer_dir, m
     assert "wrong-key" not in str(err.value)
 
 
+def test_a_server_down_at_start_is_read_for_its_dialect_when_it_comes_up(
+    cpp_llama_server, smollm2_gguf, smollm2_tokenizer_dir, server_env, tmp_path
+):
+    """A vLLM that is still loading when the stage starts must not keep the plain dialect (double BOS) once up."""
+    late = servers.free_port()
+    late_url = f"http://127.0.0.1:{late}/v1"
+    gen = generator(smollm2_tokenizer_dir, cpp_llama_server.url, late_url, in_flight=1)
+    assert gen.fleet.dialects == {cpp_llama_server.url: "llama_cpp", late_url: "openai"}, "unknown while down"
+    with servers.running(smollm2_gguf, tmp_path, cpp=True, port=late):
+        answers = gen.chat(CONVS, seed=0)
+    assert all(a.text for a in answers)
+    assert gen.fleet.dialects == {cpp_llama_server.url: "llama_cpp", late_url: "llama_cpp"}, "read once it is up"
+
+
 def test_no_server_answering_is_an_error_naming_them(smollm2_tokenizer_dir, server_env):
     dead = [f"http://127.0.0.1:{servers.free_port()}/v1" for _ in range(2)]
     with pytest.raises(openai.ServerError) as err:

@@ -105,11 +105,30 @@ class Fleet:
         self.headers = {"Content-Type": "application/json", **serving.auth_headers(cfg)}
         self.model = cfg.model or ""
         self.dialects = {url: cfg.dialect if cfg.dialect != "auto" else "openai" for url in self.urls}
+        self.unseen = set(self.urls) if cfg.dialect == "auto" else set()
+        """Servers whose /models (their dialect) has not been read yet: read before their first request."""
         self.requests_sent = 0
         self.retries = 0
 
     def describe(self) -> str:
         return ", ".join(self.urls)
+
+    def learn_dialect(self, url: str, models: Any) -> None:
+        """With `dialect: auto`, take `url`'s dialect from the /models answer `models` it just gave: whenever a
+        server is seen up, at start or back from down (one that was down at start comes back as what it is)."""
+        if self.cfg.dialect != "auto" or not isinstance(models, dict):
+            return
+        owners = {m.get("owned_by") for m in models.get("data", []) if isinstance(m, dict)}
+        self.dialects[url] = next((OWNED_BY[o] for o in owners if o in OWNED_BY), "openai")
+        self.unseen.discard(url)
+
+    async def _see(self, session: Any, url: str) -> None:
+        """Read the dialect of a server not seen up before (down when the fleet started); raises ConnectionError
+        while it does not answer, which the caller retries like a failed request."""
+        async with session.get(f"{url}/models") as resp:
+            if resp.status != 200:
+                raise ConnectionError(f"/models answers HTTP {resp.status}: its dialect is unknown")
+            self.learn_dialect(url, await resp.json(content_type=None))
 
     def served_as(self, url: str) -> str:
         """The model name requests to `url` carry: a managed replica's own name, else the fleet's."""
@@ -119,10 +138,8 @@ class Fleet:
         """The model id every server reports (or `server.model`, checked against their lists)."""
         reported = asyncio.run(self._gather_models())
         ids = {url: [m["id"] for m in body.get("data", [])] for url, body in reported.items()}
-        if self.cfg.dialect == "auto":
-            for url, body in reported.items():
-                owners = {m.get("owned_by") for m in body.get("data", [])}
-                self.dialects[url] = next((OWNED_BY[o] for o in owners if o in OWNED_BY), "openai")
+        for url, body in reported.items():
+            self.learn_dialect(url, body)
         if self.cfg.model:
             missing = [url for url, names in ids.items() if self.served_as(url) not in names]
             if missing:
@@ -212,6 +229,9 @@ class Fleet:
                 body = in_dialect(body, self.dialects[url])
                 retry_after = None
                 try:
+                    if url in self.unseen:
+                        await self._see(session, url)
+                        body = in_dialect(body, self.dialects[url])
                     self.requests_sent += 1
                     async with session.post(f"{url}/completions", json=body) as resp:
                         raw = await resp.read()
@@ -269,7 +289,12 @@ class Fleet:
                     listed = None
                 names = [m.get("id") for m in listed.get("data", [])] if isinstance(listed, dict) else []
                 if names and (not self.model or self.served_as(server.url) in names):
-                    log.warning("%s: answers /models again; back in the fleet", server.url)
+                    self.learn_dialect(server.url, listed)
+                    log.warning(
+                        "%s: answers /models again (%s dialect); back in the fleet",
+                        server.url,
+                        self.dialects[server.url],
+                    )
                     server.back()
                 else:
                     server.probe_delay = min(server.probe_delay * 2, PROBE_MAX)
