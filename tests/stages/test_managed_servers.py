@@ -43,13 +43,17 @@ def converter() -> None:
         pytest.skip(str(exc))
 
 
-def managed_cfg(tmp_path: Path, policy: Path, managed: dict):
+Q4 = "revision:smollm2-135m-instruct-q4_1"
+"""What the tests' command templates serve (the embedded GGUF, not the role's directory), stated."""
+
+
+def managed_cfg(tmp_path: Path, policy: Path, managed: dict, weights: str | None = None):
     """critique_revise on smoke (6 prompts, 1 round), its policy served by managed servers."""
     stage = load_stage("critique_revise")
     section = smoke_section("critique_revise", ["critique_revise.max_prompts=6", "critique_revise.rounds=1"])
     section.update(prompts=str(write_prompts(tmp_path / "prompts.parquet")), policy=str(policy))
     section.update(out_dir=str(tmp_path / "out"))
-    server = {"max_in_flight": 2, "managed": managed}
+    server = {"max_in_flight": 2, "managed": managed, "weights": weights}
     section["generation"] = {**section["generation"], "backend": "openai", "server": server}
     parts = {k: ("constitutions/default.yaml", PARTS[k]) for k in ("critique_revision", "critique_revision_examples")}
     declared = {"critique_revise": ("params.yaml", section), **parts}
@@ -80,7 +84,8 @@ def test_critique_revise_serves_its_declared_safetensors_on_llama_server(
     assert metrics["generation"]["backend"] == "openai"
     rows = pl.read_parquet(tmp_path / "out" / "revisions.parquet")
     fingerprint = hf.weights_fingerprint(smollm2_dir)
-    assert (rows["model_fingerprint"] == f"openai:{serving.SERVED_NAME}@{fingerprint}").all()
+    label = serving.served_label(serving.ManagedConfig(launch="llama_server", args=tuple(managed["args"])))
+    assert (rows["model_fingerprint"] == f"openai:{label}@{fingerprint}").all()
     assert rows["revision"].str.len_chars().min() > 0, "the served model wrote the revisions"
 
 
@@ -88,10 +93,10 @@ DRIVER = r"""
 import sys
 from pathlib import Path
 from caiforge import config
-from tests.stages.test_managed_servers import managed_cfg
+from tests.stages.test_managed_servers import Q4, managed_cfg
 tmp, policy, command = sys.argv[1:]
 sys.argv[1:] = []  # no command-line overrides of params.yaml
-stage, cfg = managed_cfg(Path(tmp), Path(policy), {"launch": "command", "command": command})
+stage, cfg = managed_cfg(Path(tmp), Path(policy), {"launch": "command", "command": command}, Q4)
 config.stage_main("critique_revise", type(cfg), lambda _: stage.run(cfg))
 """
 """A stage process as `stages/critique_revise.py` runs (its `main` is `config.stage_main`), on the test's config
@@ -159,7 +164,7 @@ def test_released_servers_stop_and_free_their_directory_only(
     for d in dirs:
         shutil.copytree(smollm2_tokenizer_dir, d)
     command = f"{llama_binary} --model {smollm2_gguf} --host {{host}} --port {{port}} --alias {{name}} --threads 1"
-    server = engines.ServerConfig(managed=serving.ManagedConfig(launch="command", command=command))
+    server = engines.ServerConfig(managed=serving.ManagedConfig(launch="command", command=command), weights=Q4)
     try:
         urls = [serving.serve(server, d).urls for d in dirs]
         assert urls[0] != urls[1] and len(serving.running()) == 2
@@ -201,7 +206,7 @@ def test_a_replica_sees_no_gpu_logs_alone_and_stops_only_when_its_workers_have(
         f"exec {llama_binary} --model {smollm2_gguf} --host $0 --port $1 --alias $2 --threads 1"
     )
     command = f"sh -c {shlex.quote(script)} {{host}} {{port}} {{name}}"
-    server = engines.ServerConfig(managed=serving.ManagedConfig(launch="command", command=command))
+    server = engines.ServerConfig(managed=serving.ManagedConfig(launch="command", command=command), weights=Q4)
     try:
         first = serving.serve(server, dirs[0])
         fleet = serving.running()[0]
@@ -235,7 +240,7 @@ def test_a_replica_started_with_an_api_key_is_probed_with_it_and_its_death_fails
         f"--model_alias {{name}} --n_threads 1 --api_key {servers.API_KEY}"
     )
     managed = serving.ManagedConfig(launch="command", command=command, startup_timeout=120)
-    server = engines.ServerConfig(managed=managed, api_key_env=servers.API_KEY_ENV, max_retries=3)
+    server = engines.ServerConfig(managed=managed, api_key_env=servers.API_KEY_ENV, max_retries=3, weights=Q4)
     try:
         served = serving.serve(server, smollm2_tokenizer_dir)
         fleet = openai.Fleet(served)
@@ -268,7 +273,7 @@ def test_another_server_on_the_replicas_port_is_never_taken_for_it(
         command = f"{llama_binary} --model {smollm2_gguf} --host {{host}} --port {{port}} --alias {{name}} --threads 1"
         managed = serving.ManagedConfig(launch="command", command=command, startup_timeout=60)
         monkeypatch.setenv(servers.API_KEY_ENV, servers.API_KEY)  # the squatter would answer the probe
-        server = engines.ServerConfig(managed=managed, api_key_env=servers.API_KEY_ENV)
+        server = engines.ServerConfig(managed=managed, api_key_env=servers.API_KEY_ENV, weights=Q4)
         try:
             with pytest.raises(RuntimeError, match=r"exited with \d+ before it was ready"):
                 serving.serve(server, smollm2_tokenizer_dir)

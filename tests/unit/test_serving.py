@@ -82,7 +82,9 @@ def test_bad_managed_settings_name_the_key():
         engines.ServerConfig(urls=("http://x:1/v1",), managed=managed(launch="llama_server"))
 
 
-def test_plan_mode_starts_no_server_and_keys_rows_by_the_directory(tiny_model_dir, tmp_path, monkeypatch):
+def test_plan_mode_starts_no_server_and_keys_rows_by_the_directory_and_the_launch_settings(
+    tiny_model_dir, tmp_path, monkeypatch
+):
     """`caiforge plan` counts a managed role's requests under the identity the real run will use (the served
     name and the directory's fingerprint), without starting anything."""
     import json
@@ -93,11 +95,40 @@ def test_plan_mode_starts_no_server_and_keys_rows_by_the_directory(tiny_model_di
     ctx = tmp_path / "plan.json"
     ctx.write_text(json.dumps({"report": str(tmp_path / "report.json"), "pending": []}))
     monkeypatch.setenv(planmode.ENV, str(ctx))
-    server = engines.ServerConfig(managed=managed(launch="llama_server"))
-    cfg = engines.GenerationConfig(backend="openai", server=server, progress=False)
-    engine = engines.make_generator(tiny_model_dir, cfg)
-    assert engine.identity == f"openai:{serving.SERVED_NAME}@{hf.weights_fingerprint(tiny_model_dir)}"
-    assert serving.running() == [] and engine.fleet.requests_sent == 0
+    script = tmp_path / "convert_hf_to_gguf.py"
+    script.write_text(CONVERTER.format(version="v1"))
+    monkeypatch.setenv("CAIFORGE_LLAMA_CONVERTER", str(script))
+
+    def identity(weights=None, **settings) -> str:
+        server = engines.ServerConfig(managed=managed(**settings), weights=weights)
+        cfg = engines.GenerationConfig(backend="openai", server=server, progress=False)
+        engine = engines.make_generator(tiny_model_dir, cfg)
+        assert serving.running() == [] and engine.fleet.requests_sent == 0
+        return engine.identity
+
+    fingerprint = hf.weights_fingerprint(tiny_model_dir)
+    f16 = identity(launch="llama_server")
+    assert f16 == f"openai:{serving.served_label(managed(launch='llama_server'))}@{fingerprint}"
+    assert f16.startswith(f"openai:{serving.SERVED_NAME}[llama_server,f16-conv")
+    # Every launch setting that can change an answer changes the rows' identity; the weights stay the directory's.
+    others = [
+        identity(launch="llama_server", gguf_type="q8_0"),
+        identity(launch="llama_cpp_python"),
+        identity(launch="llama_server", args=("--ctx-size", "4096")),
+        identity(launch="vllm", gpus_per_replica=1),
+        identity(launch="vllm", gpus_per_replica=2),
+        identity(launch="vllm", gpus_per_replica=1, args=("--quantization", "fp8")),
+        identity(launch="command", command="my-server {model} --port {port}"),
+    ]
+    assert len({f16, *others}) == 8 and all(i.endswith(f"@{fingerprint}") for i in others)
+    assert identity(launch="llama_server", replicas=4) == f16, "more replicas of the same server: the same rows"
+    script.write_text(CONVERTER.format(version="v2"))
+    assert identity(launch="llama_server") != f16, "a new converter writes a new GGUF"
+    # A command that serves something other than the role's directory is identified by the revision it states.
+    with pytest.raises(ValueError, match=r"serves neither \{model\} nor \{gguf\}: state what it serves with server"):
+        identity(launch="command", command="my-server /models/llama --port {port}")
+    stated = identity("revision:llama-3-8b-2024", launch="command", command="my-server /models/llama --port {port}")
+    assert stated.endswith("@revision:llama-3-8b-2024")
 
 
 def test_a_replica_given_no_gpus_sees_none(monkeypatch):

@@ -95,6 +95,14 @@ class ServerConfig:
             raise ValueError(f"server.weights: expected null, 'model_dir' or 'revision:<text>', got {self.weights!r}")
         if self.weights == "revision:":
             raise ValueError("server.weights: 'revision:' needs the revision after the colon")
+        from caiforge.engines import serving
+
+        if not serving.serves_model_dir(self.managed) and not (self.weights or "").startswith("revision:"):
+            raise ValueError(
+                f"server.managed.command {self.managed.command!r} serves neither {{model}} nor {{gguf}}: state what "
+                "it serves with server.weights: 'revision:<text>' (change the text when the weights change), or its "
+                "rows could come back for other weights"
+            )
         if self.urls and self.managed.launch != "none":
             raise ValueError(
                 "server: both server.urls and server.managed.launch are set; the stage either starts its "

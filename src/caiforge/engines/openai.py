@@ -413,6 +413,8 @@ def load_tokenizer(model_dir: str | Path, server: ServerConfig) -> Any:
 def served_weights(model_dir: str | Path, server: ServerConfig) -> str | None:
     """What `server.weights` says identifies the served weights: the fingerprint of the role's model directory
     (always, for managed servers: they serve that directory), the stated `revision:<text>`, or None."""
+    if server.managed.launch != "none" and not serving.serves_model_dir(server.managed):
+        return server.weights  # a command template serving something else: the revision it states
     if server.weights == "model_dir" or server.managed.launch != "none":
         from caiforge.engines import hf
 
@@ -451,7 +453,7 @@ class _Client:
         self.stats = Stats()
         # Managed servers not started (plan mode starts none): the name they serve, without asking.
         unstarted = server.managed.launch != "none" and not server.urls
-        model = serving.SERVED_NAME if unstarted else self.fleet.served_model()
+        model = serving.served_label(server.managed) if unstarted else self.fleet.served_model()
         self.weights = weights
         self.identity = f"openai:{model}@{weights}" if weights else f"openai:{model}"
         self.stats.engine = {"backend": "openai", "model": model, "servers": len(self.fleet.urls)}

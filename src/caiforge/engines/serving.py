@@ -18,7 +18,10 @@ command template); caiforge only places, starts, waits for and stops them:
   it), cached by the directory's weights fingerprint.
 
 Rows from managed servers are keyed by the fingerprint of the directory they serve (`server.weights` is
-`model_dir` whatever it says), so retrained weights never get the old rows back.
+`model_dir` whatever it says) and by every launch setting that can change an answer (`served_label`: launcher,
+tensor-parallel size, GGUF type and converter, extra arguments, command template), so retrained weights or a new
+quantization never get the old rows back. A command template that serves neither {model} nor {gguf} must state
+`server.weights: revision:<text>`, which then identifies its rows.
 """
 
 from __future__ import annotations
@@ -177,6 +180,34 @@ def needs_gguf(cfg: ManagedConfig) -> bool:
     )
 
 
+def serves_model_dir(cfg: ManagedConfig) -> bool:
+    """Whether the managed servers serve the role's model directory (a command template that names neither {model}
+    nor {gguf} serves something else, which only a stated `server.weights: revision:<text>` identifies)."""
+    return cfg.launch != "command" or any(f in (cfg.command or "") for f in ("{model}", "{gguf}"))
+
+
+def served_label(cfg: ManagedConfig) -> str:
+    """The model part of a managed role's row identity (`openai:<label>@<weights>`): SERVED_NAME and every launch
+    setting that can change an answer: the launcher, its tensor-parallel size, the GGUF type and converter, the
+    extra arguments (`--quantization fp8`, `--dtype`, ...) and a command template. The same label before and
+    after the servers start, so `caiforge plan` counts the rows the build will reuse."""
+    parts = [cfg.launch]
+    if cfg.gpus_per_replica:
+        parts.append(f"tp{cfg.gpus_per_replica}")
+    if needs_gguf(cfg):
+        parts.append(f"{cfg.gguf_type}-conv{converter_version()}")
+    for name, value in (("command", cfg.command if cfg.launch == "command" else None), ("args", cfg.args)):
+        if value:
+            text = value if isinstance(value, str) else shlex.join(value)
+            parts.append(f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:8]}")
+    return f"{SERVED_NAME}[{','.join(parts)}]"
+
+
+def converter_version() -> str:
+    """A short hash of llama.cpp's converter script: part of the GGUF cache key and of the row identity."""
+    return hashlib.sha256(converter().read_bytes()).hexdigest()[:12]
+
+
 def converter() -> Path:
     """llama.cpp's convert_hf_to_gguf.py: $CAIFORGE_LLAMA_CONVERTER, else where `.ci/build-llama-server` puts it."""
     path = Path(os.environ.get("CAIFORGE_LLAMA_CONVERTER") or default_llama_dir() / "convert_hf_to_gguf.py")
@@ -197,8 +228,7 @@ def gguf_for(model_dir: Path, gguf_type: str, cache_dir: Path | None = None) -> 
 
     cache_dir = cache_dir or Path(os.environ.get("CAIFORGE_GGUF_CACHE") or Path.home() / ".cache/caiforge/gguf")
     script = converter()
-    version = hashlib.sha256(script.read_bytes()).hexdigest()[:12]
-    out = cache_dir / f"{hf.weights_fingerprint(model_dir)[:24]}-{gguf_type}-conv{version}.gguf"
+    out = cache_dir / f"{hf.weights_fingerprint(model_dir)[:24]}-{gguf_type}-conv{converter_version()}.gguf"
     if out.is_file():
         return out
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -473,8 +503,9 @@ def serve(cfg: Any, model_dir: str | Path) -> Any:
         _running[key] = start(managed, model_dir, log_dir, auth_headers(cfg))
     fleet = _running[key]
     # The engine sees plain servers at these URLs, serving exactly the directory it fingerprints.
+    weights = "model_dir" if serves_model_dir(managed) else cfg.weights
     return dataclasses.replace(
-        cfg, urls=fleet.urls, model=SERVED_NAME, weights="model_dir", tokenizer=None, managed=ManagedConfig()
+        cfg, urls=fleet.urls, model=served_label(managed), weights=weights, tokenizer=None, managed=ManagedConfig()
     )
 
 
