@@ -279,3 +279,13 @@ def test_another_server_on_the_replicas_port_is_never_taken_for_it(
                 serving.serve(server, smollm2_tokenizer_dir)
         finally:
             serving.stop_all()
+
+
+def test_a_model_llama_cpp_cannot_convert_is_a_one_line_error_naming_it(tiny_model_dir, converter, tmp_path):
+    """smoke's tiny random tokenizer is not one llama.cpp knows: the converter's traceback becomes one line."""
+    with pytest.raises(RuntimeError) as err:
+        serving.gguf_for(tiny_model_dir, "f16", tmp_path / "gguf")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{tiny_model_dir}: llama.cpp's converter cannot make a f16")
+    assert "NotImplementedError: BPE pre-tokenizer was not recognized" in message and "Traceback" not in message
+    assert not list((tmp_path / "gguf").iterdir()), "nothing half-made is left in the cache"

@@ -33,6 +33,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import secrets
 import shlex
 import signal
@@ -241,11 +242,21 @@ def gguf_for(model_dir: Path, gguf_type: str, cache_dir: Path | None = None) -> 
         cmd = [sys.executable, str(script), str(source), "--outfile", str(part), "--outtype", gguf_type]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode or not part.is_file():
-            tail = (done.stderr or done.stdout)[-2000:]
-            raise RuntimeError(f"{source}: llama.cpp's convert_hf_to_gguf.py failed ({done.returncode}): {tail}")
+            raise RuntimeError(
+                f"{model_dir}: llama.cpp's converter cannot make a {gguf_type} GGUF of it: "
+                f"{_refusal(done.stderr or done.stdout)} (serve it with launch vllm or sglang, or in-process)"
+            )
         part.replace(out)  # atomic: a half-written GGUF never sits at `out`
     log.info("converted %s to %s", source, out)
     return out
+
+
+def _refusal(output: str) -> str:
+    """The one line that says why a conversion failed: the last exception line of its traceback (e.g.
+    "NotImplementedError: BPE pre-tokenizer was not recognized ..."), else the output's last line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*:", line)]
+    return (errors or lines or ["no output"])[-1]
 
 
 def _remove_dead_conversions(cache_dir: Path) -> None:
