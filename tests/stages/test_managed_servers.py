@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from caiforge import config
-from caiforge.engines import hf, serving
+from caiforge.engines import conversion, hf, serving
 from tests import servers
 from tests.conftest import ROOT, load_stage, smoke_section, write_prompts
 from tests.stages.test_server_backend import PARTS
@@ -36,7 +36,7 @@ def llama_binary(monkeypatch) -> str:
 def converter() -> None:
     """llama.cpp's convert_hf_to_gguf.py, which .ci/build-llama-server installs beside llama-server."""
     try:
-        serving.converter()
+        conversion.converter()
     except FileNotFoundError as exc:
         if os.environ.get("CAIFORGE_REQUIRE_LLAMA_SERVER") == "1":
             pytest.fail(str(exc))
@@ -80,7 +80,7 @@ def test_critique_revise_serves_its_declared_safetensors_on_llama_server(
     converted = list((tmp_path / "gguf").glob("*.gguf"))
     assert [p.name[:24] for p in converted] == [hf.weights_fingerprint(smollm2_dir)[:24]]
     made = converted[0].stat().st_mtime_ns
-    assert serving.gguf_for(smollm2_dir, "f16", tmp_path / "gguf").stat().st_mtime_ns == made, "converted once"
+    assert conversion.gguf_for(smollm2_dir, "f16", tmp_path / "gguf").stat().st_mtime_ns == made, "converted once"
     assert metrics["generation"]["backend"] == "openai"
     rows = pl.read_parquet(tmp_path / "out" / "revisions.parquet")
     fingerprint = hf.weights_fingerprint(smollm2_dir)
@@ -284,8 +284,24 @@ def test_another_server_on_the_replicas_port_is_never_taken_for_it(
 def test_a_model_llama_cpp_cannot_convert_is_a_one_line_error_naming_it(tiny_model_dir, converter, tmp_path):
     """smoke's tiny random tokenizer is not one llama.cpp knows: the converter's traceback becomes one line."""
     with pytest.raises(RuntimeError) as err:
-        serving.gguf_for(tiny_model_dir, "f16", tmp_path / "gguf")
+        conversion.gguf_for(tiny_model_dir, "f16", tmp_path / "gguf")
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"{tiny_model_dir}: llama.cpp's converter cannot make a f16")
     assert "NotImplementedError: BPE pre-tokenizer was not recognized" in message and "Traceback" not in message
     assert not list((tmp_path / "gguf").iterdir()), "nothing half-made is left in the cache"
+
+
+def test_the_converter_needs_no_cpp_build_it_comes_from_the_sdist_uv_already_has(tmp_path, smollm2_dir, monkeypatch):
+    """A user with only `uv sync --group server` (no .ci/build-llama-server, no variable): the converter is unpacked
+    from uv's copy of the pinned llama-cpp-python sdist, and converts the role's directory for real."""
+    if conversion.vendored_tree() is None:
+        message = "uv's cache holds no llama-cpp-python sdist tree (uv sync --group server builds one)"
+        if os.environ.get("CAIFORGE_REQUIRE_SERVER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    monkeypatch.delenv("CAIFORGE_LLAMA_CONVERTER", raising=False)
+    monkeypatch.setattr(conversion, "default_llama_dir", lambda: tmp_path / "no-build")
+    monkeypatch.setattr(conversion, "unpacked_dir", lambda: tmp_path / "converter")
+    made = conversion.gguf_for(smollm2_dir, "q8_0", tmp_path / "gguf")
+    assert conversion.converter() == tmp_path / "converter" / "convert_hf_to_gguf.py"
+    assert made.stat().st_size > 1_000_000 and made.read_bytes()[:4] == b"GGUF"

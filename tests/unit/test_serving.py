@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from caiforge import config, engines
-from caiforge.engines import serving
+from caiforge.engines import conversion, serving
 
 
 def managed(**kw) -> serving.ManagedConfig:
@@ -153,15 +153,65 @@ def test_the_gguf_cache_is_keyed_by_the_converter_and_cleans_up_after_killed_con
     script, cache = tmp_path / "convert_hf_to_gguf.py", tmp_path / "gguf"
     monkeypatch.setenv("CAIFORGE_LLAMA_CONVERTER", str(script))
     script.write_text(CONVERTER.format(version="v1"))
-    first = serving.gguf_for(tiny_model_dir, "f16", cache)
-    assert serving.gguf_for(tiny_model_dir, "f16", cache) == first and first.read_text() == "v1"
+    first = conversion.gguf_for(tiny_model_dir, "f16", cache)
+    assert conversion.gguf_for(tiny_model_dir, "f16", cache) == first and first.read_text() == "v1"
     assert (tmp_path / "convert_hf_to_gguf.py.runs").read_text() == "x", "the same converter converts once"
-    assert serving.gguf_for(tiny_model_dir, "q8_0", cache) != first, "the type is part of the key"
+    assert conversion.gguf_for(tiny_model_dir, "q8_0", cache) != first, "the type is part of the key"
 
     dead, live = cache / ".converting-999999999-abc", cache / f".converting-{os.getpid()}-def"
     dead.mkdir()
     live.mkdir()
     script.write_text(CONVERTER.format(version="v2"))  # a newer llama.cpp
-    second = serving.gguf_for(tiny_model_dir, "f16", cache)
+    second = conversion.gguf_for(tiny_model_dir, "f16", cache)
     assert second != first and second.read_text() == "v2", "a new converter's output is not the old file"
     assert not dead.exists() and live.exists(), "a killed conversion's folder goes; a running one's stays"
+
+
+def fake_tree(root: Path, script: str = CONVERTER.format(version="v1")) -> Path:
+    """The three parts of a llama.cpp tree the converter needs, as the sdist vendors them."""
+    root.mkdir(parents=True)
+    (root / "convert_hf_to_gguf.py").write_text(script)
+    for folder in ("conversion", "gguf-py/gguf"):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "__init__.py").write_text("")
+    (root / "CMakeLists.txt").write_text("not needed")
+    return root
+
+
+def test_the_converter_comes_from_uvs_copy_of_the_locked_sdist_or_the_sdist_itself(tmp_path, monkeypatch):
+    version = conversion.LLAMA_CPP_VERSION
+    uv_cache = tmp_path / "uv"
+    tree = fake_tree(uv_cache / f"sdists-v11/pypi/llama-cpp-python/{version}/AbC/src/vendor/llama.cpp")
+    assert conversion.vendored_tree(uv_cache) == tree
+    assert conversion.vendored_tree(tmp_path / "empty") is None
+    script = conversion.unpack(tmp_path / "out", tree)
+    assert sorted(p.name for p in script.parent.iterdir()) == ["conversion", "convert_hf_to_gguf.py", "gguf-py"]
+
+    # From the sdist file: only the converter's parts of it, under its vendor/llama.cpp/ prefix.
+    import tarfile
+
+    sdist = tmp_path / f"llama_cpp_python-{version}.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        tar.add(tree, arcname=f"llama_cpp_python-{version}/vendor/llama.cpp")
+        tar.add(tree / "CMakeLists.txt", arcname=f"llama_cpp_python-{version}/setup.py")
+    script = conversion.unpack(tmp_path / "from-sdist", sdist)
+    assert sorted(p.name for p in script.parent.iterdir()) == ["conversion", "convert_hf_to_gguf.py", "gguf-py"]
+    assert (script.parent / "gguf-py" / "gguf" / "__init__.py").is_file()
+    with pytest.raises(FileNotFoundError, match="holds no llama.cpp convert_hf_to_gguf.py"):
+        conversion.unpack(tmp_path / "nothing", tree.parent)
+    assert not (tmp_path / "nothing").exists(), "nothing half-made is left"
+
+    # The sdist it would download is the one uv.lock pins, with its hash.
+    url, sha256 = conversion.locked_sdist(config.ROOT / "uv.lock")
+    assert url.endswith(f"llama_cpp_python-{version}.tar.gz") and len(sha256) == 64
+
+    # converter(): the build script's copy, else the unpacked one, else unpacked now from uv's cache.
+    monkeypatch.delenv("CAIFORGE_LLAMA_CONVERTER", raising=False)
+    monkeypatch.setenv("UV_CACHE_DIR", str(uv_cache))
+    monkeypatch.setattr(conversion, "default_llama_dir", lambda: tmp_path / "no-build")
+    monkeypatch.setattr(conversion, "unpacked_dir", lambda: tmp_path / "caiforge-cache" / "converter")
+    found = conversion.converter()
+    assert found == tmp_path / "caiforge-cache" / "converter" / "convert_hf_to_gguf.py" and found.is_file()
+    monkeypatch.setenv("CAIFORGE_LLAMA_CONVERTER", str(tmp_path / "missing.py"))
+    with pytest.raises(FileNotFoundError, match=r"CAIFORGE_LLAMA_CONVERTER names no file"):
+        conversion.converter()

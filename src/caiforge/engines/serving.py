@@ -13,9 +13,8 @@ command template); caiforge only places, starts, waits for and stops them:
   when the stage process dies, however it dies (SIGKILL included): no server outlives its stage. A normal end,
   an error, Ctrl-C or SIGTERM stop them at once (`stop_all`, called by every stage's main); stopping returns only
   once no process of the replica's group is left, its workers included;
-- llama.cpp serves GGUF files: the role's safetensors directory is converted with llama.cpp's own
-  `convert_hf_to_gguf.py` (from the sources llama-cpp-python's sdist vendors; `.ci/build-llama-server` installs
-  it), cached by the directory's weights fingerprint.
+- llama.cpp serves GGUF files: the role's safetensors directory is converted by llama.cpp's own converter, found or
+  unpacked from the pinned llama-cpp-python sdist without a C++ build (`caiforge.engines.conversion`).
 
 Rows from managed servers are keyed by the fingerprint of the directory they serve (`server.weights` is
 `model_dir` whatever it says) and by every launch setting that can change an answer (`served_label`: launcher,
@@ -33,7 +32,6 @@ import itertools
 import json
 import logging
 import os
-import re
 import secrets
 import shlex
 import signal
@@ -48,19 +46,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from caiforge.engines import conversion
+
 log = logging.getLogger(__name__)
 
 Launcher = Literal["none", "vllm", "sglang", "llama_server", "llama_cpp_python", "command"]
 SERVED_NAME = "caiforge"
 """What identifies a managed role's model in its row keys (`openai:caiforge@<fingerprint>`); each replica serves
 under this name plus a token of its own (`served_name`)."""
-LLAMA_CPP_VERSION = "0.3.36"
-"""The llama-cpp-python release whose vendored llama.cpp `.ci/build-llama-server` builds (binary and converter)."""
-
-
-def default_llama_dir() -> Path:
-    """Where `.ci/build-llama-server` installs `llama-server` and the GGUF converter."""
-    return Path.home() / ".cache" / "caiforge" / f"llama-server-{LLAMA_CPP_VERSION}"
 
 
 @dataclass(frozen=True)
@@ -138,7 +131,7 @@ def llama_server_binary(cfg: ManagedConfig) -> str:
     for candidate in (cfg.binary, os.environ.get("CAIFORGE_LLAMA_SERVER"), shutil.which("llama-server")):
         if candidate:
             return candidate
-    built = default_llama_dir() / "llama-server"
+    built = conversion.default_llama_dir() / "llama-server"
     if built.is_file():
         return str(built)
     raise FileNotFoundError(
@@ -196,87 +189,12 @@ def served_label(cfg: ManagedConfig) -> str:
     if cfg.gpus_per_replica:
         parts.append(f"tp{cfg.gpus_per_replica}")
     if needs_gguf(cfg):
-        parts.append(f"{cfg.gguf_type}-conv{converter_version()}")
+        parts.append(f"{cfg.gguf_type}-conv{conversion.converter_version()}")
     for name, value in (("command", cfg.command if cfg.launch == "command" else None), ("args", cfg.args)):
         if value:
             text = value if isinstance(value, str) else shlex.join(value)
             parts.append(f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:8]}")
     return f"{SERVED_NAME}[{','.join(parts)}]"
-
-
-def converter_version() -> str:
-    """A short hash of llama.cpp's converter script: part of the GGUF cache key and of the row identity."""
-    return hashlib.sha256(converter().read_bytes()).hexdigest()[:12]
-
-
-def converter() -> Path:
-    """llama.cpp's convert_hf_to_gguf.py: $CAIFORGE_LLAMA_CONVERTER, else where `.ci/build-llama-server` puts it."""
-    path = Path(os.environ.get("CAIFORGE_LLAMA_CONVERTER") or default_llama_dir() / "convert_hf_to_gguf.py")
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: llama.cpp's convert_hf_to_gguf.py is not there (build it with .ci/build-llama-server, or set "
-            "$CAIFORGE_LLAMA_CONVERTER to one beside its conversion/ and gguf-py/ folders)"
-        )
-    return path
-
-
-def gguf_for(model_dir: Path, gguf_type: str, cache_dir: Path | None = None) -> Path:
-    """The GGUF llama.cpp serves for `model_dir`: converted once by llama.cpp's own converter and cached under the
-    directory's weights fingerprint, the type and the converter's own hash (a newer converter can write a different
-    file), so the same weights are never converted twice by one converter. A conversion killed midway leaves a
-    `.converting-<pid>-*` folder; the next call removes those whose process is gone."""
-    from caiforge.engines import hf
-
-    cache_dir = cache_dir or Path(os.environ.get("CAIFORGE_GGUF_CACHE") or Path.home() / ".cache/caiforge/gguf")
-    script = converter()
-    out = cache_dir / f"{hf.weights_fingerprint(model_dir)[:24]}-{gguf_type}-conv{converter_version()}.gguf"
-    if out.is_file():
-        return out
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    _remove_dead_conversions(cache_dir)
-    from caiforge import models
-
-    source = models.resolve(model_dir)
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=f".converting-{os.getpid()}-") as tmp:
-        part = Path(tmp) / out.name
-        cmd = [sys.executable, str(script), str(source), "--outfile", str(part), "--outtype", gguf_type]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode or not part.is_file():
-            raise RuntimeError(
-                f"{model_dir}: llama.cpp's converter cannot make a {gguf_type} GGUF of it: "
-                f"{_refusal(done.stderr or done.stdout)} (serve it with launch vllm or sglang, or in-process)"
-            )
-        part.replace(out)  # atomic: a half-written GGUF never sits at `out`
-    log.info("converted %s to %s", source, out)
-    return out
-
-
-def _refusal(output: str) -> str:
-    """The one line that says why a conversion failed: the last exception line of its traceback (e.g.
-    "NotImplementedError: BPE pre-tokenizer was not recognized ..."), else the output's last line."""
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
-    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*:", line)]
-    return (errors or lines or ["no output"])[-1]
-
-
-def _remove_dead_conversions(cache_dir: Path) -> None:
-    """Delete `.converting-<pid>-*` folders whose process no longer runs (a live one is another stage's)."""
-    import shutil
-
-    for folder in cache_dir.glob(".converting-*"):
-        pid = folder.name.split("-")[1]  # .converting-<pid>-<random>
-        if not pid.isdigit() or not _pid_alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 WATCHDOG = r"""
@@ -444,7 +362,7 @@ _fleet_numbers = itertools.count()
 def start(cfg: ManagedConfig, model_dir: Path, log_dir: Path, headers: dict[str, str] | None = None) -> Fleet:
     """Start `cfg.replicas` servers on `model_dir`, each under a served name of its own, and wait until every one
     lists its name (asking with `headers`: the role's API key, for a server started with one)."""
-    gguf = gguf_for(model_dir, cfg.gguf_type) if needs_gguf(cfg) else None
+    gguf_file = conversion.gguf_for(model_dir, cfg.gguf_type) if needs_gguf(cfg) else None
     busy = {g for f in _running.values() for r in f.replicas for g in (r.gpus or "").split(",") if g}
     gpus = placement(cfg.replicas, cfg.gpus_per_replica, visible_gpus() if cfg.gpus_per_replica else [], busy)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -452,7 +370,7 @@ def start(cfg: ManagedConfig, model_dir: Path, log_dir: Path, headers: dict[str,
     try:
         for i, devices in enumerate(gpus):
             port, name = free_port(), f"{SERVED_NAME}-{secrets.token_hex(4)}"
-            cmd = command_line(cfg, model_dir, gguf, port, devices, name)
+            cmd = command_line(cfg, model_dir, gguf_file, port, devices, name)
             env = replica_env(devices)
             path = log_dir / f"{model_dir.name}-{cfg.launch}-{next(_fleet_numbers)}-{i}.log"
             with path.open("wb") as fh:
