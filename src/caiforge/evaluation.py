@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import itertools
-import json
 import logging
 import math
 import re
@@ -188,15 +187,7 @@ def read_known_answers(path: str | Path) -> list[tuple[str, str, str, str | None
       principle, reported as kind `any`).
     """
     items = []
-    for n, line in enumerate(io.read_utf8(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: line {n}: not JSON ({exc.msg})") from exc
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}: line {n}: expected a JSON object")
+    for n, _, row in io.jsonl_objects(path):
         if "text_correct" in row or "text_incorrect" in row:
             where = f"{path}: line {n}"
             good = _hhh_conversation(str(row.get("text_correct", "")), f"{where}: text_correct")

@@ -132,16 +132,10 @@ def harmless_examples(path: str | Path) -> list[Example]:
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no such file (the harm judge's harmless responses)")
     out = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{file}:{number}: not valid JSON: {exc}") from exc
-        text = record.get("text") if isinstance(record, dict) else None
+    for number, _, record in io.jsonl_objects(file):
+        text = record.get("text")
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{file}:{number}: field 'text' must be a non-empty string")
+            raise ValueError(f"{file}: line {number}: field 'text' must be a non-empty string")
         out.append(Example(text, False, f"seed:{record.get('kind', 'harmless')}"))
     return out
 

@@ -77,28 +77,10 @@ def _verdict(row: Mapping[str, Any], where: str) -> Verdict:
     return Verdict(row["prompt_id"], row["chosen"], row["rejected"], verdict, dict(row))
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, str, dict[str, Any]]]:
-    """(line number, raw line, parsed object) for each non-blank line of a JSON-lines file."""
-    try:
-        text = io.read_utf8(path)
-    except ValueError as exc:
-        raise HumanLabelsError(str(exc)) from None
-    for number, line in enumerate(text.splitlines(keepends=True), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise HumanLabelsError(f"{path}: line {number}: cannot read: not a JSON object ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise HumanLabelsError(f"{path}: line {number}: cannot read: not a JSON object")
-        yield number, line, row
-
-
 def _rows(path: Path) -> Iterator[tuple[str, Mapping[str, Any]]]:
     """("path: line N" or "path: row N", row) for every verdict row of a labels file in any supported format."""
     if path.suffix == ".jsonl":
-        for number, _, row in _jsonl_rows(path):
+        for number, _, row in io.jsonl_objects(path, HumanLabelsError):
             yield f"{path}: line {number}", row
         return
     try:
@@ -161,7 +143,7 @@ def record(path: str | os.PathLike[str], row: Mapping[str, Any]) -> Verdict:
         kept, replaced = [], False
         if path.exists():
             read(path)  # the whole file must be valid before it is rewritten
-            for number, raw, old in _jsonl_rows(path):
+            for number, raw, old in io.jsonl_objects(path, HumanLabelsError):
                 if _verdict(old, f"{path}: line {number}").key != verdict.key:
                     kept.append(raw if raw.endswith("\n") else raw + "\n")
                 elif not replaced:

@@ -61,6 +61,27 @@ def read_utf8(path: str | os.PathLike[str]) -> str:
         ) from None
 
 
+def jsonl_objects(
+    path: str | os.PathLike[str], error: type[Exception] = ValueError
+) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """(line number, the line as written, its object) for each non-blank line of a JSON-lines file. A line that is
+    not a JSON object, or a file that is not UTF-8, raises `error` naming the file and the line."""
+    try:
+        text = read_utf8(path)
+    except ValueError as exc:
+        raise error(str(exc)) from None
+    for number, line in enumerate(text.splitlines(keepends=True), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise error(f"{path}: line {number}: not a JSON object ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise error(f"{path}: line {number}: not a JSON object (found {type(row).__name__})")
+        yield number, line, row
+
+
 def remove_stale_temporaries(root: str | os.PathLike[str]) -> list[Path]:
     """Delete the `.<name>.*.tmp` files and directories a killed run left under `root`; returns what it removed.
 

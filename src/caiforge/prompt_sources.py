@@ -11,7 +11,6 @@ pin heavy dependency trees that caiforge deliberately does not install.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -145,17 +144,7 @@ def read_file_rows(path: Path, text_field: str, hint_field: str | None) -> list[
         raise SourceError(f"{path}: no such prompt file")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        records = []
-        for n, line in enumerate(io.read_utf8(path).splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SourceError(f"{path}: line {n}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise SourceError(f"{path}: line {n}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
+        records = [record for _, _, record in io.jsonl_objects(path, SourceError)]
         fields = set().union(*records) if records else set()
         columns = {name: [r.get(name) for r in records] for name in fields}
     elif suffix in (".csv", ".parquet"):

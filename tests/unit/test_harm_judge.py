@@ -140,7 +140,7 @@ def test_bad_inputs_name_the_file(tmp_path):
         harm_judge.verdict("Maybe", "x.json: record 0")
     bad = tmp_path / "harmless.jsonl"
     bad.write_text('{"text": "fine"}\n{"kind": "refusal"}\n')
-    with pytest.raises(ValueError, match=r"harmless.jsonl:2: field 'text'"):
+    with pytest.raises(ValueError, match=r"harmless.jsonl: line 2: field 'text'"):
         harm_judge.harmless_examples(bad)
 
 

@@ -40,8 +40,8 @@ def test_every_format_reads_the_same_verdicts(tmp_path, fmt):
         ([*ROWS, {**ROWS[0], "verdict": "tie"}], r"line 2: .*labelled both ways"),
         ([{"prompt_id": 3, "chosen": "a", "rejected": "b"}], r"line 1: field 'prompt_id' must be text, got int"),
         ([{**ROWS[0], "verdict": "maybe"}], r"line 1: field 'verdict' must be one of prefer, tie, skip"),
-        ([ROWS[0], "", "{not json"], r"line 3: cannot read: not a JSON object"),
-        ([ROWS[0], "[1, 2]"], r"line 2: cannot read: not a JSON object"),
+        ([ROWS[0], "", "{not json"], r"line 3: not a JSON object"),
+        ([ROWS[0], "[1, 2]"], r"line 2: not a JSON object \(found list\)"),
     ],
 )
 def test_errors_name_file_line_and_field(tmp_path, lines, match):
@@ -88,7 +88,7 @@ def test_record_refuses_a_malformed_file_and_leaves_it_untouched(tmp_path):
     path = tmp_path / "labels.jsonl"
     path.write_text(json.dumps(ROWS[0]) + "\n{oops\n")
     before = path.read_bytes()
-    with pytest.raises(human_labels.HumanLabelsError, match=r"labels.jsonl: line 2: cannot read"):
+    with pytest.raises(human_labels.HumanLabelsError, match=r"labels.jsonl: line 2: not a JSON object"):
         human_labels.record(path, {"prompt_id": "p9", "chosen": "a", "rejected": "b"})
     with pytest.raises(human_labels.HumanLabelsError, match=r"new verdict: field 'verdict' must be one of"):
         human_labels.record(

@@ -134,7 +134,7 @@ def test_empty_and_malformed_files(tmp_path):
         ps.read_source(source(type="file", path=str(header_only), kind="helpful"))
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "ok"}\n{"text": \n')
-    with pytest.raises(ps.SourceError, match=r"broken\.jsonl: line 2: not valid JSON"):
+    with pytest.raises(ps.SourceError, match=r"broken\.jsonl: line 2: not a JSON object"):
         ps.read_source(source(type="file", path=str(broken), kind="helpful"))
     with pytest.raises(ps.SourceError, match="no prompt sources"):
         ps.read_sources([])
