@@ -211,15 +211,18 @@ def _ai_label(view: Shown) -> str:
     return f"The AI preferred the <b>{side}</b> answer, P = {row['p_chosen']:.2f}.{verdict}<ul>{per}</ul>"
 
 
+def _saved_note(last: Shown) -> str:
+    """What the page says after a decision: the verdict just saved and, now, the AI's label of that pair."""
+    return (
+        f'<div class="note" id="last">Saved: pair {last.pair.number}, <b>{_e(last.decision)}</b>. '
+        f"{_ai_label(last)}</div>"
+    )
+
+
 def pair_page(view: Shown, done: int, total: int, reviewer: str, last: Shown | None) -> str:
     row, (left, right) = view.pair.row, view.texts
     reasons = ", ".join(r.replace("_", " ") for r in row["reasons"])
-    note = ""
-    if last is not None:
-        note = (
-            f'<div class="note" id="last">Saved: pair {last.pair.number}, <b>{_e(last.decision)}</b>. '
-            f"{_ai_label(last)}</div>"
-        )
+    note = _saved_note(last) if last is not None else ""
     picked = {
         "left": " picked" if view.decision == "left" else "",
         "right": " picked" if view.decision == "right" else "",
@@ -250,9 +253,10 @@ def pair_page(view: Shown, done: int, total: int, reviewer: str, last: Shown | N
     return _page(f"caiforge review: pair {n} of {total}", body, KEYS)
 
 
-def done_page(done: int, total: int, reviewer: str) -> str:
+def done_page(done: int, total: int, reviewer: str, last: Shown | None = None) -> str:
+    note = _saved_note(last) if last is not None else ""
     body = (
-        f'{_progress(done, total, reviewer)}<p id="all-done">Every queued pair has a verdict. Run '
+        f'{_progress(done, total, reviewer)}{note}<p id="all-done">Every queued pair has a verdict. Run '
         "<code>uv run dvc repro</code>: label takes your preferences, and the report shows how often the AI agreed "
         'with them.</p><nav><a href="/pair/1">review again from pair 1</a></nav>'
     )
@@ -297,7 +301,9 @@ class Review:
         views = self.views()
         todo = [v for v in views if v.decision is None]
         if not todo:
-            return web.Response(text=done_page(len(views), len(views), self.reviewer), content_type="text/html")
+            last = self._saved(request, views)
+            page = done_page(len(views), len(views), self.reviewer, last)
+            return web.Response(text=page, content_type="text/html")
         raise web.HTTPSeeOther(f"/pair/{todo[0].pair.number}")
 
     def _number(self, request: web.Request) -> int:
@@ -306,12 +312,16 @@ class Review:
             raise web.HTTPNotFound(text=f"no pair {n}: the queue has {len(self.pairs)}")
         return n
 
+    @staticmethod
+    def _saved(request: web.Request, views: list[Shown]) -> Shown | None:
+        """The pair the last decision saved (`?saved=<n>`), whose AI label the page now shows."""
+        n = request.query.get("saved", "")
+        return views[int(n) - 1] if n.isdigit() and 1 <= int(n) <= len(views) else None
+
     async def show(self, request: web.Request) -> web.Response:
         n, views = self._number(request), self.views()
-        last = request.query.get("saved", "")
-        last_view = views[int(last) - 1] if last.isdigit() and 1 <= int(last) <= len(views) else None
         done = sum(v.decision is not None for v in views)
-        page = pair_page(views[n - 1], done, len(views), self.reviewer, last_view)
+        page = pair_page(views[n - 1], done, len(views), self.reviewer, self._saved(request, views))
         return web.Response(text=page, content_type="text/html")
 
     async def decide(self, request: web.Request) -> web.StreamResponse:
@@ -324,7 +334,7 @@ class Review:
         views = self.views()
         after = [v for v in views[n:] + views[: n - 1] if v.decision is None]
         if not after:
-            raise web.HTTPSeeOther("/")
+            raise web.HTTPSeeOther(f"/?saved={n}")
         raise web.HTTPSeeOther(f"/pair/{after[0].pair.number}?saved={n}")
 
 

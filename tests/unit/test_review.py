@@ -140,7 +140,9 @@ async def _decide_twice(tmp_path):
         assert "Saved: pair 1, <b>left</b>. The AI preferred the <b>left</b> answer, P = 0.60. You agree." in note
         assert "<code>cmp-a</code>: left (P = 0.90)" in note and "<code>cmp-b</code>: right (P = 0.70)" in note
         done = await client.post("/pair/2", data={"decision": "right", "left": "chosen"})
-        assert "Every queued pair has a verdict" in await done.text() and "2 of 2 reviewed" in await done.text()
+        text = await done.text()
+        assert "Every queued pair has a verdict" in text and "2 of 2 reviewed" in text
+        assert "Saved: pair 2, <b>right</b>. The AI preferred the <b>left</b> answer" in text, "the last one's too"
         revisit = await (await client.get("/pair/2")).text()
         assert "You disagree." in revisit and "<code>cmp-a</code>: neither (P = 0.50)" in revisit
         assert '<details id="ai-label" open>' in revisit, "a decided pair shows the AI's label"
