@@ -47,6 +47,17 @@ def is_main_process() -> bool:
     return distributed.rank() == 0
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (one we may not signal counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def read_utf8(path: str | os.PathLike[str]) -> str:
     """A text file's contents; a file that is not UTF-8 is a ValueError naming the file, line and column."""
     data = Path(path).read_bytes()

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from caiforge import planmode
+from caiforge import io, planmode
 
 log = logging.getLogger(__name__)
 
@@ -250,13 +250,7 @@ def _live_journal(path: Path) -> bool:
     parts = path.name.split("-")
     if len(parts) != 3 or parts[0] != "journal" or not parts[1].isdigit() or int(parts[1]) == os.getpid():
         return False
-    try:
-        os.kill(int(parts[1]), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return io.process_alive(int(parts[1]))
 
 
 def finish(cache: RowCache | None, cfg: RowCacheConfig) -> dict[str, int] | None:

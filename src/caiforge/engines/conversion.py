@@ -19,6 +19,8 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+from caiforge import io
+
 log = logging.getLogger(__name__)
 
 LLAMA_CPP_VERSION = "0.3.36"
@@ -180,15 +182,5 @@ def _remove_dead_conversions(cache_dir: Path) -> None:
     """Delete `.converting-<pid>-*` folders whose process no longer runs (a live one is another stage's)."""
     for folder in cache_dir.glob(".converting-*"):
         pid = folder.name.split("-")[1]  # .converting-<pid>-<random>
-        if not pid.isdigit() or not _pid_alive(int(pid)):
+        if not pid.isdigit() or not io.process_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -438,27 +438,32 @@ def serve(cfg: Any, model_dir: str | Path) -> Any:
     )
 
 
+def _replica(url: str) -> tuple[Fleet, Replica] | None:
+    """The managed replica of this process at `url`, with its fleet (None: not one of ours)."""
+    for fleet in _running.values():
+        for r in fleet.replicas:
+            if r.url.rstrip("/") == url.rstrip("/"):
+                return fleet, r
+    return None
+
+
 def replica_death(url: str) -> str | None:
     """If `url` is a managed replica of this process whose server has exited, what to tell the user: its exit code,
     command and log tail (None: not a managed replica, or still running)."""
-    for fleet in _running.values():
-        for r in fleet.replicas:
-            if r.url.rstrip("/") == url.rstrip("/") and r.process.poll() is not None:
-                return (
-                    f"the managed {fleet.cfg.launch} replica serving {fleet.model_dir} at {r.url} exited with "
-                    f"{r.process.returncode} ({r.shown}); its log ({r.log_path}) ends:\n"
-                    f"{_log_tail(r.log_path)}"
-                )
-    return None
+    found = _replica(url)
+    if found is None or found[1].process.poll() is None:
+        return None
+    fleet, r = found
+    return (
+        f"the managed {fleet.cfg.launch} replica serving {fleet.model_dir} at {r.url} exited with "
+        f"{r.process.returncode} ({r.shown}); its log ({r.log_path}) ends:\n{_log_tail(r.log_path)}"
+    )
 
 
 def served_name(url: str) -> str | None:
     """The name the managed replica at `url` serves under (None: not a managed replica of this process)."""
-    for fleet in _running.values():
-        for r in fleet.replicas:
-            if r.url.rstrip("/") == url.rstrip("/"):
-                return r.name
-    return None
+    found = _replica(url)
+    return found[1].name if found else None
 
 
 def running() -> list[Fleet]:
