@@ -178,6 +178,35 @@ def test_released_servers_stop_and_free_their_directory_only(
     assert tuned.poll() is not None
 
 
+def test_managed_servers_start_only_for_rows_the_row_cache_lacks(
+    tmp_path, smollm2_gguf, smollm2_tokenizer_dir, llama_binary
+):
+    """An engine on managed servers starts them at its first request, not when it is made: a rerun whose rows are
+    all cached (a crash after the answers were in, an edit that left this role's rows alone) starts nothing."""
+    from caiforge import engines, rowcache
+
+    command = f"{llama_binary} --model {smollm2_gguf} --host {{host}} --port {{port}} --alias {{name}} --threads 1"
+    server = engines.ServerConfig(managed=serving.ManagedConfig(launch="command", command=command), weights=Q4)
+    cfg = engines.GenerationConfig(backend="openai", server=server, max_new_tokens=6, progress=False)
+    convs = [[{"role": "user", "content": f"Name a colour, number {i}."}] for i in range(3)]
+    try:
+        first = engines.make_generator(smollm2_tokenizer_dir, cfg, rowcache.RowCache(tmp_path / "rows"))
+        assert serving.running() == [], "made, not started"
+        answers = first.chat(convs[:2], seed=0)
+        assert len(serving.running()) == 1 and first.stats.engine["servers"] == 1
+        first.cache.close()
+        serving.stop_all()
+
+        again = engines.make_generator(smollm2_tokenizer_dir, cfg, rowcache.RowCache(tmp_path / "rows"))
+        assert again.identity == first.identity, "the rows' key does not wait for the servers"
+        assert again.chat(convs[:2], seed=0) == answers
+        assert serving.running() == [] and again.stats.engine["servers"] == 0, "every row cached: nothing started"
+        assert again.chat(convs, seed=0)[:2] == answers
+        assert len(serving.running()) == 1 and again.fleet.requests_sent == 1, "the one new row started them"
+    finally:
+        serving.stop_all()
+
+
 # A worker in the replica's process group that needs time to shut down (vLLM's GPU workers free their memory on
 # SIGTERM): it writes `done` once it has finished cleaning up.
 SLOW_WORKER = (

@@ -19,7 +19,6 @@ prompt (`row_seed`), so a row's sampled text does not depend on which other rows
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -404,10 +403,9 @@ def make_generator(model_dir: str | Path, cfg: GenerationConfig, cache: RowCache
 
         engine = hf.TransformersGenerator.from_dir(model_dir, cfg)
     elif cfg.backend == "openai":
-        from caiforge.engines import openai, serving
+        from caiforge.engines import openai
 
-        cfg = dataclasses.replace(cfg, server=serving.serve(cfg.server, model_dir))
-        engine = openai.OpenAIGenerator.from_config(model_dir, cfg)
+        engine = openai.OpenAIGenerator.from_config(model_dir, cfg)  # managed servers start at the first request
     else:
         raise ValueError(f"generation.backend: unknown backend {cfg.backend!r}")
     engine.cache = cache
@@ -446,10 +444,9 @@ def make_choice_scorer(model_dir: str | Path, cfg: ScoringConfig, cache: RowCach
 
         scorer = hf.TransformersChoiceScorer.from_dir(model_dir, cfg)
     elif cfg.backend == "openai":
-        from caiforge.engines import openai, serving
+        from caiforge.engines import openai
 
-        cfg = dataclasses.replace(cfg, server=serving.serve(cfg.server, model_dir))
-        scorer = openai.OpenAIChoiceScorer.from_config(model_dir, cfg)
+        scorer = openai.OpenAIChoiceScorer.from_config(model_dir, cfg)  # managed servers start at the first request
     else:
         raise ValueError(f"scoring.backend: unknown backend {cfg.backend!r}")
     scorer.cache = cache

@@ -445,15 +445,26 @@ class Lazy(Sequence):
 class _Client:
     """What both OpenAI-side engines share: the tokenizer, the fleet, the identity and the stats."""
 
-    def __init__(self, tokenizer: Any, server: ServerConfig, progress: bool, weights: str | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        server: ServerConfig,
+        progress: bool,
+        weights: str | None = None,
+        model_dir: str | Path | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.render_chat = ChatRenderer(tokenizer)
+        self.server = server
+        self.model_dir = model_dir
+        """The role's directory: what managed servers serve once a request needs them (None: never started)."""
         self.fleet = Fleet(server)
         self.progress = progress
         self.stats = Stats()
-        # Managed servers not started (plan mode starts none): the name they serve, without asking.
-        unstarted = server.managed.launch != "none" and not server.urls
-        model = serving.served_label(server.managed) if unstarted else self.fleet.served_model()
+        # Managed servers start at the first request the row cache cannot answer (plan mode sends none): until
+        # then the rows are keyed by the name they will serve under, which serving.serve gives every replica.
+        self.unstarted = server.managed.launch != "none" and not server.urls
+        model = serving.served_label(server.managed) if self.unstarted else self.fleet.served_model()
         self.weights = weights
         self.identity = f"openai:{model}@{weights}" if weights else f"openai:{model}"
         self.stats.engine = {"backend": "openai", "model": model, "servers": len(self.fleet.urls)}
@@ -491,10 +502,28 @@ class _Client:
         self.run(Lazy(len(run), lambda j: payloads[run[j]]), desc, store)
         return fill_in(found, keys, shard)
 
+    def start(self) -> None:
+        """Start this role's managed servers (shared with every engine of the stage on the same directory and
+        settings, `serving.serve`) and send the requests to them."""
+        if self.model_dir is None:
+            raise EngineError("managed servers cannot start without the role's model directory")
+        served = serving.serve(self.server, self.model_dir)
+        fleet = Fleet(served)
+        label = serving.served_label(self.server.managed)
+        if fleet.served_model() != label:
+            raise ServerError(f"the managed replicas serve {fleet.model!r}, not {label!r}")
+        fleet.requests_sent, fleet.retries = self.fleet.requests_sent, self.fleet.retries
+        self.fleet, self.unstarted = fleet, False
+        self.stats.engine["servers"] = len(fleet.urls)
+        self.stats.engine["dialects"] = ",".join(sorted(set(fleet.dialects.values())))
+
     def run(self, payloads: Sequence[dict], desc: str, on_done: Any = None) -> list[dict]:
         """Every payload's answer, in order; with `on_done(i, answer)`, each goes there as it arrives instead (to
-        store it at once) and none is kept."""
+        store it at once) and none is kept. Managed servers start here, when there is something to ask."""
         from caiforge.engines.hf import progress
+
+        if payloads and self.unstarted:
+            self.start()
 
         def done(i: int, answer: dict) -> None:
             bar.update(1)
@@ -514,14 +543,16 @@ class _Client:
 class OpenAIGenerator(_Client):
     """Chat generation on OpenAI-compatible servers via /v1/completions."""
 
-    def __init__(self, tokenizer: Any, cfg: GenerationConfig, weights: str | None = None) -> None:
-        super().__init__(tokenizer, cfg.server, cfg.progress, weights)
+    def __init__(
+        self, tokenizer: Any, cfg: GenerationConfig, weights: str | None = None, model_dir: str | Path | None = None
+    ) -> None:
+        super().__init__(tokenizer, cfg.server, cfg.progress, weights, model_dir)
         self.cfg = cfg
         self.stop = [t for t in END_TOKENS if t in tokenizer.get_vocab()] or [tokenizer.eos_token]
 
     @classmethod
     def from_config(cls, model_dir: str | Path, cfg: GenerationConfig) -> OpenAIGenerator:
-        return cls(load_tokenizer(model_dir, cfg.server), cfg, served_weights(model_dir, cfg.server))
+        return cls(load_tokenizer(model_dir, cfg.server), cfg, served_weights(model_dir, cfg.server), model_dir)
 
     def chat(
         self, conversations: Sequence[Sequence[Message]], *, seed: int, desc: str = "", shard: Shard | None = None
@@ -575,14 +606,16 @@ class OpenAIChoiceScorer(_Client):
 
     GENERATOR: type[OpenAIGenerator] = OpenAIGenerator
 
-    def __init__(self, tokenizer: Any, cfg: ScoringConfig, weights: str | None = None) -> None:
-        super().__init__(tokenizer, cfg.server, cfg.progress, weights)
+    def __init__(
+        self, tokenizer: Any, cfg: ScoringConfig, weights: str | None = None, model_dir: str | Path | None = None
+    ) -> None:
+        super().__init__(tokenizer, cfg.server, cfg.progress, weights, model_dir)
         self.cfg = cfg
         self.options_outside_top_k = 0
 
     @classmethod
     def from_config(cls, model_dir: str | Path, cfg: ScoringConfig) -> OpenAIChoiceScorer:
-        return cls(load_tokenizer(model_dir, cfg.server), cfg, served_weights(model_dir, cfg.server))
+        return cls(load_tokenizer(model_dir, cfg.server), cfg, served_weights(model_dir, cfg.server), model_dir)
 
     def render(self, conversation: Sequence[Message], prefill: str) -> str:
         return self.render_chat(conversation, prefill)
@@ -590,7 +623,7 @@ class OpenAIChoiceScorer(_Client):
     def generator(self, cfg: GenerationConfig) -> OpenAIGenerator:
         """A generator on the same servers and weights, e.g. for chain-of-thought reasoning (`cfg`'s decoding)."""
         on_servers = dataclasses.replace(cfg, backend="openai", server=self.cfg.server)
-        engine = type(self).GENERATOR(self.tokenizer, on_servers, self.weights)
+        engine = type(self).GENERATOR(self.tokenizer, on_servers, self.weights, self.model_dir)
         engine.cache = self.cache
         return engine
 
