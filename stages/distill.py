@@ -2,7 +2,10 @@
 
 Reads  data/curate/prompts.parquet (train split, red-team + helpful), the teacher (data/rlaif/model) and, for
        `init: student`, the `student` role from models.
-Does   the teacher answers the train prompts (`generation`: greedy by default). The student starts as either
+Does   the teacher answers the train prompts (`generation`: greedy by default), each answer kept in the row cache as
+       it arrives (`row_cache`). Under several processes they share the work, or the main process alone serves
+       the teacher (managed servers, `engines.stage_answers`) and stops the servers before any training.
+       The student starts as either
        - prune (default): the teacher with every `prune_every`-th decoder layer kept (or exactly the layers
          `prune_keep` lists), weights copied; or
        - student: the `student` role (any smaller model with the teacher's tokenizer).
@@ -17,8 +20,9 @@ Does   the teacher answers the train prompts (`generation`: greedy by default). 
        teacher did, and distinct-2 and the degenerate share (caiforge.collapse) of both are reported side by side.
        bf16 on GPU, fp32 on CPU, seeded.
 Writes data/distill/model/ (safetensors + tokenizer + the resolved stage config), data/distill/dvclive/ (curves, DVC
-       plots) and data/distill/metrics.json (parameter counts, distillation loss, agreement before/after, the
-       held-out answers' distinct-2 and degenerate share, teacher and student).
+       plots), data/distill/rowcache/ (the teacher's answers) and data/distill/metrics.json (parameter counts,
+       distillation loss, agreement before/after, the held-out answers' distinct-2 and degenerate share, teacher
+       and student).
 Run    uv run dvc repro distill
        uv run python stages/distill.py distill.method=sequence distill.prune_every=3
 """
@@ -33,8 +37,20 @@ from typing import Any, Literal
 
 import polars as pl
 
-from caiforge import collapse, config, distillation, engines, formats, io, models, schemas, training
-from caiforge.engines import hf, serving
+from caiforge import (
+    collapse,
+    config,
+    distillation,
+    engines,
+    formats,
+    io,
+    models,
+    planmode,
+    rowcache,
+    schemas,
+    training,
+)
+from caiforge.engines import hf
 
 log = logging.getLogger("caiforge.stages.distill")
 
@@ -72,6 +88,8 @@ class DistillConfig(training.TrainingSchedule):
     """Token cap per prompt + answer; longer rows are truncated."""
     generation: engines.GenerationConfig
     """How the teacher answers (greedy by default)."""
+    row_cache: rowcache.RowCacheConfig
+    """The teacher's answers, kept across builds (a rerun after a failed training asks none again)."""
 
     def __post_init__(self) -> None:
         config.require_caps(self, "max_prompts", "max_heldout_prompts")
@@ -128,12 +146,13 @@ def run(cfg: DistillConfig) -> dict:
     train, heldout = split_prompts(cfg)
     out = Path(cfg.out_dir)
     texts = train["text"].to_list() + heldout["text"].to_list()
-    teacher_gen = engines.make_generator(cfg.teacher, cfg.generation)
-    # Under several processes each answers its share and every process gets all answers, in row order.
-    outs = engines.chat_shared(teacher_gen, [[{"role": "user", "content": t}] for t in texts], seed=cfg.seed)
-    teacher_stats = teacher_gen.stats.as_dict()
-    del teacher_gen
-    serving.release(cfg.teacher)  # managed servers: their GPUs and memory go to training
+    cache = rowcache.RowCache.open(cfg.row_cache)
+    # Every process gets all answers, in row order; managed servers are started once, and stopped before training.
+    conversations = [[{"role": "user", "content": t}] for t in texts]
+    outs, teacher_stats = engines.stage_answers(cfg.teacher, cfg.generation, conversations, seed=cfg.seed, cache=cache)
+    planmode.end_of_requests()  # `caiforge plan` stops here: every request is counted
+    if cache is not None and not training.is_main_process():
+        cache.close()  # its journal joins the cache at the next build; the main process compacts
     answers = [c.text for c in outs]
     train = train.with_columns(
         answer=pl.Series(answers[: train.height], dtype=pl.String),
@@ -207,6 +226,7 @@ def run(cfg: DistillConfig) -> dict:
         "heldout_answers": talks,
         **batch,
         "teacher_generation": teacher_stats,
+        "row_cache": rowcache.finish(cache, cfg.row_cache),
         "train_seconds": round(result.metrics["train_runtime"], 2),
     }
     io.write_json(metrics, out / "metrics.json")

@@ -1,13 +1,24 @@
 """The processes of one stage under `accelerate launch` (torchrun underneath): who this process is, and gathering.
 
 Training is accelerate's and TRL's business. What is ours is the generation a training stage does besides training
-(distill's teacher answers): every process runs its share of the requests and the answers are gathered back into
-row order (`engines.chat_shared`), so every process holds the answers one process would have made.
+(distill's teacher answers): either every process runs its share of the requests and the answers are gathered back
+into row order (`engines.chat_shared`), or the main process alone asks them, of servers it starts, while the others
+wait (`on_main`); either way every process holds the answers one process would have made.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from datetime import timedelta
+from typing import TypeVar
+
+T = TypeVar("T")
+
+MAIN_WAIT = timedelta(hours=72)
+"""How long the other processes wait for the main process's `on_main` work (a big teacher's answers on servers
+take hours; the collective default, 30 minutes, would kill the run). A crashed main process ends the wait at once:
+accelerate stops every process when one fails."""
 
 
 def rank() -> int:
@@ -42,3 +53,19 @@ def gather(items: list) -> list:
 
     init()
     return list(gather_object(items))
+
+
+def on_main(work: Callable[[], T]) -> T:
+    """`work()` run by the main process (rank 0) alone, its result handed to every process; the others wait for it
+    up to `MAIN_WAIT`, on a gloo group of their own (CPU objects, whatever the training backend). A plain process
+    just runs it."""
+    if world_size() == 1:
+        return work()
+    import torch.distributed as dist
+
+    init()
+    group = dist.new_group(backend="gloo", timeout=MAIN_WAIT)  # every process creates it, in the same order
+    box = [work() if rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0, group=group)
+    dist.destroy_process_group(group)
+    return box[0]  # type: ignore[return-value]

@@ -47,6 +47,10 @@ def test_plan_counts_what_the_next_repro_sends(repo):
     metrics = json.loads((repo / "data" / "label" / "metrics.json").read_text())
     assert label["send"] == metrics["tokens"]["scoring"]["rows"] and metrics["tokens"]["sampling"]["rows"] == 0
 
+    # distill: the teacher's answers all wait on the RL model this build retrains.
+    distill = planned["distill"]["counts"]
+    assert distill["depends"] > 0 and distill["send"] == distill["cached"] == 0
+
     # evaluate: the RL and distilled models are retrained, so their answers and the judge's games on them depend
     # on what the build produces: counted as sent, an upper bound (here the RL weights came out unchanged, so their
     # answers were cache hits; equal new answers also make equal judge requests, which run once).

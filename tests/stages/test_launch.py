@@ -228,8 +228,8 @@ def test_distill_shards_the_teacher_answers_and_matches_one_process(tmp_path, ti
         "distill.checkpoint_every=0",
         *sampled_generation("distill"),
     ]
-    one, m1 = trained(tmp_path, "distill", 1, 4, common)
-    two, m2 = trained(tmp_path, "distill", 2, 2, common)
+    one, m1 = trained(tmp_path, "distill", 1, 4, [*common, f"distill.row_cache.dir={tmp_path / 'rows-1'}"])
+    two, m2 = trained(tmp_path, "distill", 2, 2, [*common, f"distill.row_cache.dir={tmp_path / 'rows-2'}"])
     assert (m1["global_batch_size"], m2["processes"], m2["global_batch_size"]) == (4, 2, 4)
     assert m1["steps"] == m2["steps"] > 0 and m1["train_rows"] % 4 == 0
     assert m1["heldout_before"] == m2["heldout_before"]

@@ -334,3 +334,94 @@ def test_the_converter_needs_no_cpp_build_it_comes_from_the_sdist_uv_already_has
     made = conversion.gguf_for(smollm2_dir, "q8_0", tmp_path / "gguf")
     assert conversion.converter() == tmp_path / "converter" / "convert_hf_to_gguf.py"
     assert made.stat().st_size > 1_000_000 and made.read_bytes()[:4] == b"GGUF"
+
+
+DISTILL_DRIVER = r"""
+import json, sys
+from caiforge import config
+from tests.conftest import load_stage, smoke_section
+stage = load_stage("distill")
+settings = json.loads(sys.argv[1])
+sys.argv[1:] = []  # no command-line overrides of params.yaml
+section = smoke_section("distill", settings["overrides"])
+section.update(settings["section"])
+section["generation"] = {**section["generation"], **settings["generation"]}
+cfg = config.build(stage.DistillConfig, section, "params.yaml", "distill")
+config.stage_main("distill", type(cfg), lambda _: stage.run(cfg))
+"""
+"""distill as `stages/distill.py` runs it, on the test's config (no server block on the command line)."""
+
+
+def test_distill_on_two_processes_serves_its_teacher_once_and_a_rerun_serves_it_not_at_all(
+    tmp_path, smollm2_dir, smollm2_gguf, llama_binary
+):
+    """distill under `accelerate launch` with 2 processes and a managed teacher: one fleet for the run, started by
+    rank 0 alone (each rank starting its own put every replica on rank 0's GPU), stopped before training loads, its
+    answers in the row cache; a rerun (after a failed training) takes them all from there and starts no server."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(smollm2_dir, teacher)
+    (teacher / "served.gguf").symlink_to(smollm2_gguf)
+    command = f"{llama_binary} --model {{model}}/served.gguf --host {{host}} --port {{port}} --alias {{name}}"
+    driver = tmp_path / "distill_driver.py"
+    driver.write_text(DISTILL_DRIVER)
+    config_file = str(ROOT / "conf" / "accelerate" / "ddp.yaml")
+    env = {k: v for k, v in os.environ.items() if k != "DVC_STAGE"}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+    def run(out: Path) -> tuple[dict, str]:
+        settings = {
+            "overrides": [
+                "distill.prune_keep=[0,29]",
+                "distill.heldout_fraction=0.3",
+                "distill.max_prompts=4",
+                "distill.max_heldout_prompts=2",
+                "distill.epochs=1",
+                "distill.batch_size=1",
+                "distill.gradient_accumulation_steps=1",
+                "distill.max_length=64",
+                "distill.checkpoint_every=0",
+            ],
+            "section": {
+                "prompts": str(write_prompts(tmp_path / "prompts.parquet")),
+                "teacher": str(teacher),
+                "student": str(teacher),
+                "out_dir": str(out),
+                "row_cache": {"dir": str(tmp_path / "rows")},
+            },
+            "generation": {
+                "backend": "openai",
+                "max_new_tokens": 8,
+                "progress": False,
+                "server": {"max_in_flight": 2, "managed": {"launch": "command", "command": command}},
+            },
+        }
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file]
+        launcher += ["--num_processes", "2", "--main_process_port", str(serving.free_port())]
+        cmd = [*launcher, str(driver), json.dumps(settings)]
+        done = subprocess.run(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900
+        )
+        output = done.stdout  # both streams, in the order they were written
+        assert done.returncode == 0, output[-4000:]
+        return json.loads((out / "metrics.json").read_text()), output
+
+    metrics, output = run(tmp_path / "first")
+    rows = metrics["train_rows"] + metrics["heldout_prompts"]
+    assert metrics["processes"] == 2 and rows > 0
+    assert output.count("started command replica") == 1, "one fleet for the run, not one per process"
+    stopped, trained = output.find("stopped the 1 command replica(s)"), output.find("'train_runtime'")
+    assert 0 <= stopped < trained, "the teacher's servers were stopped before training"
+    assert metrics["teacher_generation"]["servers"] == 1 and metrics["teacher_generation"]["rows"] == rows
+    assert metrics["row_cache"]["misses"] == rows
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "served.gguf" in " ".join(p.info["cmdline"] or [])]
+
+    again, output = run(tmp_path / "again")
+    assert "started command replica" not in output, "every answer came from the row cache"
+    assert again["row_cache"] == {"hits": rows, "misses": 0, "entries": rows}
+    first, second = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("first", "again"))
+    assert max(float((first[k] - second[k]).abs().max()) for k in first) <= 1e-6, "the same answers, the same student"

@@ -430,6 +430,40 @@ def chat_shared(
     return [answers[i] for i in range(len(conversations))]
 
 
+def stage_answers(
+    model_dir: str | Path,
+    cfg: GenerationConfig,
+    conversations: Sequence[Sequence[Message]],
+    *,
+    seed: int,
+    cache: RowCache | None = None,
+    desc: str = "",
+) -> tuple[list[Completion], dict[str, Any] | None]:
+    """The answers of `model_dir` to `conversations` for a stage that may run as several processes (a training
+    stage under `accelerate launch`), and the stats of the engine that made them, on every process in row order.
+    Every process must call it with the same arguments. Engines are released before it returns, so training gets
+    every GPU:
+
+    - managed servers: the main process alone makes the engine and starts one fleet for the whole run, placed on
+      its node's GPUs before any process has loaded a model; it asks every row (`cache` first) and stops the
+      servers, while the others wait for the answers (`distributed.on_main`, their stats None);
+    - otherwise every process answers its share (`chat_shared`) through its own engine and `cache`."""
+    from caiforge.engines import serving
+
+    def ask(shared: bool) -> tuple[list[Completion], dict[str, Any]]:
+        gen = make_generator(model_dir, cfg, cache)
+        try:
+            outs = (chat_shared if shared else type(gen).chat)(gen, conversations, seed=seed, desc=desc)
+            return outs, gen.stats.as_dict()
+        finally:
+            serving.release(model_dir)
+
+    if cfg.backend == "openai" and cfg.server.managed.launch != "none":
+        outs, stats = distributed.on_main(lambda: ask(shared=False))
+        return outs, stats if distributed.rank() == 0 else None
+    return ask(shared=True)
+
+
 def make_choice_scorer(model_dir: str | Path, cfg: ScoringConfig, cache: RowCache | None = None) -> ChoiceScorer:
     """The choice scorer `cfg.backend` names, serving the model in `model_dir` (for `openai`: its tokenizer)."""
     from caiforge import planmode

@@ -272,6 +272,7 @@ class Fleet:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 r.process.wait(timeout=10)
         _forget(groups)
+        log.info("stopped the %d %s replica(s) serving %s", len(self.replicas), self.cfg.launch, self.model_dir)
 
 
 def _group_alive(group: int) -> bool:
