@@ -195,3 +195,73 @@ def test_every_decoding_field_is_pinned_in_the_request(llama_server, smollm2_tok
     assert body["frequency_penalty"] == body["presence_penalty"] == 0.0
     greedy = generator(smollm2_tokenizer_dir, llama_server.url, temperature=0.0, top_p=0.5).payload("x", seed=1)
     assert greedy["temperature"] == 0.0 and greedy["top_p"] == 1.0, "greedy decoding is not also nucleus-cut"
+
+
+@pytest.fixture(scope="module")
+def bos_model(tmp_path_factory, smollm2_gguf, smollm2_tokenizer_dir):
+    """SmolLM2 as a model whose tokenizer adds a BOS to every text it encodes, as Llama's and Gemma's do: its
+    tokenizer.json gets a post-processor that puts `<|im_start|>` (id 1, the GGUF's BOS) first, and a copy of its GGUF
+    says `tokenizer.ggml.add_bos_token = true`. Its chat template already starts every prompt with that token, so
+    a server that adds one more runs two."""
+    import json
+    import shutil
+
+    import gguf
+
+    out = tmp_path_factory.mktemp("bos-model")
+    tokenizer_dir = out / "tokenizer"
+    shutil.copytree(smollm2_tokenizer_dir, tokenizer_dir)
+    spec = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    bos = {"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}
+    spec["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]}},
+    }
+    (tokenizer_dir / "tokenizer.json").write_text(json.dumps(spec))
+    served = out / "adds-bos.gguf"
+    shutil.copy(smollm2_gguf, served)
+    reader = gguf.GGUFReader(str(served), "r+")
+    field = reader.fields["tokenizer.ggml.add_bos_token"]
+    field.parts[field.data[0]][0] = True
+    reader.data.flush()
+    del reader
+    assert gguf.GGUFReader(str(served)).fields["tokenizer.ggml.add_bos_token"].contents() is True
+    return tokenizer_dir, served
+
+
+@pytest.mark.parametrize("cpp", [True, False], ids=["llama-server", "llama-cpp-python"])
+def test_every_server_runs_the_local_tokens_of_a_model_that_adds_a_bos(bos_model, cpp, tmp_path, server_env):
+    """The prompt a server runs is token for token the one the transformers engine runs (the rendered template,
+    nothing added): llama-server is sent the token ids, llama-cpp-python (text only) the text without the BOS it
+    adds itself. Each server says how many tokens it ran (`usage`), and llama-cpp-python which (/extras/tokenize,
+    the tokenization its completions use)."""
+    import json
+    import urllib.request
+
+    from transformers import AutoTokenizer
+
+    from caiforge.engines import rendering
+
+    tokenizer_dir, served = bos_model
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert rendering.added_bos(tokenizer) == "<|im_start|>" and tokenizer("Hi")["input_ids"][0] == 1
+    with servers.running(served, tmp_path, cpp=cpp) as server:
+        gen = generator(tokenizer_dir, server.url, in_flight=1, max_new_tokens=2)
+        texts = [gen.render_chat(c) for c in CONVS[:3]]
+        local = [rendering.encode(tokenizer, t) for t in texts]
+        assert all(ids[:2] == [1, ids[1]] and ids[1] != 1 for ids in local), "the template's one BOS"
+        answers = gen.fleet.complete([gen.payload(t, 0) for t in texts])
+        assert [a["usage"]["prompt_tokens"] for a in answers] == [len(ids) for ids in local]
+        if not cpp:
+            for text, ids in zip(texts, local, strict=True):
+                sent = openai.in_dialect({"prompt": text}, "openai", gen.fleet.tokenize, gen.fleet.bos)["prompt"]
+                request = urllib.request.Request(
+                    server.url.removesuffix("/v1") + "/extras/tokenize",
+                    data=json.dumps({"input": sent}).encode(),
+                    headers={"Authorization": f"Bearer {servers.API_KEY}", "Content-Type": "application/json"},
+                )
+                with urllib.request.urlopen(request, timeout=30) as resp:
+                    assert json.load(resp)["tokens"] == ids
+        assert "2 BOS" not in server.log.read_text()

@@ -1,7 +1,9 @@
 """The `openai` engine: any OpenAI-compatible server (vLLM, SGLang, llama.cpp), one or a fleet of them.
 
 Every request goes to `/v1/completions` with the prompt rendered locally by the model's own chat template (the
-text the transformers engine sees), so every server gets the same prompt whatever its own template handling.
+text the transformers engine sees), so every server gets the same prompt whatever its own template handling, and
+runs its local tokens: as token ids where the server takes them, else worded so that the server adds no second BOS
+(`in_dialect`).
 
 - Generation: `max_tokens`, `temperature`, `top_p`, `top_k`, a per-row `seed` (`row_seed`), stop at the template's
   end token. Every sampling knob a server might default differently is sent explicitly (llama.cpp defaults to
@@ -32,7 +34,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +54,7 @@ from caiforge.engines import (
     row_seed,
     serving,
 )
-from caiforge.engines.rendering import END_TOKENS, ChatRenderer, OptionTokens, encode
+from caiforge.engines.rendering import END_TOKENS, ChatRenderer, OptionTokens, added_bos, encode
 
 if TYPE_CHECKING:
     from caiforge.rowcache import RowCache
@@ -76,14 +78,34 @@ OWNED_BY = {"vllm": "vllm", "sglang": "sglang", "llamacpp": "llama_cpp"}
 (llama-cpp-python says "me") speaks plain `openai`."""
 
 
-def in_dialect(body: dict, dialect: str) -> dict:
-    """A request body as `dialect`'s server reads it the way the engine means it (DIALECTS)."""
+TAKES_TOKEN_IDS = ("sglang", "llama_cpp")
+"""Dialects sent the prompt as token ids (the local tokenization, `rendering.encode`), which they run as given:
+SGLang's completions turn a list of ints into `input_ids` (serving_completions.py), llama-server a list of numbers
+into the prompt's tokens (tools/server `tokenize_input_subprompt`). Sent text, both would add a BOS where the model
+asks for one, on top of the chat template's own."""
+
+
+def in_dialect(
+    body: dict, dialect: str, tokenize: Callable[[str], list[int]] | None = None, bos: str | None = None
+) -> dict:
+    """A request body as `dialect`'s server reads it the way the engine means it, so that every server runs the
+    prompt's local tokens (`tokenize`, the engine's tokenizer; `bos`, `rendering.added_bos` of it):
+
+    - sglang, llama_cpp: the prompt as token ids (`TAKES_TOKEN_IDS`); SGLang's `top_k: 0` as -1;
+    - vllm: `add_special_tokens: false` (its CompletionRequest defaults to true: a BOS on top of the template's);
+    - openai (llama-cpp-python, any other server): text only, which such a server tokenizes by the model's own
+      defaults, so a leading `bos` the tokenizer would add again is left for the server to add.
+    """
     if dialect == "sglang" and body.get("top_k") == 0:
         # SGLang's SamplingParams.verify: "top_k must be -1 (disable), or at least 1".
         body = {**body, "top_k": -1}
+    prompt = body.get("prompt")
+    if dialect in TAKES_TOKEN_IDS and tokenize is not None and isinstance(prompt, str):
+        body = {**body, "prompt": tokenize(prompt)}
     if dialect == "vllm":
-        # vLLM's CompletionRequest.add_special_tokens defaults to True: a BOS on top of the chat template's own.
         body = {**body, "add_special_tokens": False}
+    if dialect == "openai" and bos and isinstance(prompt, str) and prompt.startswith(bos):
+        body = {**body, "prompt": prompt[len(bos) :]}
     return body
 
 
@@ -99,8 +121,11 @@ def base_url(url: str) -> str:
 class Fleet:
     """A list of OpenAI-compatible servers used as one: spread, bounded, retried, failed over."""
 
-    def __init__(self, cfg: ServerConfig) -> None:
+    def __init__(self, cfg: ServerConfig, tokenizer: Any = None) -> None:
         self.cfg = cfg
+        self.tokenize = (lambda text: encode(tokenizer, text)) if tokenizer is not None else None
+        self.bos = added_bos(tokenizer) if tokenizer is not None else None
+        """The served model's tokenizer, so that every server runs the local tokens (`in_dialect`)."""
         self.urls = [base_url(u) for u in cfg.urls]
         self.headers = {"Content-Type": "application/json", **serving.auth_headers(cfg)}
         self.model = cfg.model or ""
@@ -226,12 +251,11 @@ class Fleet:
                     continue
                 model = self.served_as(url)
                 body = {"model": model, **payloads[i]} if model else payloads[i]
-                body = in_dialect(body, self.dialects[url])
                 retry_after = None
                 try:
                     if url in self.unseen:
                         await self._see(session, url)
-                        body = in_dialect(body, self.dialects[url])
+                    body = in_dialect(body, self.dialects[url], self.tokenize, self.bos)
                     self.requests_sent += 1
                     async with session.post(f"{url}/completions", json=body) as resp:
                         raw = await resp.read()
@@ -458,7 +482,7 @@ class _Client:
         self.server = server
         self.model_dir = model_dir
         """The role's directory: what managed servers serve once a request needs them (None: never started)."""
-        self.fleet = Fleet(server)
+        self.fleet = Fleet(server, tokenizer)
         self.progress = progress
         self.stats = Stats()
         # Managed servers start at the first request the row cache cannot answer (plan mode sends none): until
@@ -508,7 +532,7 @@ class _Client:
         if self.model_dir is None:
             raise EngineError("managed servers cannot start without the role's model directory")
         served = serving.serve(self.server, self.model_dir)
-        fleet = Fleet(served)
+        fleet = Fleet(served, self.tokenizer)
         label = serving.served_label(self.server.managed)
         if fleet.served_model() != label:
             raise ServerError(f"the managed replicas serve {fleet.model!r}, not {label!r}")

@@ -98,7 +98,18 @@ ZERO_WIDTH_SPACE = "\u200b"
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
+    """The tokens of a rendered prompt: the chat template wrote every special token it wants, so none is added."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def added_bos(tokenizer: Any) -> str | None:
+    """The BOS text `tokenizer` puts before any text it encodes with its special tokens (what a server that
+    tokenizes a prompt by the model's own defaults adds: transformers' `add_special_tokens`, llama.cpp's GGUF
+    `add_bos_token`, converted from it), or None when it adds none."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    return tokenizer.bos_token if tokenizer("a")["input_ids"][:1] == [bos] != encode(tokenizer, "a")[:1] else None
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
