@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ENGINE_VERSION = 1
+ENGINE_VERSION = 2
 """Part of every row-cache key: bumped whenever a change to this module (requests, parsing) can change a row."""
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
