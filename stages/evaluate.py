@@ -45,7 +45,7 @@ from caiforge import (
     schemas,
     xstest,
 )
-from caiforge.engines import serving
+from caiforge.engines import identity, serving
 
 log = logging.getLogger("caiforge.stages.evaluate")
 
@@ -312,7 +312,7 @@ def run(cfg: EvaluateConfig) -> dict:
             # True: the Elo ratings come from the weights that labelled the RL training pairs (on any backend);
             # read attack success and refusal rates (independent of it) as the harmlessness evidence. None: some
             # weights are unknown (a served model without server.weights).
-            "is_the_labeller": engines.same_weights(judge_identity, labellers),
+            "is_the_labeller": identity.same_weights(judge_identity, labellers),
             "model_comparisons": judged,
             "engine": judge_stats,
             "seconds": round(judge_seconds, 2),

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from caiforge import config
-from caiforge.engines import conversion, hf, serving
+from caiforge.engines import conversion, identity, serving
 from tests import servers
 from tests.conftest import ROOT, load_stage, smoke_section, write_prompts
 from tests.stages.test_server_backend import PARTS
@@ -78,13 +78,13 @@ def test_critique_revise_serves_its_declared_safetensors_on_llama_server(
         serving.stop_all()
     assert replica.poll() is not None and not serving.running()
     converted = list((tmp_path / "gguf").glob("*.gguf"))
-    assert [p.name[:24] for p in converted] == [hf.weights_fingerprint(smollm2_dir)[:24]]
+    assert [p.name[:24] for p in converted] == [identity.fingerprint(smollm2_dir)[:24]]
     made = converted[0].stat().st_mtime_ns
     assert conversion.gguf_for(smollm2_dir, "f16", tmp_path / "gguf").stat().st_mtime_ns == made, "converted once"
     assert metrics["generation"]["backend"] == "openai"
     rows = pl.read_parquet(tmp_path / "out" / "revisions.parquet")
-    fingerprint = hf.weights_fingerprint(smollm2_dir)
-    label = serving.served_label(serving.ManagedConfig(launch="llama_server", args=tuple(managed["args"])))
+    fingerprint = identity.fingerprint(smollm2_dir)
+    label = identity.managed_label(serving.ManagedConfig(launch="llama_server", args=tuple(managed["args"])))
     assert (rows["model_fingerprint"] == f"openai:{label}@{fingerprint}").all()
     assert rows["revision"].str.len_chars().min() > 0, "the served model wrote the revisions"
 

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from caiforge import engines, labeling
-from caiforge.engines import hf, openai
+from caiforge.engines import hf, identity, openai
 from tests import servers
 from tests.conftest import SERVED_GGUF
 
@@ -150,7 +150,7 @@ def test_rows_follow_the_weights_behind_the_served_name(served_dirs, server_env,
     with servers.running(before / SERVED_GGUF, tmp_path, alias="sft") as server:
         old = generator(before, server.url, weights="model_dir", cache=rowcache.RowCache(cache_dir))
         old_rows = old.chat(CONVS, seed=0)
-        assert old.identity == f"openai:sft@{hf.weights_fingerprint(before)}"
+        assert old.identity == f"openai:sft@{identity.fingerprint(before)}"
         old.cache.close()
         stated = generator(before, server.url, weights="revision:r1", cache=rowcache.RowCache(cache_dir))
         assert stated.chat(CONVS, seed=0) == old_rows and stated.fleet.requests_sent == len(CONVS)
@@ -177,12 +177,12 @@ def test_weights_must_be_named_in_a_known_form():
     for bad in ("abc", "revision:", "model-dir"):
         with pytest.raises(ValueError, match="server.weights"):
             engines.ServerConfig(urls=("http://x",), weights=bad)
-    assert engines.weights_of("openai:sft@revision:r1") == "revision:r1"
-    assert engines.weights_of("openai:org/m@abc") == "abc" and engines.weights_of("openai:sft") is None
-    assert engines.same_weights("openai:judge@abc", ["abc"]) is True, "served and local: the same fingerprint"
-    assert engines.same_weights("abc", ["openai:labeller@def"]) is False
-    assert engines.same_weights("abc", ["openai:labeller"]) is None, "unknown weights: unknown"
-    assert engines.same_weights("openai:judge", ["abc"]) is None
+    assert identity.weights_of("openai:sft@revision:r1") == "revision:r1"
+    assert identity.weights_of("openai:org/m@abc") == "abc" and identity.weights_of("openai:sft") is None
+    assert identity.same_weights("openai:judge@abc", ["abc"]) is True, "served and local: the same fingerprint"
+    assert identity.same_weights("abc", ["openai:labeller@def"]) is False
+    assert identity.same_weights("abc", ["openai:labeller"]) is None, "unknown weights: unknown"
+    assert identity.same_weights("openai:judge", ["abc"]) is None
 
 
 def test_every_decoding_field_is_pinned_in_the_request(llama_server, smollm2_tokenizer_dir, server_env):

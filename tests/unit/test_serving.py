@@ -90,7 +90,7 @@ def test_plan_mode_starts_no_server_and_keys_rows_by_the_directory_and_the_launc
     import json
 
     from caiforge import planmode
-    from caiforge.engines import hf
+    from caiforge.engines import identity as identities
 
     ctx = tmp_path / "plan.json"
     ctx.write_text(json.dumps({"report": str(tmp_path / "report.json"), "pending": []}))
@@ -106,9 +106,9 @@ def test_plan_mode_starts_no_server_and_keys_rows_by_the_directory_and_the_launc
         assert serving.running() == [] and engine.fleet.requests_sent == 0
         return engine.identity
 
-    fingerprint = hf.weights_fingerprint(tiny_model_dir)
+    fingerprint = identities.fingerprint(tiny_model_dir)
     f16 = identity(launch="llama_server")
-    assert f16 == f"openai:{serving.served_label(managed(launch='llama_server'))}@{fingerprint}"
+    assert f16 == f"openai:{identities.managed_label(managed(launch='llama_server'))}@{fingerprint}"
     assert f16.startswith(f"openai:{serving.SERVED_NAME}[llama_server,f16-conv")
     # Every launch setting that can change an answer changes the rows' identity; the weights stay the directory's.
     others = [

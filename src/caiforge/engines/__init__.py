@@ -299,25 +299,6 @@ class ChoiceScorer(Protocol):
     ) -> list[tuple[float, ...]]: ...
 
 
-def weights_of(identity: str) -> str | None:
-    """The weights an engine identity names: a transformers identity is its weights' fingerprint; a served model's
-    (`openai:<id>@<weights>`, see `ServerConfig.weights`) is what follows the last `@`, or None when nothing
-    identifies the weights behind the served name."""
-    if not identity.startswith("openai:"):
-        return identity
-    _, at, weights = identity.rpartition("@")
-    return weights if at else None
-
-
-def same_weights(identity: str, others: Sequence[str]) -> bool | None:
-    """Whether `identity` runs the same weights as one of `others`, across backends (a model served with
-    `server.weights: model_dir` matches its transformers self); None when some weights are unknown."""
-    mine, theirs = weights_of(identity), [weights_of(o) for o in others]
-    if mine is not None and mine in theirs:
-        return True
-    return None if mine is None or None in theirs else False
-
-
 def row_seed(seed: int, prompt: str) -> int:
     """A row's own sampling seed: from the call's seed and the row's rendered prompt, never from its batch.
 

@@ -144,11 +144,11 @@ def gguf_for(model_dir: Path, gguf_type: str, cache_dir: Path | None = None) -> 
     directory's weights fingerprint, the type and the converter's own hash (a newer converter can write a different
     file), so the same weights are never converted twice by one converter. A conversion killed midway leaves a
     `.converting-<pid>-*` folder; the next call removes those whose process is gone."""
-    from caiforge.engines import hf
+    from caiforge.engines import identity
 
     cache_dir = cache_dir or Path(os.environ.get("CAIFORGE_GGUF_CACHE") or Path.home() / ".cache/caiforge/gguf")
     script = converter()
-    out = cache_dir / f"{hf.weights_fingerprint(model_dir)[:24]}-{gguf_type}-conv{converter_version()}.gguf"
+    out = cache_dir / f"{identity.fingerprint(model_dir)[:24]}-{gguf_type}-conv{converter_version()}.gguf"
     if out.is_file():
         return out
     cache_dir.mkdir(parents=True, exist_ok=True)

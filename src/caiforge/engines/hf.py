@@ -94,18 +94,13 @@ def load_for_inference(model_dir: str | Path, device: str, dtype: str) -> tuple[
     return model, tokenizer, device
 
 
-def weights_fingerprint(model_dir: str | Path) -> str:
-    """The sha256 fingerprint of a saved model's files (a role link is followed)."""
-    from caiforge import models
-
-    return models.fingerprint(models.file_digests(models.resolve(model_dir)))
-
-
 def _from_dir(cls: Any, model_dir: str | Path, cfg: GenerationConfig | ScoringConfig) -> Any:
     """An engine of class `cls` on the saved model in `model_dir`, with the weights' fingerprint as identity."""
+    from caiforge.engines import identity
+
     model, tokenizer, device = load_for_inference(model_dir, cfg.device, cfg.dtype)
     engine = cls(model, tokenizer, cfg, device)
-    engine.identity = weights_fingerprint(model_dir)
+    engine.identity = identity.of(model_dir, cfg)
     return engine
 
 

@@ -51,6 +51,7 @@ from caiforge.engines import (
     Stats,
     cache_lookup,
     fill_in,
+    identity,
     row_seed,
     serving,
 )
@@ -434,23 +435,6 @@ def load_tokenizer(model_dir: str | Path, server: ServerConfig) -> Any:
     return tokenizer
 
 
-def served_weights(model_dir: str | Path, server: ServerConfig) -> str | None:
-    """What `server.weights` says identifies the served weights: the fingerprint of the role's model directory
-    (always, for managed servers: they serve that directory), the stated `revision:<text>`, or None."""
-    if server.managed.launch != "none" and not serving.serves_model_dir(server.managed):
-        return server.weights  # a command template serving something else: the revision it states
-    if server.weights == "model_dir" or server.managed.launch != "none":
-        from caiforge.engines import hf
-
-        try:
-            return hf.weights_fingerprint(model_dir)
-        except (FileNotFoundError, ValueError) as err:
-            raise FileNotFoundError(
-                f"server.weights is 'model_dir', but {model_dir} holds no model to fingerprint ({err})"
-            ) from err
-    return server.weights
-
-
 class Lazy(Sequence):
     """A read-only sequence whose item i is `build(i)`, made when it is read and not kept."""
 
@@ -488,9 +472,9 @@ class _Client:
         # Managed servers start at the first request the row cache cannot answer (plan mode sends none): until
         # then the rows are keyed by the name they will serve under, which serving.serve gives every replica.
         self.unstarted = server.managed.launch != "none" and not server.urls
-        model = serving.served_label(server.managed) if self.unstarted else self.fleet.served_model()
+        model = identity.managed_label(server.managed) if self.unstarted else self.fleet.served_model()
         self.weights = weights
-        self.identity = f"openai:{model}@{weights}" if weights else f"openai:{model}"
+        self.identity = identity.served(model, weights)
         self.stats.engine = {"backend": "openai", "model": model, "servers": len(self.fleet.urls)}
         self.stats.engine["weights"] = weights or "unknown"
         self.stats.engine["dialects"] = ",".join(sorted(set(self.fleet.dialects.values())))
@@ -533,7 +517,7 @@ class _Client:
             raise EngineError("managed servers cannot start without the role's model directory")
         served = serving.serve(self.server, self.model_dir)
         fleet = Fleet(served, self.tokenizer)
-        label = serving.served_label(self.server.managed)
+        label = identity.managed_label(self.server.managed)
         if fleet.served_model() != label:
             raise ServerError(f"the managed replicas serve {fleet.model!r}, not {label!r}")
         fleet.requests_sent, fleet.retries = self.fleet.requests_sent, self.fleet.retries
@@ -576,7 +560,7 @@ class OpenAIGenerator(_Client):
 
     @classmethod
     def from_config(cls, model_dir: str | Path, cfg: GenerationConfig) -> OpenAIGenerator:
-        return cls(load_tokenizer(model_dir, cfg.server), cfg, served_weights(model_dir, cfg.server), model_dir)
+        return cls(load_tokenizer(model_dir, cfg.server), cfg, identity.weights(model_dir, cfg.server), model_dir)
 
     def chat(
         self, conversations: Sequence[Sequence[Message]], *, seed: int, desc: str = "", shard: Shard | None = None
@@ -639,7 +623,7 @@ class OpenAIChoiceScorer(_Client):
 
     @classmethod
     def from_config(cls, model_dir: str | Path, cfg: ScoringConfig) -> OpenAIChoiceScorer:
-        return cls(load_tokenizer(model_dir, cfg.server), cfg, served_weights(model_dir, cfg.server), model_dir)
+        return cls(load_tokenizer(model_dir, cfg.server), cfg, identity.weights(model_dir, cfg.server), model_dir)
 
     def render(self, conversation: Sequence[Message], prefill: str) -> str:
         return self.render_chat(conversation, prefill)
@@ -668,7 +652,7 @@ class OpenAIChoiceScorer(_Client):
             return {"prompt": text, "max_tokens": 1, "temperature": 0.0, "logprobs": top_k, "seed": 0}
 
         # Keys and option names come from one render per question; bodies are rendered again as they are sent.
-        identity = {"kind": "choice", "model": self.identity, "version": ENGINE_VERSION, "options": list(options)}
+        common = {"kind": "choice", "model": self.identity, "version": ENGINE_VERSION, "options": list(options)}
         keys, wanted = [], []
         for i in range(len(conversations)):
             body = payload(i)
@@ -683,7 +667,7 @@ class OpenAIChoiceScorer(_Client):
             if tokens not in names:
                 names[tokens] = [self.tokenizer.decode(list(c)) for c in tokens]
             wanted.append(names[tokens])
-            keys.append(rowcache.key({**identity, **body}))
+            keys.append(rowcache.key({**common, **body}))
 
         def parse(i: int, answer: dict) -> list[float]:
             names = wanted[i]

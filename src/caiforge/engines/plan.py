@@ -16,16 +16,8 @@ from typing import Any
 
 from caiforge import models, rowcache
 from caiforge.config import StageError
-from caiforge.engines import OPTIONS, Completion, Shard, cache_lookup, fill_in, hf
-from caiforge.planmode import MARK, PENDING, Context, active
-
-
-def _pending_identity(model_dir: str | Path, ctx: Context) -> str | None:
-    here = Path(model_dir).resolve()
-    for out in ctx.pending:
-        if here == Path(out).resolve() or Path(out).resolve() in here.parents:
-            return PENDING + str(model_dir)
-    return None
+from caiforge.engines import OPTIONS, Completion, Shard, cache_lookup, fill_in, hf, identity
+from caiforge.planmode import MARK, PENDING, active
 
 
 def _mark_depends(engine: Any, k: str, text: str) -> str:
@@ -116,9 +108,7 @@ def _openai_engine(kind: str, model_dir: str | Path, cfg: Any, cache: Any) -> An
         raise StageError(f"{model_dir}: no tokenizer yet, so its requests cannot be planned ({err})") from err
     ctx = active()
     assert ctx is not None
-    by_dir = cfg.server.weights == "model_dir" or cfg.server.managed.launch != "none"
-    pending = _pending_identity(model_dir, ctx) if by_dir else None
-    weights = pending or openai.served_weights(model_dir, cfg.server)
+    weights = identity.weights(model_dir, cfg.server, ctx.pending)
     generator, scorer = _openai_classes()
     made = (generator if kind == "generator" else scorer)(tokenizer, cfg, weights)
     made.cache = cache if cache is not None else rowcache.PlanCache(None)
@@ -142,6 +132,6 @@ def engine(kind: str, model_dir: str | Path, cfg: Any, cache: Any) -> Any:
     with models.quiet_progress():
         tokenizer = AutoTokenizer.from_pretrained(path)
     made = cls(None, tokenizer, cfg, device, str(dtype).removeprefix("torch."))
-    made.identity = _pending_identity(model_dir, ctx) or hf.weights_fingerprint(model_dir)
+    made.identity = identity.of(model_dir, cfg, ctx.pending)
     made.cache = cache if cache is not None else rowcache.PlanCache(None)
     return made

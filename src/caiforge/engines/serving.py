@@ -17,9 +17,9 @@ command template); caiforge only places, starts, waits for and stops them:
   unpacked from the pinned llama-cpp-python sdist without a C++ build (`caiforge.engines.conversion`).
 
 Rows from managed servers are keyed by the fingerprint of the directory they serve (`server.weights` is
-`model_dir` whatever it says) and by every launch setting that can change an answer (`served_label`: launcher,
-tensor-parallel size, GGUF type and converter, extra arguments, command template), so retrained weights or a new
-quantization never get the old rows back. A command template that serves neither {model} nor {gguf} must state
+`model_dir` whatever it says) and by every launch setting that can change an answer (`identity.managed_label`:
+launcher, tensor-parallel size, GGUF type and converter, extra arguments, command template), so retrained weights
+or a new quantization never get the old rows back. A command template that serves neither {model} nor {gguf} must state
 `server.weights: revision:<text>`, which then identifies its rows.
 """
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import itertools
 import json
 import logging
@@ -178,23 +177,6 @@ def serves_model_dir(cfg: ManagedConfig) -> bool:
     """Whether the managed servers serve the role's model directory (a command template that names neither {model}
     nor {gguf} serves something else, which only a stated `server.weights: revision:<text>` identifies)."""
     return cfg.launch != "command" or any(f in (cfg.command or "") for f in ("{model}", "{gguf}"))
-
-
-def served_label(cfg: ManagedConfig) -> str:
-    """The model part of a managed role's row identity (`openai:<label>@<weights>`): SERVED_NAME and every launch
-    setting that can change an answer: the launcher, its tensor-parallel size, the GGUF type and converter, the
-    extra arguments (`--quantization fp8`, `--dtype`, ...) and a command template. The same label before and
-    after the servers start, so `caiforge plan` counts the rows the build will reuse."""
-    parts = [cfg.launch]
-    if cfg.gpus_per_replica:
-        parts.append(f"tp{cfg.gpus_per_replica}")
-    if needs_gguf(cfg):
-        parts.append(f"{cfg.gguf_type}-conv{conversion.converter_version()}")
-    for name, value in (("command", cfg.command if cfg.launch == "command" else None), ("args", cfg.args)):
-        if value:
-            text = value if isinstance(value, str) else shlex.join(value)
-            parts.append(f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:8]}")
-    return f"{SERVED_NAME}[{','.join(parts)}]"
 
 
 WATCHDOG = r"""
@@ -432,10 +414,13 @@ def serve(cfg: Any, model_dir: str | Path) -> Any:
         log_dir = Path(tempfile.gettempdir()) / f"caiforge-servers-{os.getpid()}"
         _running[key] = start(managed, model_dir, log_dir, auth_headers(cfg))
     fleet = _running[key]
+    from caiforge.engines import identity
+
     # The engine sees plain servers at these URLs, serving exactly the directory it fingerprints.
     weights = "model_dir" if serves_model_dir(managed) else cfg.weights
+    label = identity.managed_label(managed)
     return dataclasses.replace(
-        cfg, urls=fleet.urls, model=served_label(managed), weights=weights, tokenizer=None, managed=ManagedConfig()
+        cfg, urls=fleet.urls, model=label, weights=weights, tokenizer=None, managed=ManagedConfig()
     )
 
 
