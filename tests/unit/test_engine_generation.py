@@ -97,6 +97,18 @@ def test_shards_of_a_call_add_up_to_the_whole_call(tiny, tmp_path, monkeypatch):
     halves = [g.chat(convs, seed=5, shard=engines.Shard(i, 2)) for i, g in enumerate(again)]
     assert [g.stats.rows for g in again] == [3, 2] and [g.stats.cache_hits for g in again] == [2, 2]
     assert halves[0][:2] == halves[1][:2] == whole[:2]
+    # Processes that opened the cache at different times (rank 1 still loading while rank 0 stored rows) see
+    # different cached rows: every request is still cached on one of them or run by its owner.
+    early = engine(tiny, **kw)
+    early.cache = rowcache.RowCache(tmp_path / "later")
+    writer = engine(tiny, **kw)
+    writer.cache = rowcache.RowCache(tmp_path / "later")
+    writer.chat(convs[:3], seed=5)
+    writer.cache.close()
+    late = engine(tiny, **kw)
+    late.cache = rowcache.RowCache(tmp_path / "later")
+    views = [early.chat(convs, seed=5, shard=engines.Shard(0, 2)), late.chat(convs, seed=5, shard=engines.Shard(1, 2))]
+    assert [next(v[row] for v in views if v[row] is not None) for row in range(len(convs))] == whole
     # One process: chat_shared is chat itself.
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert engines.chat_shared(engine(tiny, **kw), convs, seed=5) == whole

@@ -310,8 +310,10 @@ def row_seed(seed: int, prompt: str) -> int:
 
 @dataclass(frozen=True)
 class Shard:
-    """One process's share of a call under several processes (`accelerate launch`): of the distinct requests the
-    row cache does not hold, number k (in row order) runs on the process with index k % count. A row's answer does
+    """One process's share of a call under several processes (`accelerate launch`): distinct request number k (in
+    row order) is this process's when k % count is its index, and it runs it unless its row cache holds it. Numbered
+    among all requests, cached or not, so processes whose caches differ (one opened it after another had added
+    rows) still share every request out: each request is cached somewhere or run by its owner. A row's answer does
     not depend on which process runs it (`row_seed`; with `batching: exact` not even on its batch, bit for bit),
     so gathering the shares gives the answers one process gives (up to floating point with `dynamic`)."""
 
@@ -338,18 +340,17 @@ def cache_lookup(
     found: list[Any] = [None] * len(keys)
     todo: dict[str, int] = {}
     seen: set[str] = set()
-    missing = 0
     for i, k in enumerate(keys):
         if k in seen:
             continue
+        number = len(seen)
         seen.add(k)
         value = cache.get(k) if cache is not None and reuse else None
         if cache is not None and not reuse:
             cache.skip(k)
         if value is None:
-            if shard is None or shard.owns(missing):
+            if shard is None or shard.owns(number):
                 todo[k] = i
-            missing += 1
         else:
             found[i] = value
             stats.cache_hits += 1
