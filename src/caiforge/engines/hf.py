@@ -100,7 +100,7 @@ def _from_dir(cls: Any, model_dir: str | Path, cfg: GenerationConfig | ScoringCo
 
     model, tokenizer, device = load_for_inference(model_dir, cfg.device, cfg.dtype)
     engine = cls(model, tokenizer, cfg, device)
-    engine.identity = identity.of(model_dir, cfg)
+    engine.identity = identity.weights(model_dir)
     return engine
 
 

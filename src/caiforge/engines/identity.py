@@ -24,7 +24,7 @@ from caiforge.engines import conversion
 from caiforge.engines.serving import SERVED_NAME, ManagedConfig, needs_gguf, serves_model_dir
 
 if TYPE_CHECKING:
-    from caiforge.engines import EngineConfig, ServerConfig
+    from caiforge.engines import ServerConfig
 
 
 def fingerprint(model_dir: str | Path) -> str:
@@ -88,21 +88,6 @@ def managed_label(cfg: ManagedConfig) -> str:
 def served(served_model: str, weights_id: str | None) -> str:
     """A served role's identity from the model name it is served under and what identifies its weights."""
     return f"openai:{served_model}@{weights_id}" if weights_id else f"openai:{served_model}"
-
-
-def of(model_dir: str | Path, cfg: EngineConfig, outputs: Sequence[str] = (), served_model: str | None = None) -> str:
-    """The identity of the answers a role with engine config `cfg` gets from `model_dir`: its weights in-process;
-    on servers, with the name they serve it under (managed: `managed_label`; else `served_model`, which the
-    caller read from the servers)."""
-    if cfg.backend == "transformers":
-        found = weights(model_dir, None, outputs)
-        assert found is not None
-        return found
-    managed = cfg.server.managed
-    name = managed_label(managed) if managed.launch != "none" else served_model
-    if name is None:
-        raise ValueError("the served model's name: read it from the servers first")
-    return served(name, weights(model_dir, cfg.server, outputs))
 
 
 def weights_of(identity: str) -> str | None:

@@ -132,6 +132,6 @@ def engine(kind: str, model_dir: str | Path, cfg: Any, cache: Any) -> Any:
     with models.quiet_progress():
         tokenizer = AutoTokenizer.from_pretrained(path)
     made = cls(None, tokenizer, cfg, device, str(dtype).removeprefix("torch."))
-    made.identity = identity.of(model_dir, cfg, ctx.pending)
+    made.identity = identity.weights(model_dir, outputs=ctx.pending)
     made.cache = cache if cache is not None else rowcache.PlanCache(None)
     return made
