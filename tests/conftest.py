@@ -68,6 +68,31 @@ def smollm2_gguf() -> Path:
     return models.smollm2_gguf_path()
 
 
+@pytest.fixture
+def llama_binary(monkeypatch) -> str:
+    """llama.cpp's llama-server (`.ci/build-llama-server`), also as $CAIFORGE_LLAMA_SERVER for managed servers."""
+    from tests import servers
+
+    binary = str(servers.llama_server_binary())
+    monkeypatch.setenv("CAIFORGE_LLAMA_SERVER", binary)
+    return binary
+
+
+@pytest.fixture
+def converter() -> None:
+    """llama.cpp's convert_hf_to_gguf.py, which .ci/build-llama-server installs beside llama-server."""
+    import os
+
+    from caiforge.engines import conversion
+
+    try:
+        conversion.converter()
+    except FileNotFoundError as exc:
+        if os.environ.get("CAIFORGE_REQUIRE_LLAMA_SERVER") == "1":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
     """The embedded SmolLM2 (dequantized from its GGUF, about a minute) saved as the `models` stage saves a role."""

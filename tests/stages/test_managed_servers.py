@@ -25,35 +25,18 @@ from tests.stages.test_server_backend import PARTS
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def llama_binary(monkeypatch) -> str:
-    binary = str(servers.llama_server_binary())
-    monkeypatch.setenv("CAIFORGE_LLAMA_SERVER", binary)
-    return binary
-
-
-@pytest.fixture
-def converter() -> None:
-    """llama.cpp's convert_hf_to_gguf.py, which .ci/build-llama-server installs beside llama-server."""
-    try:
-        conversion.converter()
-    except FileNotFoundError as exc:
-        if os.environ.get("CAIFORGE_REQUIRE_LLAMA_SERVER") == "1":
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
-
-
 Q4 = "revision:smollm2-135m-instruct-q4_1"
 """What the tests' command templates serve (the embedded GGUF, not the role's directory), stated."""
 
 
-def managed_cfg(tmp_path: Path, policy: Path, managed: dict, weights: str | None = None):
-    """critique_revise on smoke (6 prompts, 1 round), its policy served by managed servers."""
+def managed_cfg(tmp_path: Path, policy: Path, managed: dict, weights: str | None = None, in_flight: int = 2):
+    """critique_revise on smoke (6 prompts, 1 round), its policy served by managed servers (`in_flight` requests
+    at once)."""
     stage = load_stage("critique_revise")
     section = smoke_section("critique_revise", ["critique_revise.max_prompts=6", "critique_revise.rounds=1"])
     section.update(prompts=str(write_prompts(tmp_path / "prompts.parquet")), policy=str(policy))
     section.update(out_dir=str(tmp_path / "out"))
-    server = {"max_in_flight": 2, "managed": managed, "weights": weights}
+    server = {"max_in_flight": in_flight, "managed": managed, "weights": weights}
     section["generation"] = {**section["generation"], "backend": "openai", "server": server}
     parts = {k: ("constitutions/default.yaml", PARTS[k]) for k in ("critique_revision", "critique_revision_examples")}
     declared = {"critique_revise": ("params.yaml", section), **parts}

@@ -5,6 +5,7 @@ llama.cpp's servers in tests/stages/test_managed_servers.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -215,3 +216,29 @@ def test_the_converter_comes_from_uvs_copy_of_the_locked_sdist_or_the_sdist_itse
     monkeypatch.setenv("CAIFORGE_LLAMA_CONVERTER", str(tmp_path / "missing.py"))
     with pytest.raises(FileNotFoundError, match=r"CAIFORGE_LLAMA_CONVERTER names no file"):
         conversion.converter()
+
+
+def test_inside_a_slurm_allocation_each_replica_is_a_step_on_the_nodes_in_turn(monkeypatch):
+    """The pure part of job-step replicas (the real steps run in tests/stages/test_slurm.py): which srun flags,
+    which node, which address the fleet is given, and who sets CUDA_VISIBLE_DEVICES."""
+    from caiforge import slurm
+
+    monkeypatch.setattr(slurm, "job", lambda: "42")
+    monkeypatch.setattr(slurm, "nodes", lambda: ["gpu-a", "gpu-b"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    cfg = managed(launch="vllm", replicas=3, gpus_per_replica=2, srun_args=("--cpus-per-task=8",))
+    planned = serving.plan(cfg, Path("/m"), None)
+    for p, node in zip(planned, ["gpu-a", "gpu-b", "gpu-a"], strict=True):
+        step, server = p.command[: p.command.index("--")], p.command[p.command.index("--") + 1 :]
+        assert step[:2] == ["srun", "--jobid=42"] and f"--nodelist={node}" in step
+        assert {"--exact", "--gpus-per-task=2", "--cpus-per-task=8", f"--job-name={p.name}"} <= set(step)
+        assert "--overlap" not in step, "overlapping steps would share GPUs"
+        port = server[server.index("--port") + 1]
+        assert server[server.index("--host") + 1] == "0.0.0.0" and p.url == f"http://{node}:{port}/v1"
+        assert "CUDA_VISIBLE_DEVICES" not in p.env, "Slurm sets the step's GPUs"
+        assert p.job == "42" and p.name.startswith(slurm.STEP_PREFIX)
+    cpu = serving.plan(managed(launch="llama_server", binary="/bin/llama-server"), Path("/m"), Path("/m.gguf"))
+    assert "--overlap" in cpu[0].command and cpu[0].env["CUDA_VISIBLE_DEVICES"] == ""
+    local = serving.plan(dataclasses.replace(cfg, replicas=2, slurm="off"), Path("/m"), None)
+    assert [(p.job, p.gpus, p.command[0]) for p in local] == [(None, "0,1", "vllm"), (None, "2,3", "vllm")]
+    assert all(p.url.startswith("http://127.0.0.1:") for p in local)

@@ -14,7 +14,13 @@ command template); caiforge only places, starts, waits for and stops them:
   an error, Ctrl-C or SIGTERM stop them at once (`stop_all`, called by every stage's main); stopping returns only
   once no process of the replica's group is left, its workers included;
 - llama.cpp serves GGUF files: the role's safetensors directory is converted by llama.cpp's own converter, found or
-  unpacked from the pinned llama-cpp-python sdist without a C++ build (`caiforge.engines.conversion`).
+  unpacked from the pinned llama-cpp-python sdist without a C++ build (`caiforge.engines.conversion`);
+- inside a Slurm allocation (`SLURM_JOB_ID` set, `slurm: auto`) each replica is an `srun` job step instead, on the
+  allocation's nodes in turn (`caiforge.slurm.step_command`: its own GPUs, which Slurm picks, or none), listening
+  on every interface and reached by its node's hostname. The step's exit fails the stage like a process's, with its
+  log (srun carries the task's output), and the step is cancelled (`scancel`) when the fleet stops, also by the
+  watchdog after a SIGKILL. Ports are picked free on this host; one taken on another node fails that replica at
+  start. The model directory, the GGUF cache and the project must be on a filesystem every node sees.
 
 Rows from managed servers are keyed by the fingerprint of the directory they serve (`server.weights` is
 `model_dir` whatever it says) and by every launch setting that can change an answer (`identity.managed_label`:
@@ -45,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from caiforge import slurm
 from caiforge.engines import conversion
 
 log = logging.getLogger(__name__)
@@ -79,6 +86,12 @@ class ManagedConfig:
     `.ci/build-llama-server` installs)."""
     gguf_type: Literal["f32", "f16", "bf16", "q8_0"] = "f16"
     """llama_server / llama_cpp_python: the GGUF the safetensors directory is converted to."""
+    slurm: Literal["auto", "off"] = "auto"
+    """auto: inside a Slurm allocation (`SLURM_JOB_ID` set), start each replica as an `srun` job step; off: always
+    as local processes."""
+    srun_args: tuple[str, ...] = ()
+    """Extra `srun` arguments for every replica's job step (e.g. ["--cpus-per-task=8", "--mem=64G"]: a GPU step
+    gets one CPU and Slurm's default memory unless they say more)."""
 
     def __post_init__(self) -> None:
         if self.replicas < 1 or self.gpus_per_replica < 0 or self.startup_timeout <= 0:
@@ -140,10 +153,16 @@ def llama_server_binary(cfg: ManagedConfig) -> str:
 
 
 def command_line(
-    cfg: ManagedConfig, model_dir: Path, gguf: Path | None, port: int, gpus: str | None, name: str = SERVED_NAME
+    cfg: ManagedConfig,
+    model_dir: Path,
+    gguf: Path | None,
+    port: int,
+    gpus: str | None,
+    name: str = SERVED_NAME,
+    host: str = "127.0.0.1",
 ) -> list[str]:
-    """The command that starts one replica serving `model_dir` (or its `gguf`) as `name` on 127.0.0.1:`port`."""
-    host, extra = "127.0.0.1", list(cfg.args)
+    """The command that starts one replica serving `model_dir` (or its `gguf`) as `name` on `host`:`port`."""
+    extra = list(cfg.args)
     tp = str(cfg.gpus_per_replica)
     if cfg.launch == "vllm":
         cmd = ["vllm", "serve", str(model_dir), "--host", host, "--port", str(port), "--served-model-name", name]
@@ -180,7 +199,7 @@ def serves_model_dir(cfg: ManagedConfig) -> bool:
 
 
 WATCHDOG = r"""
-import contextlib, os, signal, sys, time
+import contextlib, os, signal, subprocess, sys, time
 parent, groups_file = int(sys.argv[1]), sys.argv[2]
 
 def alive(group):
@@ -190,12 +209,24 @@ def alive(group):
     except (ProcessLookupError, PermissionError):
         return False
 
+def cancel_steps(listed):  # "slurm:<job>:<step name>": cancel what is still running of them
+    for job in {entry.split(":")[1] for entry in listed}:
+        names = {entry.split(":", 2)[2] for entry in listed if entry.split(":")[1] == job}
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(["squeue", "-h", "-s", "-j", job, "-o", "%i %j"], capture_output=True, text=True,
+                                 timeout=60).stdout
+            ids = [line.split()[0] for line in out.splitlines() if line.split()[1:] and line.split()[1] in names]
+            if ids:
+                subprocess.run(["scancel", *ids], capture_output=True, timeout=60)
+
 while os.getppid() == parent:  # reparented once the stage process is gone
     time.sleep(0.5)
 try:
-    left = [g for g in map(int, open(groups_file).read().split()) if alive(g)]
-except (OSError, ValueError):
-    left = []
+    listed = open(groups_file).read().split()
+except OSError:
+    listed = []
+cancel_steps([e for e in listed if e.startswith("slurm:")])
+left = [int(g) for g in listed if g.isdigit() and alive(int(g))]
 for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 0.0)):
     for g in left:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -207,7 +238,8 @@ for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 0.0)):
 with contextlib.suppress(OSError):
     os.unlink(groups_file)
 """
-"""Kills the process groups listed in a file once its parent (the stage process) is gone."""
+"""Once its parent (the stage process) is gone, cancels the Slurm job steps and kills the process groups listed in a
+file."""
 
 
 @dataclass
@@ -222,6 +254,8 @@ class Replica:
     that holds the port)."""
     shown: str = ""
     """The command line as logs and errors show it: the API key, if it is on it, replaced by ***."""
+    job: str | None = None
+    """The Slurm job this replica is a step of (the step is named `name`); None: a local process."""
 
 
 class Fleet:
@@ -253,7 +287,11 @@ class Fleet:
         for r in self.replicas:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 r.process.wait(timeout=10)
-        _forget(groups)
+        steps = [r for r in self.replicas if r.job]
+        for job in {r.job for r in steps if r.job}:  # a step whose srun was killed would run on: cancel it
+            if left := slurm.cancel(job, [r.name for r in steps if r.job == job]):
+                log.warning("server.managed: Slurm job %s steps %s still run after scancel", job, ", ".join(left))
+        _forget([*map(str, groups), *(f"slurm:{r.job}:{r.name}" for r in steps)])
         log.info("stopped the %d %s replica(s) serving %s", len(self.replicas), self.cfg.launch, self.model_dir)
 
 
@@ -302,16 +340,17 @@ def _groups_file() -> Path:
     return _watchdog["file"]
 
 
-def _remember(pids: list[int]) -> None:
+def _remember(entries: list[str]) -> None:
+    """Tell the watchdog about process groups (their ids) and Slurm job steps (`slurm:<job>:<step name>`)."""
     path = _groups_file()
     listed = path.read_text().split()
-    path.write_text("\n".join([*listed, *map(str, pids)]) + "\n")
+    path.write_text("\n".join([*listed, *entries]) + "\n")
 
 
-def _forget(pids: list[int]) -> None:
+def _forget(entries: list[str]) -> None:
     if "file" in _watchdog:
         path = _watchdog["file"]
-        gone = set(map(str, pids))
+        gone = set(entries)
         path.write_text("\n".join(p for p in path.read_text().split() if p not in gone) + "\n")
 
 
@@ -342,30 +381,71 @@ _fleet_numbers = itertools.count()
 """Numbers each replica log of this process uniquely: two roles, or a model served again, never share a file."""
 
 
+@dataclass(frozen=True)
+class Planned:
+    """One replica before it starts: where it will answer, its command, environment and GPUs, and the Slurm job it
+    is a step of (None: a local process)."""
+
+    url: str
+    command: list[str]
+    env: dict[str, str]
+    gpus: str | None
+    name: str
+    job: str | None
+
+
+def plan(cfg: ManagedConfig, model_dir: Path, gguf: Path | None, busy: set[str] | frozenset[str] = frozenset()):
+    """Each replica as it will start. Local: on 127.0.0.1 with its own CUDA_VISIBLE_DEVICES (`placement`, leaving
+    the `busy` GPUs of this stage's other replicas). Inside a Slurm allocation (`cfg.slurm` auto): an `srun` step
+    per replica on the allocation's nodes in turn, listening on every interface, reached by the node's hostname,
+    with GPUs Slurm picks."""
+    job = slurm.job() if cfg.slurm == "auto" else None
+    if job is None:
+        devices = placement(cfg.replicas, cfg.gpus_per_replica, visible_gpus() if cfg.gpus_per_replica else [], busy)
+    else:
+        hosts, devices = slurm.nodes(), [None] * cfg.replicas
+    planned = []
+    for i, gpus in enumerate(devices):
+        port, name = free_port(), f"{SERVED_NAME}-{secrets.token_hex(4)}"
+        if job is None:
+            cmd = command_line(cfg, model_dir, gguf, port, gpus, name)
+            planned.append(Planned(f"http://127.0.0.1:{port}/v1", cmd, replica_env(gpus), gpus, name, None))
+            continue
+        node, env = hosts[i % len(hosts)], replica_env(None)
+        if cfg.gpus_per_replica:
+            env.pop("CUDA_VISIBLE_DEVICES")  # Slurm sets the step's own
+        step = slurm.step_command(job, node, name, cfg.gpus_per_replica, cfg.srun_args)
+        cmd = [*step, *command_line(cfg, model_dir, gguf, port, None, name, host="0.0.0.0")]
+        planned.append(Planned(f"http://{node}:{port}/v1", cmd, env, None, name, job))
+    return planned
+
+
 def start(cfg: ManagedConfig, model_dir: Path, log_dir: Path, headers: dict[str, str] | None = None) -> Fleet:
-    """Start `cfg.replicas` servers on `model_dir`, each under a served name of its own, and wait until every one
-    lists its name (asking with `headers`: the role's API key, for a server started with one)."""
+    """Start `cfg.replicas` servers on `model_dir` (`plan`), each under a served name of its own, and wait until
+    every one lists its name (asking with `headers`: the role's API key, for a server started with one)."""
     gguf_file = conversion.gguf_for(model_dir, cfg.gguf_type) if needs_gguf(cfg) else None
     busy = {g for f in _running.values() for r in f.replicas for g in (r.gpus or "").split(",") if g}
-    gpus = placement(cfg.replicas, cfg.gpus_per_replica, visible_gpus() if cfg.gpus_per_replica else [], busy)
+    planned = plan(cfg, model_dir, gguf_file, busy)
     log_dir.mkdir(parents=True, exist_ok=True)
     replicas: list[Replica] = []
     try:
-        for i, devices in enumerate(gpus):
-            port, name = free_port(), f"{SERVED_NAME}-{secrets.token_hex(4)}"
-            cmd = command_line(cfg, model_dir, gguf_file, port, devices, name)
-            env = replica_env(devices)
+        for i, todo in enumerate(planned):
             path = log_dir / f"{model_dir.name}-{cfg.launch}-{next(_fleet_numbers)}-{i}.log"
             with path.open("wb") as fh:
                 process = subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                    todo.command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    env=todo.env,
+                    start_new_session=True,
                 )
-            _remember([process.pid])
-            shown = shlex.join(cmd)
+            _remember([str(process.pid), *([f"slurm:{todo.job}:{todo.name}"] if todo.job else [])])
+            shown = shlex.join(todo.command)
             for secret in {v.removeprefix("Bearer ") for v in (headers or {}).values()}:
                 shown = shown.replace(secret, "***")
-            replicas.append(Replica(f"http://127.0.0.1:{port}/v1", process, path, cmd, devices, name, shown))
-            log.info("started %s replica %d on %s: %s", cfg.launch, i, replicas[-1].url, shown)
+            replicas.append(Replica(todo.url, process, path, todo.command, todo.gpus, todo.name, shown, todo.job))
+            log.info("started %s replica %d on %s: %s", cfg.launch, i, todo.url, shown)
         deadline = time.monotonic() + cfg.startup_timeout
         waiting = list(replicas)
         while waiting:
