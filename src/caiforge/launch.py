@@ -9,6 +9,13 @@ underneath) starts, watches and stops the processes: caiforge only builds its co
 on the command line are for the machine at hand (a node's `launch.machine_rank`, the main node's address); every
 other argument goes to the stage.
 
+Inside a Slurm allocation (`SLURM_JOB_ID` set, `launch.slurm: auto`) a launch on `num_machines > 1` needs no command
+per node: it runs as one `srun` job step with one task per machine on the allocation's first `num_machines` nodes
+(several per node only when the allocation has fewer nodes than machines). Each task runs this module again, which
+takes its `machine_rank` from Slurm (`SLURM_PROCID`) and the step's first node as the main process, and starts
+accelerate there. A task that fails ends the whole step (`--kill-on-bad-exit`), the stage fails and writes nothing,
+and the next `dvc repro` runs it again.
+
 What a launcher change reruns: the training stages declare `launch.num_processes` and `launch.num_machines`,
 because the global batch (per-device batch x processes x accumulation steps) changes the result. The accelerate
 config file, ports and addresses do not: DDP, FSDP and ZeRO compute the same update up to floating point, so
@@ -18,14 +25,16 @@ switching among them at the same process count reruns nothing (`dvc repro -f <st
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
-from caiforge import config
+from caiforge import config, slurm
 
 SECTION = "launch"
 MULTI_PROCESS_STAGES = ("sft", "pm", "rlaif", "distill")
@@ -48,6 +57,9 @@ class LaunchConfig:
     """The main node's address (multi-node only)."""
     main_process_port: int
     """The main node's rendezvous port."""
+    slurm: Literal["auto", "off"] = "auto"
+    """auto: with num_machines > 1 inside a Slurm allocation, start every machine's launcher as one `srun` step
+    (ranks and the main node from Slurm); off: each node runs this command itself."""
 
     def __post_init__(self) -> None:
         if self.num_processes < 1 or self.num_machines < 1:
@@ -149,6 +161,32 @@ def command(stage: str, cfg: LaunchConfig, stage_args: list[str], root: Path) ->
     return [*cmd, script, *stage_args]
 
 
+TASK = "CAIFORGE_SLURM_TASK"
+"""Set in the environment of the tasks `srun_command` starts: they launch accelerate, not another step."""
+
+
+def through_srun(cfg: LaunchConfig) -> bool:
+    """Whether this launch is one `srun` step: several machines inside an allocation, from outside its tasks."""
+    return (
+        cfg.config_file is not None
+        and cfg.num_machines > 1
+        and cfg.slurm == "auto"
+        and slurm.job() is not None
+        and not os.environ.get(TASK)
+    )
+
+
+def srun_command(stage: str, cfg: LaunchConfig, args: list[str], nodes: list[str]) -> list[str]:
+    """One `srun` step with a task per machine on the first `num_machines` of `nodes`, each running this module
+    again with `args` (launch overrides and stage arguments) and the step's first node as the main process."""
+    used = nodes[: cfg.num_machines]
+    per_node = -(-cfg.num_machines // len(used))
+    step = ["srun", f"--jobid={slurm.job()}", f"--nodes={len(used)}", f"--ntasks={cfg.num_machines}"]
+    step += [f"--ntasks-per-node={per_node}", f"--nodelist={','.join(used)}", "--kill-on-bad-exit=1"]
+    step += ["--quit-on-interrupt", f"--job-name={slurm.STEP_PREFIX}{stage}"]
+    return [*step, sys.executable, "-m", "caiforge.launch", stage, *args, f"{SECTION}.main_process_ip={used[0]}"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0].startswith("-"):
@@ -157,19 +195,31 @@ def main(argv: list[str] | None = None) -> int:
     stage, rest = args[0], args[1:]
     root = config.project_root()
     ours = [a for a in rest if a.startswith(f"{SECTION}.")]
+    env = os.environ.copy()
+    if os.environ.get(TASK):  # one task of srun_command's step: its machine rank is Slurm's
+        ours.append(f"{SECTION}.machine_rank={os.environ.get('SLURM_PROCID', '0')}")
     try:
-        cfg = read(root, ours)
-        cmd = command(stage, cfg, [a for a in rest if a not in ours], root)
-        if cfg.config_file is not None:
-            check_runnable(root / cfg.config_file)
-    except (config.ConfigError, ValueError) as exc:
+        # Inside an allocation the main node comes from Slurm: a stand-in address lets the section validate.
+        cfg = read(root, [f"{SECTION}.main_process_ip=slurm", *ours] if slurm.job() else ours)
+        if through_srun(cfg):
+            if cfg.config_file is not None:
+                check_runnable(root / cfg.config_file)
+            cmd, env[TASK] = srun_command(stage, cfg, rest, slurm.nodes()), "1"
+            print(f"{stage}: one Slurm step for {cfg.num_machines} machines: {shlex.join(cmd)}", file=sys.stderr)
+        else:
+            cfg = read(root, ours)
+            cmd = command(stage, cfg, [a for a in rest if a not in ours], root)
+            if cfg.config_file is not None:
+                check_runnable(root / cfg.config_file)
+    except (config.ConfigError, ValueError, slurm.SlurmError) as exc:
         print(f"{stage}: error: {exc}", file=sys.stderr)
         return 1
-    done = subprocess.run(cmd, cwd=root, env=os.environ.copy(), check=False)
+    done = subprocess.run(cmd, cwd=root, env=env, check=False)
     if done.returncode and cfg.config_file is not None:
+        stopped = "Slurm ended the step" if TASK in env else "accelerate stopped the others"
         print(
-            f"{stage}: error: a training process failed (exit {done.returncode}); accelerate stopped the others "
-            "and the stage wrote no output: see the first traceback above",
+            f"{stage}: error: a training process failed (exit {done.returncode}); {stopped} and the stage wrote no "
+            "output: see the first traceback above",
             file=sys.stderr,
         )
     return done.returncode

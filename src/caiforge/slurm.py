@@ -22,6 +22,12 @@ def job() -> str | None:
     return os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_JOBID") or None
 
 
+def in_step() -> bool:
+    """Whether this process runs inside a job step (`SLURM_STEP_ID` set: a task of `srun`), not in the batch script
+    or an `salloc` shell: a step's processes share the resources Slurm gave it and start no step of their own."""
+    return bool(os.environ.get("SLURM_STEP_ID"))
+
+
 def _run(*cmd: str, timeout: float = 60) -> str:
     if shutil.which(cmd[0]) is None:
         raise SlurmError(f"inside Slurm job {job()}, but {cmd[0]} is not on PATH")

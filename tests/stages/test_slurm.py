@@ -7,6 +7,8 @@ Without a cluster these tests skip, except under CAIFORGE_REQUIRE_SLURM=1 (CI), 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import shutil
@@ -22,6 +24,8 @@ import psutil
 import pytest
 
 from caiforge.engines import serving
+from caiforge.engines.serving import free_port
+from tests.stages.test_launch import ROOT, max_difference, small_sft, stage_command, stage_env
 from tests.stages.test_managed_servers import managed_cfg, stage_process
 
 pytestmark = pytest.mark.slow
@@ -199,3 +203,88 @@ def test_a_sigkilled_stage_leaves_no_step_running_within_15_s(
             stage.kill()
     left = [p for p in psutil.process_iter(["cmdline"]) if str(smollm2_gguf) in (p.info["cmdline"] or [])]
     assert not left, "the step's llama-server is gone with it"
+
+
+def test_a_two_machine_sft_runs_as_one_srun_step_and_trains_the_plain_two_process_weights(
+    inside, tmp_path, tiny_model_dir
+):
+    """`num_machines: 2` inside an allocation: one `python -m caiforge.launch sft` starts both machines' launchers as
+    one srun step (two tasks on the one node), ranks from Slurm; the model equals a plain 2-process run's."""
+    common = [*small_sft(tmp_path, tiny_model_dir, 18), "launch.config_file=conf/accelerate/ddp.yaml"]
+    common += ["launch.num_processes=2", f"launch.main_process_port={free_port()}"]
+    slurm_out, plain_out = tmp_path / "slurm", tmp_path / "plain"
+    done = subprocess.run(
+        stage_command("sft", *common, "launch.num_machines=2", f"sft.out_dir={slurm_out}"),
+        cwd=ROOT, env=stage_env(), capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"sft: one Slurm step for 2 machines: srun --jobid={inside} " in done.stderr
+    assert "--ntasks=2" in done.stderr and "launch.main_process_ip=" in done.stderr
+    metrics = json.loads((slurm_out / "metrics.json").read_text())
+    assert (metrics["processes"], metrics["global_batch_size"]) == (2, 4)
+    assert not steps(inside)
+    plain = subprocess.run(
+        stage_command("sft", *common, f"sft.out_dir={plain_out}"),
+        cwd=ROOT, env={**stage_env(), "SLURM_JOB_ID": ""}, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert plain.returncode == 0, plain.stderr[-4000:]
+    assert "Slurm step" not in plain.stderr
+    assert max_difference(slurm_out / "model", plain_out / "model") <= 1e-6
+
+
+def machine_processes(job: str, machine: str) -> list[psutil.Process]:
+    """The processes of `job`'s training step that belong to machine `machine` (its task, accelerate, the worker)."""
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            env = process.environ()
+            if env.get("SLURM_JOB_ID") == job and env.get("SLURM_PROCID") == machine and "CAIFORGE_SLURM_TASK" in env:
+                found.append(process)
+    return found
+
+
+def running(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def test_a_lost_machine_fails_the_srun_stage_with_nothing_written_and_a_rerun_builds_it(
+    inside, tmp_path, tiny_model_dir
+):
+    """SIGKILL every process of machine 1 mid-training (a node lost): Slurm ends the step, so machine 0's worker
+    stops too, the stage exits non-zero and writes nothing, and the same command then builds it."""
+    out = tmp_path / "out"
+    args = [*small_sft(tmp_path, tiny_model_dir, 64), "launch.config_file=conf/accelerate/ddp.yaml"]
+    args += ["launch.num_processes=2", "launch.num_machines=2", f"launch.main_process_port={free_port()}"]
+    args.append(f"sft.out_dir={out}")
+    cmd = stage_command("sft", *args, "sft.epochs=200")  # minutes of training: killed mid-run
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "dvclive").exists():  # machine 0 has built its Trainer: training is about to start
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the srun step never started training"
+            time.sleep(0.2)
+        time.sleep(3)
+        lost, kept = machine_processes(inside, "1"), machine_processes(inside, "0")
+        assert len(lost) >= 3 and len(kept) >= 3, "task, accelerate and a worker per machine"
+        for process in lost:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        _, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert "sft: error: a training process failed" in stderr and "Slurm ended the step" in stderr
+    assert not (out / "model").exists() and not (out / "metrics.json").exists()
+    wait_until(lambda: not any(running(p) for p in kept), within=30)
+    assert not steps(inside)
+    rerun = subprocess.run(
+        stage_command("sft", *args, "sft.epochs=1"),
+        cwd=ROOT, env=stage_env(), capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["dvclive", "metrics.json", "model"]

@@ -242,3 +242,6 @@ def test_inside_a_slurm_allocation_each_replica_is_a_step_on_the_nodes_in_turn(m
     local = serving.plan(dataclasses.replace(cfg, replicas=2, slurm="off"), Path("/m"), None)
     assert [(p.job, p.gpus, p.command[0]) for p in local] == [(None, "0,1", "vllm"), (None, "2,3", "vllm")]
     assert all(p.url.startswith("http://127.0.0.1:") for p in local)
+    monkeypatch.setenv("SLURM_STEP_ID", "3")  # a training task of a multi-node launch: its step holds the GPUs
+    in_step = serving.plan(dataclasses.replace(cfg, replicas=2), Path("/m"), None)
+    assert [(p.job, p.gpus, p.command[0]) for p in in_step] == [(None, "0,1", "vllm"), (None, "2,3", "vllm")]

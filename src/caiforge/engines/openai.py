@@ -191,7 +191,8 @@ class Fleet:
                 except (TimeoutError, aiohttp.ClientError) as exc:
                     log.warning("%s: not answering (%s); continuing with the others", url, exc or type(exc).__name__)
             if not out:
-                raise ServerError(f"no server answers at /models: {self.describe()}")
+                died = [d for url in self.urls if (d := serving.replica_death(url, within=15.0))]
+                raise ServerError(f"no server answers at /models: {self.describe()}" + "".join(f"; {d}" for d in died))
             return out
 
     def _timeout(self) -> Any:

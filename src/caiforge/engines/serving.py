@@ -15,12 +15,13 @@ command template); caiforge only places, starts, waits for and stops them:
   once no process of the replica's group is left, its workers included;
 - llama.cpp serves GGUF files: the role's safetensors directory is converted by llama.cpp's own converter, found or
   unpacked from the pinned llama-cpp-python sdist without a C++ build (`caiforge.engines.conversion`);
-- inside a Slurm allocation (`SLURM_JOB_ID` set, `slurm: auto`) each replica is an `srun` job step instead, on the
-  allocation's nodes in turn (`caiforge.slurm.step_command`: its own GPUs, which Slurm picks, or none), listening
-  on every interface and reached by its node's hostname. The step's exit fails the stage like a process's, with its
-  log (srun carries the task's output), and the step is cancelled (`scancel`) when the fleet stops, also by the
-  watchdog after a SIGKILL. Ports are picked free on this host; one taken on another node fails that replica at
-  start. The model directory, the GGUF cache and the project must be on a filesystem every node sees.
+- inside a Slurm allocation (`SLURM_JOB_ID` set, `slurm: auto`) and not within a job step of its own, each replica
+  is an `srun` job step instead, on the allocation's nodes in turn (`plan`, `caiforge.slurm.step_command`: its own
+  GPUs, which Slurm picks, or none), listening on every interface and reached by its node's hostname. The step's
+  exit fails the stage like a process's, with its log (srun carries the task's output), and the step is cancelled
+  (`scancel`) when the fleet stops, also by the watchdog after a SIGKILL. Ports are picked free on this host; one
+  taken on another node fails that replica at start. The model directory, the GGUF cache and the project must be
+  on a filesystem every node sees.
 
 Rows from managed servers are keyed by the fingerprint of the directory they serve (`server.weights` is
 `model_dir` whatever it says) and by every launch setting that can change an answer (`identity.managed_label`:
@@ -398,8 +399,9 @@ def plan(cfg: ManagedConfig, model_dir: Path, gguf: Path | None, busy: set[str] 
     """Each replica as it will start. Local: on 127.0.0.1 with its own CUDA_VISIBLE_DEVICES (`placement`, leaving
     the `busy` GPUs of this stage's other replicas). Inside a Slurm allocation (`cfg.slurm` auto): an `srun` step
     per replica on the allocation's nodes in turn, listening on every interface, reached by the node's hostname,
-    with GPUs Slurm picks."""
-    job = slurm.job() if cfg.slurm == "auto" else None
+    with GPUs Slurm picks; but local processes, on the GPUs Slurm gave it, for a stage that is itself a step's task
+    (a training process of a multi-node launch: its step holds the nodes' GPUs, which a new step would wait for)."""
+    job = slurm.job() if cfg.slurm == "auto" and not slurm.in_step() else None
     if job is None:
         devices = placement(cfg.replicas, cfg.gpus_per_replica, visible_gpus() if cfg.gpus_per_replica else [], busy)
     else:
@@ -513,11 +515,17 @@ def _replica(url: str) -> tuple[Fleet, Replica] | None:
     return None
 
 
-def replica_death(url: str) -> str | None:
-    """If `url` is a managed replica of this process whose server has exited, what to tell the user: its exit code,
-    command and log tail (None: not a managed replica, or still running)."""
+def replica_death(url: str, within: float = 0.0) -> str | None:
+    """If `url` is a managed replica of this process whose server has exited, or exits within `within` seconds,
+    what to tell the user: its exit code, command and log tail (None: not a managed replica, or still running).
+    A cancelled job step's server stops answering a moment before its srun exits: `within` covers that."""
     found = _replica(url)
-    if found is None or found[1].process.poll() is None:
+    deadline = time.monotonic() + within
+    while found is not None and found[1].process.poll() is None:
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.2)
+    if found is None:
         return None
     fleet, r = found
     return (
