@@ -73,8 +73,11 @@ class LaunchConfig:
             )
         if not 0 <= self.machine_rank < self.num_machines:
             raise ValueError(f"machine_rank must be in [0, {self.num_machines}), got {self.machine_rank}")
-        if self.num_machines > 1 and not self.main_process_ip:
-            raise ValueError("main_process_ip: needed with num_machines > 1 (the address of machine_rank 0)")
+        if self.num_machines > 1 and not self.main_process_ip and not (self.slurm == "auto" and slurm.job()):
+            raise ValueError(
+                "main_process_ip: needed with num_machines > 1 (the address of machine_rank 0), except inside a "
+                "Slurm allocation, where the first node is the main one"
+            )
         if self.config_file is None and self.num_processes > 1:
             raise ValueError(
                 f"num_processes={self.num_processes} needs config_file: (e.g. conf/accelerate/ddp.yaml, or launch=ddp)"
@@ -199,18 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get(TASK):  # one task of srun_command's step: its machine rank is Slurm's
         ours.append(f"{SECTION}.machine_rank={os.environ.get('SLURM_PROCID', '0')}")
     try:
-        # Inside an allocation the main node comes from Slurm: a stand-in address lets the section validate.
-        cfg = read(root, [f"{SECTION}.main_process_ip=slurm", *ours] if slurm.job() else ours)
+        cfg = read(root, ours)
+        if cfg.config_file is not None:
+            check_runnable(root / cfg.config_file)
         if through_srun(cfg):
-            if cfg.config_file is not None:
-                check_runnable(root / cfg.config_file)
             cmd, env[TASK] = srun_command(stage, cfg, rest, slurm.nodes()), "1"
             print(f"{stage}: one Slurm step for {cfg.num_machines} machines: {shlex.join(cmd)}", file=sys.stderr)
         else:
-            cfg = read(root, ours)
             cmd = command(stage, cfg, [a for a in rest if a not in ours], root)
-            if cfg.config_file is not None:
-                check_runnable(root / cfg.config_file)
     except (config.ConfigError, ValueError, slurm.SlurmError) as exc:
         print(f"{stage}: error: {exc}", file=sys.stderr)
         return 1

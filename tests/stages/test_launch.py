@@ -314,13 +314,19 @@ def test_a_killed_rank_fails_the_stage_and_a_rerun_succeeds(tmp_path, tiny_model
     assert sorted(p.name for p in out.iterdir()) == ["dvclive", "metrics.json", "model"]
 
 
-def test_launch_config_errors_name_the_key(tmp_path):
+def test_launch_config_errors_name_the_key(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="needs config_file"):
         launch.LaunchConfig(None, 2, 1, 0, None, 29500)
     with pytest.raises(ValueError, match="multiple of num_machines"):
         launch.LaunchConfig("conf/accelerate/ddp.yaml", 3, 2, 0, "10.0.0.1", 29500)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     with pytest.raises(ValueError, match="main_process_ip"):
         launch.LaunchConfig("conf/accelerate/ddp.yaml", 16, 2, 1, None, 29500)
+    monkeypatch.setenv("SLURM_JOB_ID", "7")  # inside an allocation Slurm's first node is the main one
+    assert launch.LaunchConfig("conf/accelerate/ddp.yaml", 16, 2, 0, None, 29500).main_process_ip is None
+    with pytest.raises(ValueError, match="main_process_ip"):
+        launch.LaunchConfig("conf/accelerate/ddp.yaml", 16, 2, 1, None, 29500, slurm="off")
+    monkeypatch.delenv("SLURM_JOB_ID")
     cfg = launch.LaunchConfig("conf/accelerate/ddp.yaml", 2, 1, 0, None, 29500)
     with pytest.raises(launch.config.ConfigError, match="'label' runs in one process only"):
         launch.command("label", cfg, [], ROOT)
