@@ -201,8 +201,25 @@ def test_a_sigkilled_stage_leaves_no_step_running_within_15_s(
     finally:
         if stage.poll() is None:
             stage.kill()
-    left = [p for p in psutil.process_iter(["cmdline"]) if str(smollm2_gguf) in (p.info["cmdline"] or [])]
-    assert not left, "the step's llama-server is gone with it"
+    # The step's server and the stage's srun are gone too.
+    wait_until(lambda: not [c for c in map(cmdline, processes_of(inside)) if str(smollm2_gguf) in c], within=15)
+
+
+def cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []  # gone since it was listed
+
+
+def processes_of(job: str) -> list[psutil.Process]:
+    """The processes Slurm started for `job` (another test's server on the same GGUF is not one of them)."""
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if process.environ().get("SLURM_JOB_ID") == job and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+    return found
 
 
 def test_a_two_machine_sft_runs_as_one_srun_step_and_trains_the_plain_two_process_weights(
@@ -235,10 +252,10 @@ def test_a_two_machine_sft_runs_as_one_srun_step_and_trains_the_plain_two_proces
 def machine_processes(job: str, machine: str) -> list[psutil.Process]:
     """The processes of `job`'s training step that belong to machine `machine` (its task, accelerate, the worker)."""
     found = []
-    for process in psutil.process_iter():
+    for process in processes_of(job):
         with contextlib.suppress(psutil.Error):
             env = process.environ()
-            if env.get("SLURM_JOB_ID") == job and env.get("SLURM_PROCID") == machine and "CAIFORGE_SLURM_TASK" in env:
+            if env.get("SLURM_PROCID") == machine and "CAIFORGE_SLURM_TASK" in env:
                 found.append(process)
     return found
 
