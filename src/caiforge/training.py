@@ -367,10 +367,16 @@ def dvclive_callback(live_dir: Path, resume: bool = False) -> Any:
 
 
 def save_model(model: Any, tokenizer: Any, out_dir: Path, stage_cfg: Any) -> None:
-    """Save a trained model atomically: LoRA adapters merged, safetensors, tokenizer, and the resolved config."""
+    """Save a trained model atomically: LoRA adapters merged, safetensors, tokenizer, and the resolved config. The
+    saved model generates with its KV cache (`use_cache: true` in config.json and generation_config.json), whatever
+    training set: the Trainers turn it off, and `generate` on a model saved that way recomputes every earlier token
+    at each new one (TRL's GRPO/RLOO sampling from the SFT model was 5-10x slower per token)."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model = model.to(torch.float32) if next(model.parameters()).dtype == torch.float16 else model
+    model.config.use_cache = True
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.use_cache = True
     with io.atomic_path(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

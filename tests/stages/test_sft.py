@@ -55,6 +55,9 @@ def test_full_finetune_changes_parameters(tmp_path, tiny_model_dir):
     assert (out / "dvclive" / "metrics.json").is_file() or any((out / "dvclive").rglob("*.tsv"))
     model, _ = models.load_pretrained(out / "model")
     assert model.config.hidden_size == 64
+    # It generates with its KV cache: the Trainer turned it off, and TRL's sampling from it recomputed every token.
+    assert model.config.use_cache and model.generation_config.use_cache
+    assert json.loads((out / "model" / "generation_config.json").read_text())["use_cache"] is True
 
 
 def test_lora_is_merged_into_saved_weights(tmp_path, tiny_model_dir):
