@@ -284,20 +284,29 @@ def rank_pids(parent: int, rank: str) -> list[int]:
     return found
 
 
+def long_training(cmd: list[str], out: Path) -> subprocess.Popen:
+    """`cmd` (an sft run) with minutes of training, once rank 0 has built its Trainer and trained a few seconds:
+    a run to kill mid-training."""
+    proc = subprocess.Popen(
+        [*cmd, "sft.epochs=200"], cwd=ROOT, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 240
+    while not (out / "dvclive").exists():  # rank 0 has built its Trainer: training is about to start
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"the run never started training: {proc.communicate()[1][-3000:]}")
+        time.sleep(0.2)
+    time.sleep(3)
+    return proc
+
+
 def test_a_killed_rank_fails_the_stage_and_a_rerun_succeeds(tmp_path, tiny_model_dir):
     """SIGKILL rank 1 mid-training: accelerate (torchrun) stops rank 0, the stage exits non-zero saying so, and
     no model is written; the same command afterwards builds the stage cleanly."""
     out = tmp_path / "out"
     args = [*small_sft(tmp_path, tiny_model_dir, 64), f"sft.out_dir={out}"]
-    cmd = stage_command("sft", *launch_overrides(2), *args, "sft.epochs=200")  # minutes of training: killed mid-run
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = long_training(stage_command("sft", *launch_overrides(2), *args), out)
     try:
-        deadline = time.monotonic() + 240
-        while not (out / "dvclive").exists():  # rank 0 has built its Trainer: training is about to start
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "the 2-process run never started training"
-            time.sleep(0.2)
-        time.sleep(3)
         victims, survivors = rank_pids(proc.pid, "1"), rank_pids(proc.pid, "0")
         assert len(victims) == len(survivors) == 1, f"expected one worker per rank, found {victims}, {survivors}"
         os.kill(victims[0], signal.SIGKILL)

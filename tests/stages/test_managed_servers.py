@@ -92,8 +92,9 @@ def stage_process(tmp_path: Path, tokenizer_dir: Path, command: str) -> subproce
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def wait_for_replica(stage: subprocess.Popen, gguf: Path) -> psutil.Process:
-    """The stage's llama-server once it answers /v1/models."""
+def serving_child(stage: subprocess.Popen, matches, host: str = "127.0.0.1") -> tuple[psutil.Process, list[str]]:
+    """The stage's descendant whose command line `matches` (and names a --port), with that command line, once
+    /v1/models answers on `host` at that port."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         assert stage.poll() is None, stage.communicate()[0][-3000:]
@@ -102,15 +103,20 @@ def wait_for_replica(stage: subprocess.Popen, gguf: Path) -> psutil.Process:
                 cmdline = child.cmdline()
             except psutil.Error:
                 continue
-            if str(gguf) in cmdline and "--port" in cmdline:
-                url = f"http://127.0.0.1:{cmdline[cmdline.index('--port') + 1]}/v1/models"
+            if matches(cmdline) and "--port" in cmdline:
+                url = f"http://{host}:{cmdline[cmdline.index('--port') + 1]}/v1/models"
                 try:
                     with urllib.request.urlopen(url, timeout=1):
-                        return child
+                        return child, cmdline
                 except OSError:
                     pass
         time.sleep(0.3)
     raise AssertionError("the stage's managed server never came up")
+
+
+def wait_for_replica(stage: subprocess.Popen, gguf: Path) -> psutil.Process:
+    """The stage's llama-server once it answers /v1/models."""
+    return serving_child(stage, lambda cmdline: str(gguf) in cmdline)[0]
 
 
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["ctrl-c", "sigterm", "sigkill"])

@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 
 import polars as pl
@@ -25,8 +24,8 @@ import pytest
 
 from caiforge.engines import serving
 from caiforge.engines.serving import free_port
-from tests.stages.test_launch import ROOT, max_difference, small_sft, stage_command, stage_env
-from tests.stages.test_managed_servers import managed_cfg, stage_process
+from tests.stages.test_launch import ROOT, long_training, max_difference, small_sft, stage_command, stage_env
+from tests.stages.test_managed_servers import managed_cfg, serving_child, stage_process
 
 pytestmark = pytest.mark.slow
 
@@ -143,24 +142,8 @@ def test_a_managed_llama_server_runs_as_a_job_step_and_writes_the_rows_a_local_o
 
 def srun_of(stage: subprocess.Popen) -> tuple[psutil.Process, str]:
     """The stage's `srun` of its replica's step once the replica answers /v1/models, and its step's name."""
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        assert stage.poll() is None, stage.communicate()[0][-3000:]
-        for child in psutil.Process(stage.pid).children(recursive=True):
-            try:
-                cmdline = child.cmdline()
-            except psutil.Error:
-                continue
-            if cmdline[:1] == ["srun"] and "--port" in cmdline:
-                url = f"http://{socket.gethostname()}:{cmdline[cmdline.index('--port') + 1]}/v1/models"
-                name = next(a.removeprefix("--job-name=") for a in cmdline if a.startswith("--job-name="))
-                try:
-                    with urllib.request.urlopen(url, timeout=1):
-                        return child, name
-                except OSError:
-                    pass
-        time.sleep(0.3)
-    raise AssertionError("the stage's job step never served")
+    child, cmdline = serving_child(stage, lambda cmdline: cmdline[:1] == ["srun"], socket.gethostname())
+    return child, next(a.removeprefix("--job-name=") for a in cmdline if a.startswith("--job-name="))
 
 
 def step_stage(tmp_path, smollm2_tokenizer_dir, smollm2_gguf, llama_binary) -> subprocess.Popen:
@@ -276,15 +259,8 @@ def test_a_lost_machine_fails_the_srun_stage_with_nothing_written_and_a_rerun_bu
     args = [*small_sft(tmp_path, tiny_model_dir, 64), "launch.config_file=conf/accelerate/ddp.yaml"]
     args += ["launch.num_processes=2", "launch.num_machines=2", f"launch.main_process_port={free_port()}"]
     args.append(f"sft.out_dir={out}")
-    cmd = stage_command("sft", *args, "sft.epochs=200")  # minutes of training: killed mid-run
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = long_training(stage_command("sft", *args), out)
     try:
-        deadline = time.monotonic() + 240
-        while not (out / "dvclive").exists():  # machine 0 has built its Trainer: training is about to start
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "the srun step never started training"
-            time.sleep(0.2)
-        time.sleep(3)
         lost, kept = machine_processes(inside, "1"), machine_processes(inside, "0")
         assert len(lost) >= 3 and len(kept) >= 3, "task, accelerate and a worker per machine"
         for process in lost:
