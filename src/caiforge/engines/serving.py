@@ -211,14 +211,12 @@ def alive(group):
         return False
 
 def cancel_steps(listed):  # "slurm:<job>:<step name>": cancel what is still running of them
-    for job in {entry.split(":")[1] for entry in listed}:
-        names = {entry.split(":", 2)[2] for entry in listed if entry.split(":")[1] == job}
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(["squeue", "-h", "-s", "-j", job, "-o", "%i %j"], capture_output=True, text=True,
-                                 timeout=60).stdout
-            ids = [line.split()[0] for line in out.splitlines() if line.split()[1:] and line.split()[1] in names]
-            if ids:
-                subprocess.run(["scancel", *ids], capture_output=True, timeout=60)
+    steps = [entry.split(":", 2)[1:] for entry in listed]
+    if steps:
+        from caiforge import slurm
+        for job in {job for job, _ in steps}:
+            with contextlib.suppress(OSError, subprocess.SubprocessError, slurm.SlurmError):
+                slurm.cancel(job, [name for j, name in steps if j == job], within=0)
 
 while os.getppid() == parent:  # reparented once the stage process is gone
     time.sleep(0.5)
