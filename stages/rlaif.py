@@ -81,6 +81,10 @@ class RlaifConfig(training.TrainingSchedule):
     """Sampled answers per prompt (grpo, rloo; >= 2, must divide batch_size * gradient_accumulation_steps)."""
     max_completion_length: int
     """Cap on sampled answer tokens (grpo, rloo)."""
+    instruction: str
+    """grpo, rloo: appended (after a space) to every prompt the policy samples on, in training and on the held-out
+    prompts, e.g. a length instruction that lets a small model's answers end before `max_completion_length`;
+    empty for none. DPO's pairs are fixed text and its held-out prompts stay as they are."""
     mask_truncated_completions: bool
     """grpo, rloo: a sampled answer cut off at the cap contributes no loss (its reward judged a half answer)."""
     temperature: float
@@ -195,6 +199,13 @@ def keep_sft(cfg: RlaifConfig, verdict: dict[str, Any]) -> dict:
     return metrics
 
 
+def asked(cfg: RlaifConfig, texts: list[str]) -> list[str]:
+    """The prompts as the policy is asked them: with `instruction` appended under grpo and rloo."""
+    if cfg.algorithm == "dpo" or not cfg.instruction.strip():
+        return list(texts)
+    return [f"{t} {cfg.instruction.strip()}" for t in texts]
+
+
 def split_prompts(cfg: RlaifConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
     prompts = io.read_parquet(cfg.prompts, schemas.PROMPTS).filter(pl.col("split") == "train")
     prompts = prompts.with_columns(
@@ -279,7 +290,7 @@ def make_trainer(
             dataset_num_proc=None,
         )
         return DPOTrainer(args=args, train_dataset=data, **shared), rows.height
-    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": text(t)}] for t in train["text"]]})
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": text(t)}] for t in asked(cfg, train["text"])]})
     if cfg.algorithm == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 
@@ -386,7 +397,7 @@ def run(cfg: RlaifConfig) -> dict:
         device=cfg.generation.device,
         dtype=cfg.generation.dtype,
     )
-    texts = heldout["text"].to_list()
+    texts = asked(cfg, heldout["text"].to_list())
     # Under several processes every one trains (each samples and rewards its own prompts); the held-out answers,
     # rewards and KL are rank 0's alone, on a capped set, as are every output.
     main = training.is_main_process()
@@ -427,6 +438,7 @@ def run(cfg: RlaifConfig) -> dict:
         "algorithm": cfg.algorithm,
         "preference_source": cfg.source,
         "signal_gate": verdict,
+        "instruction": (cfg.instruction.strip() or None) if cfg.algorithm != "dpo" else None,
         "monitors": watch,
         "beta": cfg.beta,
         "train_rows": train_rows,

@@ -226,6 +226,40 @@ def test_online_sampling_is_explicit_and_masks_truncated_completions(tmp_path, t
     )
 
 
+@pytest.mark.parametrize("algorithm", ["grpo", "dpo"])
+def test_the_instruction_reaches_every_prompt_grpo_samples_on_and_no_dpo_prompt(
+    tmp_path, tiny_model_dir, pm_dir, monkeypatch, algorithm
+):
+    """Every chat the PM scores (training rewards and held-out answers) under GRPO asks the prompt with the
+    instruction appended; DPO's prompts stay as they are."""
+    from caiforge import preference
+
+    scored: list[str] = []
+    original = preference.PreferenceModel.score_chats
+
+    def spy(self, chats):
+        scored.extend(next(m["content"] for m in chat if m["role"] == "user") for chat in chats)
+        return original(self, chats)
+
+    monkeypatch.setattr(preference.PreferenceModel, "score_chats", spy)
+    instruction = "Answer in one sentence."
+    cfg = make_cfg(
+        tmp_path, tiny_model_dir, pm_dir, [f"rlaif.algorithm={algorithm}", f"rlaif.instruction={instruction}"]
+    )
+    metrics = stage.run(cfg)
+    train, heldout = stage.split_prompts(cfg)
+    assert scored
+    if algorithm == "grpo":
+        assert all(text.endswith(" " + instruction) for text in scored)
+        assert {t + " " + instruction for t in train["text"]} | {
+            t + " " + instruction for t in heldout["text"]
+        } >= set(scored)
+        assert metrics["instruction"] == instruction
+    else:
+        assert not any(instruction in text for text in scored)
+        assert metrics["instruction"] is None
+
+
 def answer_logprob(model, tokenizer, prompt: str, answer: str) -> float:
     """Sum of log p(answer tokens | the chat prompt) under `model`, the chat rendered by its template."""
     head = tokenizer.apply_chat_template(
