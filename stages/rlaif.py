@@ -199,11 +199,15 @@ def keep_sft(cfg: RlaifConfig, verdict: dict[str, Any]) -> dict:
     return metrics
 
 
+def instruction(cfg: RlaifConfig) -> str | None:
+    """The request appended to the prompts the policy samples on: `instruction` under grpo and rloo, else None."""
+    return (cfg.instruction.strip() or None) if cfg.algorithm != "dpo" else None
+
+
 def asked(cfg: RlaifConfig, texts: list[str]) -> list[str]:
-    """The prompts as the policy is asked them: with `instruction` appended under grpo and rloo."""
-    if cfg.algorithm == "dpo" or not cfg.instruction.strip():
-        return list(texts)
-    return [f"{t} {cfg.instruction.strip()}" for t in texts]
+    """The prompts as the policy is asked them (`instruction` appended when there is one)."""
+    request = instruction(cfg)
+    return [f"{t} {request}" for t in texts] if request else list(texts)
 
 
 def split_prompts(cfg: RlaifConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -438,7 +442,7 @@ def run(cfg: RlaifConfig) -> dict:
         "algorithm": cfg.algorithm,
         "preference_source": cfg.source,
         "signal_gate": verdict,
-        "instruction": (cfg.instruction.strip() or None) if cfg.algorithm != "dpo" else None,
+        "instruction": instruction(cfg),
         "monitors": watch,
         "beta": cfg.beta,
         "train_rows": train_rows,
