@@ -5,6 +5,10 @@ Reads  data/curate/prompts.parquet (train split, red-team + helpful), the teache
 Does   the teacher answers the train prompts (`generation`: greedy by default), each answer kept in the row cache as
        it arrives (`row_cache`). Under several processes they share the work, or the main process alone serves
        the teacher (managed servers, `engines.stage_answers`) and stops the servers before any training.
+       With `teacher_instruction` the teacher is asked with it appended, and the student learns the answer to the
+       bare prompt (context distillation; under `method: logit` the teacher's distributions are still those given
+       the bare prompt). Answers with a `drop_answers` flag (caiforge.collapse: loops, cut-off answers, ...) are
+       not trained on.
        The student starts as either
        - prune (default): the teacher with every `prune_every`-th decoder layer kept (or exactly the layers
          `prune_keep` lists), weights copied; or
@@ -90,9 +94,17 @@ class DistillConfig(training.TrainingSchedule):
     """How the teacher answers (greedy by default)."""
     row_cache: rowcache.RowCacheConfig
     """The teacher's answers, kept across builds (a rerun after a failed training asks none again)."""
+    teacher_instruction: str
+    """Appended (after a space) to each training prompt when the teacher answers it; the student learns that
+    answer to the bare prompt (context distillation). Empty: the teacher answers the bare prompt."""
+    drop_answers: tuple[collapse.Flag, ...]
+    """caiforge.collapse flags that keep a teacher answer out of training (e.g. repetition, runaway): the student
+    does not learn the teacher's loops. Empty: every answer is trained on."""
 
     def __post_init__(self) -> None:
         config.require_caps(self, "max_prompts", "max_heldout_prompts")
+        if unknown := set(self.drop_answers) - set(collapse.FLAGS):
+            raise ValueError(f"drop_answers: unknown flags {sorted(unknown)}; known: {list(collapse.FLAGS)}")
         if self.init == "prune" and self.prune_every < 2:
             raise ValueError(f"prune_every must be >= 2 (1 keeps every layer: no compression), got {self.prune_every}")
         if self.temperature <= 0 or not 0 <= self.ce_weight <= 1:
@@ -111,6 +123,20 @@ def split_prompts(cfg: DistillConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
     if train.is_empty():
         raise ValueError(f"{cfg.prompts}: no train-split prompts left (heldout_fraction={cfg.heldout_fraction})")
     return train.head(cfg.max_prompts or train.height), heldout.head(cfg.max_heldout_prompts or heldout.height)
+
+
+def usable_answers(cfg: DistillConfig, train: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
+    """The rows whose teacher answer has none of the `drop_answers` flags, and how many each flag dropped."""
+    if not cfg.drop_answers:
+        return train, {}
+    found = [
+        set(collapse.flags(a, finished=f, cfg=collapse.CollapseConfig())) & set(cfg.drop_answers)
+        for a, f in zip(train["answer"], train["finished"], strict=True)
+    ]
+    kept = train.filter(pl.Series([not f for f in found]))
+    if kept.is_empty():
+        raise ValueError(f"distill.drop_answers={list(cfg.drop_answers)} drops every one of {train.height} answers")
+    return kept, {flag: sum(flag in f for f in found) for flag in cfg.drop_answers}
 
 
 def init_student(cfg: DistillConfig, teacher: Any, tokenizer: Any) -> tuple[Any, list[int] | None]:
@@ -145,10 +171,10 @@ def run(cfg: DistillConfig) -> dict:
 
     train, heldout = split_prompts(cfg)
     out = Path(cfg.out_dir)
-    texts = train["text"].to_list() + heldout["text"].to_list()
     cache = rowcache.RowCache.open(cfg.row_cache)
     # Every process gets all answers, in row order; managed servers are started once, and stopped before training.
-    conversations = [[{"role": "user", "content": t}] for t in texts]
+    asked = [f"{t} {cfg.teacher_instruction}" if cfg.teacher_instruction else t for t in train["text"]]
+    conversations = [[{"role": "user", "content": t}] for t in asked + heldout["text"].to_list()]
     outs, teacher_stats = engines.stage_answers(cfg.teacher, cfg.generation, conversations, seed=cfg.seed, cache=cache)
     planmode.end_of_requests()  # `caiforge plan` stops here: every request is counted
     if cache is not None and not training.is_main_process():
@@ -159,6 +185,7 @@ def run(cfg: DistillConfig) -> dict:
         finished=pl.Series([c.finished for c in outs[: train.height]], dtype=pl.Boolean),
     )
     held_prompts, held_answers = heldout["text"].to_list(), answers[train.height :]
+    train, dropped = usable_answers(cfg, train)
 
     # fp32 weights on the training device: a pruned student copies the teacher's dtype, and AdamW wants fp32.
     device, _ = hf.resolve_device(cfg.generation.device, cfg.generation.dtype)
@@ -216,6 +243,8 @@ def run(cfg: DistillConfig) -> dict:
         "student_layers": student_layers,
         "kept_layers": kept,
         "train_rows": train.height,
+        "teacher_instruction": cfg.teacher_instruction,
+        "dropped_answers": dropped,
         "resumed_from_step": training.step_of(resume),
         "heldout_prompts": len(held_prompts),
         "steps": result.global_step,

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import polars as pl
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from caiforge import config, models
+from caiforge import config, engines, formats, models
 from tests.conftest import load_stage, smoke_section, write_prompts
 
 stage = load_stage("distill")
@@ -91,11 +93,73 @@ def test_a_rerun_asks_the_teacher_nothing_and_writes_the_identical_model(tmp_pat
     assert {k: v for k, v in first.items() if k not in drop} == {k: v for k, v in second.items() if k not in drop}
 
 
+LOOP = "I can help. I can help. I can help. I can help. I can help. I can help."
+
+
+def test_usable_answers_drops_the_flagged_answers_and_counts_them_per_flag(tmp_path, tiny_model_dir, student_dir):
+    train = pl.DataFrame(
+        {
+            "text": ["a", "b", "c", "d"],
+            "answer": [LOOP, "Paris is the capital of France.", "It is a long answer that was cut", ""],
+            "finished": [True, True, False, True],
+        }
+    )
+    every = make_cfg(tmp_path, tiny_model_dir, student_dir)
+    assert stage.usable_answers(every, train) == (train, {})
+    cfg = make_cfg(tmp_path, tiny_model_dir, student_dir, ["distill.drop_answers=[empty,repetition,runaway]"])
+    kept, dropped = stage.usable_answers(cfg, train)
+    assert kept["text"].to_list() == ["b"]
+    assert dropped == {"empty": 1, "repetition": 1, "runaway": 1}
+    loops = make_cfg(tmp_path, tiny_model_dir, student_dir, ["distill.drop_answers=[repetition]"])
+    assert stage.usable_answers(loops, train)[0]["text"].to_list() == ["b", "c", "d"]
+    with pytest.raises(ValueError, match=r"drop_answers=\['repetition'\] drops every one of 1 answers"):
+        stage.usable_answers(loops, train.head(1))
+
+
+def test_the_teacher_answers_with_the_instruction_and_the_student_learns_only_clean_answers_to_bare_prompts(
+    tmp_path, tiny_model_dir, student_dir, monkeypatch
+):
+    """Context distillation: the instruction goes to the teacher on training prompts only (held-out prompts are
+    answered as the student will be asked); the student trains on the bare prompts, without the answers that carry
+    a `drop_answers` flag."""
+    asked, trained = [], []
+    real_answers, real_dataset = engines.stage_answers, formats.completion_dataset
+
+    def answers(model_dir, gen, conversations, **kwargs):
+        asked.extend(c[0]["content"] for c in conversations)
+        outs, stats = real_answers(model_dir, gen, conversations, **kwargs)
+        return [dataclasses.replace(outs[0], text=LOOP, finished=True), *outs[1:]], stats
+
+    def dataset(tokenizer, chats, responses, finished):
+        trained.extend(zip([c[0]["content"] for c in chats], responses, strict=True))
+        return real_dataset(tokenizer, chats, responses, finished)
+
+    monkeypatch.setattr(stage.engines, "stage_answers", answers)
+    monkeypatch.setattr(stage.formats, "completion_dataset", dataset)
+    cfg = make_cfg(
+        tmp_path,
+        tiny_model_dir,
+        student_dir,
+        ["distill.teacher_instruction=Be brief.", "distill.drop_answers=[repetition]"],
+    )
+    train, heldout = stage.split_prompts(cfg)
+    metrics = stage.run(cfg)
+    bare = train["text"].to_list()
+    assert asked == [f"{t} Be brief." for t in bare] + heldout["text"].to_list()
+    assert [t for t, _ in trained] == bare[1:], "the looping answer to the first prompt is not trained on"
+    assert LOOP not in [a for _, a in trained]
+    assert metrics["train_rows"] == len(bare) - 1 and metrics["dropped_answers"] == {"repetition": 1}
+    assert metrics["teacher_instruction"] == "Be brief."
+    assert metrics["heldout_answers"]["prompts"] == heldout.height
+
+
 def test_bad_params_are_rejected(tmp_path, tiny_model_dir, student_dir):
     with pytest.raises(config.ConfigError, match="prune_every must be >= 2"):
         make_cfg(tmp_path, tiny_model_dir, student_dir, ["distill.prune_every=1"])
     with pytest.raises(config.ConfigError, match="ce_weight"):
         make_cfg(tmp_path, tiny_model_dir, student_dir, ["distill.ce_weight=1.5"])
+    with pytest.raises(config.ConfigError, match="drop_answers"):
+        make_cfg(tmp_path, tiny_model_dir, student_dir, ["distill.drop_answers=[loops]"])
 
 
 def test_missing_teacher_names_the_stage(tmp_path, student_dir):
