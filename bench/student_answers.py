@@ -1,11 +1,14 @@
-"""Benchmark: does a distilled student still answer? Degenerate share and distinct-2 of model directories' answers.
+"""Benchmark: does a distilled student still answer? Degenerate share, distinct-2 and coherence of models' answers.
 
 Each model answers the same eval-split prompts of a built project (`--per-kind` red-team and as many helpful, the
 first by id), greedily up to `--max-new-tokens` (cpu_demo's `evaluate` decodes so), through its chat template.
 Per model it prints the share of degenerate answers (`caiforge.collapse.degenerate`: empty or looping), distinct-2
-over all answers (`caiforge.collapse.distinct_n`), and the share of its non-degenerate red-team answers that
-decline (`caiforge.refusal`). The first model is the reference (the teacher): #39's goals for a student are a
-distinct-2 of at least 0.8x the teacher's and a degenerate share at most 0.1 above it.
+over all answers (`caiforge.collapse.distinct_n`), the share of its non-degenerate red-team answers that decline
+(`caiforge.refusal`), and how coherent the answers read to the first model: each answer's mean per-token negative
+log-likelihood under it (`surprise`, nats; the median) and the share above `--incoherent-nats`. Neither of the
+first two measures catches gibberish (a cut model's "zeb dehyd:zeb dehyd =ze.ah.ah" is diverse and does not loop);
+the surprise does. The first model is the reference (the teacher): #39's goals for a student are a distinct-2 of
+at least 0.8x the teacher's and a degenerate share at most 0.1 above it.
 
     uv run python bench/student_answers.py data/rlaif/model data/distill/model [more model dirs]
 """
@@ -14,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 import polars as pl
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from caiforge import collapse, refusal
+from caiforge import collapse, distillation, refusal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,18 +46,43 @@ def answers(model_dir: Path, prompts: list[str], max_new_tokens: int, batch_size
     return out
 
 
+def surprise(model_dir: Path, prompts: list[str], texts: list[str]) -> list[float | None]:
+    """Per answer, its mean per-token negative log-likelihood (nats) under `model_dir`, teacher-forced after its
+    prompt; None for an empty answer."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    for prompt, text in zip(prompts, texts, strict=True):
+        ids, start = distillation.completion_tokens(tokenizer, prompt, text)
+        if len(ids) <= start:
+            out.append(None)
+            continue
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, start - 1 : -1]
+        out.append(float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[start:]))))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", type=Path, nargs="+", help="model directories; the first is the reference")
     parser.add_argument("--prompts", type=Path, default=ROOT / "data" / "curate" / "prompts.parquet")
     parser.add_argument("--per-kind", type=int, default=24)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--incoherent-nats", type=float, default=3.0)
+    parser.add_argument("--answers-out", type=Path, help="write every answer and its surprise here (Parquet)")
     args = parser.parse_args()
     found = pl.read_parquet(args.prompts).filter(pl.col("split") == "eval").sort("id")
     rows = pl.concat([found.filter(pl.col("kind") == kind).head(args.per_kind) for kind in ("red_team", "helpful")])
-    reference = None
+    reference, written = None, []
     for model_dir in args.models:
         texts = answers(model_dir, rows["text"].to_list(), args.max_new_tokens)
+        nats = surprise(args.models[0], rows["text"].to_list(), texts)
+        written.append(
+            rows.select("id", "kind").with_columns(
+                model=pl.lit(str(model_dir)), answer=pl.Series(texts), surprise=pl.Series(nats, dtype=pl.Float64)
+            )
+        )
         looping = [collapse.degenerate(t) for t in texts]
         red = [t for t, kind, bad in zip(texts, rows["kind"], looping, strict=True) if kind == "red_team" and not bad]
         result = {
@@ -61,6 +90,8 @@ def main() -> None:
             "answers": len(texts),
             "degenerate": round(sum(looping) / len(texts), 3),
             "distinct_2": round(collapse.distinct_n(texts, 2), 3),
+            "surprise_median": round(statistics.median(n for n in nats if n is not None), 3),
+            "incoherent": round(sum(n is not None and n > args.incoherent_nats for n in nats) / len(texts), 3),
             "red_team_declined": round(sum(refusal.classify(t) != "engaged" for t in red) / len(red), 3)
             if red
             else None,
@@ -71,6 +102,8 @@ def main() -> None:
             result["distinct_2_vs_reference"] = round(result["distinct_2"] / reference["distinct_2"], 2)
             result["degenerate_above_reference"] = round(result["degenerate"] - reference["degenerate"], 3)
         print(json.dumps(result), flush=True)
+    if args.answers_out:
+        pl.concat(written).write_parquet(args.answers_out)
 
 
 if __name__ == "__main__":

@@ -125,10 +125,11 @@ def split_prompts(cfg: DistillConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
     return train.head(cfg.max_prompts or train.height), heldout.head(cfg.max_heldout_prompts or heldout.height)
 
 
-def usable_answers(cfg: DistillConfig, train: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
-    """The rows whose teacher answer has none of the `drop_answers` flags, and how many each flag dropped."""
+def usable_answers(cfg: DistillConfig, train: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """The rows whose teacher answer has none of the `drop_answers` flags, and how many rows that dropped (`rows`)
+    and how many carry each flag (`flags`)."""
     if not cfg.drop_answers:
-        return train, {}
+        return train, {"rows": 0, "flags": {}}
     found = [
         set(collapse.flags(a, finished=f, cfg=collapse.CollapseConfig())) & set(cfg.drop_answers)
         for a, f in zip(train["answer"], train["finished"], strict=True)
@@ -136,7 +137,10 @@ def usable_answers(cfg: DistillConfig, train: pl.DataFrame) -> tuple[pl.DataFram
     kept = train.filter(pl.Series([not f for f in found]))
     if kept.is_empty():
         raise ValueError(f"distill.drop_answers={list(cfg.drop_answers)} drops every one of {train.height} answers")
-    return kept, {flag: sum(flag in f for f in found) for flag in cfg.drop_answers}
+    return kept, {
+        "rows": train.height - kept.height,
+        "flags": {flag: sum(flag in f for f in found) for flag in cfg.drop_answers},
+    }
 
 
 def init_student(cfg: DistillConfig, teacher: Any, tokenizer: Any) -> tuple[Any, list[int] | None]:

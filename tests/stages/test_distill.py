@@ -74,7 +74,8 @@ def test_distill_trains_a_smaller_student(tmp_path, tiny_model_dir, student_dir,
     assert talks["prompts"] == metrics["heldout_prompts"]
     for key in ("distinct_2_teacher", "distinct_2_student", "degenerate_teacher", "degenerate_student"):
         assert 0 <= talks[key] <= 1, key
-    assert metrics["teacher_generation"]["rows"] == metrics["train_rows"] + metrics["heldout_prompts"]
+    asked = metrics["train_rows"] + metrics["dropped_answers"]["rows"] + metrics["heldout_prompts"]
+    assert metrics["teacher_generation"]["rows"] == asked
     assert any((out / "dvclive").rglob("*.tsv"))
 
 
@@ -87,7 +88,7 @@ def test_a_rerun_asks_the_teacher_nothing_and_writes_the_identical_model(tmp_pat
     second = stage.run(cfg)
     assert {p.name: p.read_bytes() for p in (tmp_path / "distill" / "model").iterdir()} == files
     rows = first["teacher_generation"]["rows"]
-    assert rows == first["train_rows"] + first["heldout_prompts"] > 0
+    assert rows == first["train_rows"] + first["dropped_answers"]["rows"] + first["heldout_prompts"] > 0
     assert (first["row_cache"]["misses"], second["row_cache"]) == (rows, {"hits": rows, "misses": 0, "entries": rows})
     drop = {"train_seconds", "teacher_generation", "row_cache"}
     assert {k: v for k, v in first.items() if k not in drop} == {k: v for k, v in second.items() if k not in drop}
@@ -104,12 +105,12 @@ def test_usable_answers_drops_the_flagged_answers_and_counts_them_per_flag(tmp_p
             "finished": [True, True, False, True],
         }
     )
-    every = make_cfg(tmp_path, tiny_model_dir, student_dir)
-    assert stage.usable_answers(every, train) == (train, {})
+    every = make_cfg(tmp_path, tiny_model_dir, student_dir, ["distill.drop_answers=[]"])
+    assert stage.usable_answers(every, train) == (train, {"rows": 0, "flags": {}})
     cfg = make_cfg(tmp_path, tiny_model_dir, student_dir, ["distill.drop_answers=[empty,repetition,runaway]"])
     kept, dropped = stage.usable_answers(cfg, train)
     assert kept["text"].to_list() == ["b"]
-    assert dropped == {"empty": 1, "repetition": 1, "runaway": 1}
+    assert dropped == {"rows": 3, "flags": {"empty": 1, "repetition": 1, "runaway": 1}}
     loops = make_cfg(tmp_path, tiny_model_dir, student_dir, ["distill.drop_answers=[repetition]"])
     assert stage.usable_answers(loops, train)[0]["text"].to_list() == ["b", "c", "d"]
     with pytest.raises(ValueError, match=r"drop_answers=\['repetition'\] drops every one of 1 answers"):
@@ -148,7 +149,10 @@ def test_the_teacher_answers_with_the_instruction_and_the_student_learns_only_cl
     assert asked == [f"{t} Be brief." for t in bare] + heldout["text"].to_list()
     assert [t for t, _ in trained] == bare[1:], "the looping answer to the first prompt is not trained on"
     assert LOOP not in [a for _, a in trained]
-    assert metrics["train_rows"] == len(bare) - 1 and metrics["dropped_answers"] == {"repetition": 1}
+    assert metrics["train_rows"] == len(bare) - 1 and metrics["dropped_answers"] == {
+        "rows": 1,
+        "flags": {"repetition": 1},
+    }
     assert metrics["teacher_instruction"] == "Be brief."
     assert metrics["heldout_answers"]["prompts"] == heldout.height
 
