@@ -24,7 +24,7 @@ import polars as pl
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from caiforge import collapse, distillation, refusal
+from caiforge import coherence, collapse, refusal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,20 +47,9 @@ def answers(model_dir: Path, prompts: list[str], max_new_tokens: int, batch_size
 
 
 def surprise(model_dir: Path, prompts: list[str], texts: list[str]) -> list[float | None]:
-    """Per answer, its mean per-token negative log-likelihood (nats) under `model_dir`, teacher-forced after its
-    prompt; None for an empty answer."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = []
-    for prompt, text in zip(prompts, texts, strict=True):
-        ids, start = distillation.completion_tokens(tokenizer, prompt, text)
-        if len(ids) <= start:
-            out.append(None)
-            continue
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, start - 1 : -1]
-        out.append(float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[start:]))))
-    return out
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return coherence.surprise(model, tokenizer, prompts, texts)
 
 
 def main() -> None:

@@ -8,11 +8,12 @@ Reads  data/curate/prompts.parquet (eval split only: prompts no stage trained on
 Does   every model answers every eval prompt and the chosen XSTest prompts (greedy). Then: Elo for harmlessness
        (red-team prompts, harmlessness principles) and helpfulness (helpful prompts, helpfulness principles) from
        pairwise AI-judge comparisons in both orders, with bootstrap intervals; refusal / deflection / transparent
-       rates (deterministic phrase detector; empty or looping answers are degenerate, their own outcome, never a
-       refusal); over-refusal on XSTest's safe prompts; attack success rate by an independent embedding classifier
-       (not the feedback model); each rate's paired change from base and from SFT; a flag on any model whose
-       degenerate rate is above `degenerate_threshold`; collapse (repetition, distinct-n); PM score per model;
-       per-principle table; the judge's accuracy on known answers, per kind; rlaif's monitors; cost per AI label.
+       rates (deterministic phrase detector; empty or looping answers, and incoherent ones the base policy finds
+       too unlikely (`max_surprise`), are degenerate, their own outcome, never a refusal); over-refusal on XSTest's
+       safe prompts; attack success rate by an independent embedding classifier (not the feedback model); each
+       rate's paired change from base and from SFT; a flag on any model whose degenerate rate is above
+       `degenerate_threshold`; collapse (repetition, distinct-n, surprise); PM score per model; per-principle
+       table; the judge's accuracy on known answers, per kind; rlaif's monitors; cost per AI label.
 Writes data/evaluate/metrics.json (DVC metrics: `dvc metrics show`, `dvc exp show`), samples.parquet, principles
        .parquet, plots/*.json (DVC plots) and report.html (one self-contained page).
 Run    uv run dvc repro evaluate
@@ -31,6 +32,7 @@ from pathlib import Path
 import polars as pl
 
 from caiforge import (
+    coherence,
     config,
     constitution,
     elo,
@@ -38,6 +40,7 @@ from caiforge import (
     evaluation,
     harm_judge,
     io,
+    models,
     planmode,
     preference,
     report,
@@ -45,7 +48,7 @@ from caiforge import (
     schemas,
     xstest,
 )
-from caiforge.engines import identity, serving
+from caiforge.engines import hf, identity, serving
 
 log = logging.getLogger("caiforge.stages.evaluate")
 
@@ -120,8 +123,12 @@ class EvaluateConfig:
     harm_threshold: float
     """Harm classifier probability above which an answer counts as a successful attack."""
     degenerate_threshold: float
-    """A model whose degenerate rate (empty or looping answers) is above this is flagged in the report and the
-    headline: its Elo, attack and refusal figures are not wins."""
+    """A model whose degenerate rate (empty, looping or incoherent answers) is above this is flagged in the report
+    and the headline: its Elo, attack and refusal figures are not wins."""
+    max_surprise: float | None
+    """An answer whose surprise (mean negative log-likelihood per token, `caiforge.coherence`) under the first of
+    `models` (the base policy, which no stage trains) is above this is degenerate: incoherent; null: not
+    measured."""
     report_examples: int
     """Prompts per kind shown side by side in the report."""
     labeller: LabellerConfig
@@ -191,8 +198,21 @@ def answer_all(
                     "finished": answer.finished,
                 }
             )
-    answers = pl.DataFrame(rows, schema={c: t for c, t in schemas.SAMPLES.columns if c != "outcome"})
-    return evaluation.with_outcomes(answers), stats
+    answers = pl.DataFrame(rows, schema={c: t for c, t in schemas.SAMPLES.columns if c not in ("surprise", "outcome")})
+    return answers, stats
+
+
+def with_surprise(cfg: EvaluateConfig, samples: pl.DataFrame) -> pl.DataFrame:
+    """Every answer's surprise under the first of `models` (in this process, on the scoring device; null for all
+    when `max_surprise` is null)."""
+    if cfg.max_surprise is None:
+        return samples.with_columns(surprise=pl.lit(None, dtype=pl.Float64))
+    device, dtype = hf.resolve_device(cfg.scoring.device, cfg.scoring.dtype)
+    reference, tokenizer = models.load_pretrained(
+        next(iter(cfg.models.values())), dtype=str(dtype).removeprefix("torch."), device=device
+    )
+    found = coherence.surprise(reference, tokenizer, samples["prompt"].to_list(), samples["answer"].to_list())
+    return samples.with_columns(surprise=pl.Series(found, dtype=pl.Float64))
 
 
 def run(cfg: EvaluateConfig) -> dict:
@@ -246,6 +266,7 @@ def run(cfg: EvaluateConfig) -> dict:
     planmode.end_of_requests()  # `caiforge plan` stops here: every request is counted
     judge_stats = judge.stats.as_dict()
     del judge
+    samples = evaluation.with_outcomes(with_surprise(cfg, samples), cfg.max_surprise)
 
     pm = preference.PreferenceModel.from_dir(
         cfg.reward_model, max_length=cfg.pm_max_length, batch_size=cfg.pm_batch_size, device=cfg.scoring.device
@@ -274,6 +295,8 @@ def run(cfg: EvaluateConfig) -> dict:
         "models": per_model,
         # A model above this share of degenerate answers is flagged (`flagged_degenerate`): its figures are not wins.
         "degenerate_threshold": cfg.degenerate_threshold,
+        # An answer above this surprise under the reference model (`reference`, nats per token) is degenerate.
+        "max_surprise": cfg.max_surprise,
         # Each model minus the first (base) on the same prompts, with paired intervals: whether training moved a rate.
         "versus": {"reference": names[0], "models": evaluation.versus(found, names[0])},
         # ... and minus SFT: whether RL (and the student) added to what SL-CAI did.

@@ -473,8 +473,9 @@ def evaluation_page(
         metric_table += (
             "<p>Each model minus the reference on the same prompts, with Newcombe's paired score interval: an "
             "interval that excludes 0 says training moved the rate; the counts are the prompts that gained / lost "
-            "the outcome, the only ones the difference rests on. Degenerate answers (empty, or looping word "
-            "4-grams) are their own outcome: they never count as refusals, evasions or attacks, and every other "
+            "the outcome, the only ones the difference rests on. Degenerate answers (empty, looping word "
+            "4-grams, or too unlikely under the base policy to be language) are their own outcome: they never "
+            "count as refusals, evasions or attacks, and every other "
             "change is over the prompts that both models answered without degenerating.</p>"
         )
     metric_table += rl_section(metrics.get("rl") or {})

@@ -185,12 +185,14 @@ SAMPLES = Schema(
         ("answer", pl.String()),
         ("completion_tokens", pl.Int64()),
         ("finished", pl.Boolean()),
+        ("surprise", pl.Float64()),
         ("outcome", pl.String()),
     ),
     sort_by=("kind", "prompt_id", "model"),
 )
-"""data/evaluate/samples.parquet: every evaluated model's answer to every chosen eval-split prompt, and what the
-answer is (`evaluation.OUTCOMES`: degenerate, refusal or compliance)."""
+"""data/evaluate/samples.parquet: every evaluated model's answer to every chosen eval-split prompt, how it reads to
+the reference model (`surprise`, nats per token, `caiforge.coherence`; null when empty or not measured), and what
+the answer is (`evaluation.OUTCOMES`: degenerate, refusal or compliance)."""
 
 PRINCIPLES = Schema(
     name="principles",

@@ -151,7 +151,12 @@ def test_outputs_and_metrics(evaluated):
     assert xs["prompt_id"].str.starts_with("xstest-").all() and xs["prompt"].str.len_chars().min() > 0
     # Each answer is classified once; the rates are read off that column.
     assert set(samples["outcome"]) <= set(evaluation.OUTCOMES)
-    assert samples["outcome"].to_list() == [evaluation.answer_outcome(a) for a in samples["answer"]]
+    assert samples["outcome"].to_list() == [
+        evaluation.answer_outcome(a, s, cfg.max_surprise)
+        for a, s in zip(samples["answer"], samples["surprise"], strict=False)
+    ]
+    # Every answer with text reads to the base model at some surprise; an empty one has none.
+    assert samples["surprise"].is_null().to_list() == [not a.strip() for a in samples["answer"]]
     for name in MODELS:
         m = metrics["models"][name]
         mine = samples.filter((pl.col("model") == name) & pl.col("kind").is_in(["red_team", "helpful"]))
@@ -320,6 +325,24 @@ def test_optional_hhh_file_adds_known_answers(upstream, tmp_path, evaluated):
     more = stage.run(make_cfg(tmp_path, upstream, [f"evaluate.hhh={hhh}"]))
     assert more["label_quality"]["comparisons"] == metrics["label_quality"]["comparisons"] + 2
     assert more["label_quality"]["by_set"]["hhh"]["comparisons"] == 2
+
+
+def test_answers_the_base_model_finds_too_unlikely_are_degenerate(evaluated, upstream, tmp_path):
+    """With max_surprise below every answer's surprise, each answer is incoherent: degenerate, every model flagged,
+    no refusal or attack rate left. With null nothing is measured and the outcome is the text's alone."""
+    _, _, out = evaluated
+    lowest = io.read_parquet(out / "samples.parquet", schemas.SAMPLES)["surprise"].min()
+    strict = stage.run(make_cfg(tmp_path / "strict", upstream, [f"evaluate.max_surprise={lowest - 0.01}"]))
+    for name in MODELS:
+        found = strict["models"][name]
+        assert found["degenerate_rate"] == 1.0 and found["flagged_degenerate"] is True
+        assert found["attack_success_rate"] is None and found["refusal_rate_red_team"] is None
+    assert strict["max_surprise"] == pytest.approx(lowest - 0.01)
+
+    stage.run(make_cfg(tmp_path / "off", upstream, ["evaluate.max_surprise=null"]))
+    samples = io.read_parquet(tmp_path / "off" / "evaluate" / "samples.parquet", schemas.SAMPLES)
+    assert samples["surprise"].is_null().all()
+    assert samples["outcome"].to_list() == [evaluation.answer_outcome(a) for a in samples["answer"]]
 
 
 def test_bad_inputs_fail_before_writing(upstream, tmp_path):
