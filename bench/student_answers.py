@@ -46,12 +46,6 @@ def answers(model_dir: Path, prompts: list[str], max_new_tokens: int, batch_size
     return out
 
 
-def surprise(model_dir: Path, prompts: list[str], texts: list[str]) -> list[float | None]:
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return coherence.surprise(model, tokenizer, prompts, texts)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", type=Path, nargs="+", help="model directories; the first is the reference")
@@ -64,9 +58,14 @@ def main() -> None:
     found = pl.read_parquet(args.prompts).filter(pl.col("split") == "eval").sort("id")
     rows = pl.concat([found.filter(pl.col("kind") == kind).head(args.per_kind) for kind in ("red_team", "helpful")])
     reference, written = None, []
+    # The first model scores every model's answers: loaded once.
+    scorer = (
+        AutoModelForCausalLM.from_pretrained(args.models[0], dtype=torch.float32),
+        AutoTokenizer.from_pretrained(args.models[0]),
+    )
     for model_dir in args.models:
         texts = answers(model_dir, rows["text"].to_list(), args.max_new_tokens)
-        nats = surprise(args.models[0], rows["text"].to_list(), texts)
+        nats = coherence.surprise(*scorer, rows["text"].to_list(), texts)
         written.append(
             rows.select("id", "kind").with_columns(
                 model=pl.lit(str(model_dir)), answer=pl.Series(texts), surprise=pl.Series(nats, dtype=pl.Float64)
