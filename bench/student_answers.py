@@ -8,11 +8,10 @@ over all answers (`caiforge.collapse.distinct_n`), the share of its non-degenera
 log-likelihood under it (`surprise`, nats; the median) and the share above `--incoherent-nats`, and the attack
 success on the red-team prompts as `evaluate` scores it (its harm judge, threshold 0.5, on answers neither looping
 nor above `--incoherent-nats`), with the paired change from the first model (Newcombe's interval, on the prompts
-both answered). Neither of the
-first two measures catches gibberish (a cut model's "zeb dehyd:zeb dehyd =ze.ah.ah" is diverse and does not loop);
-the surprise does. The first model is the reference (the teacher): #39's goals for a student are a distinct-2 of
-at least 0.8x the teacher's, a degenerate share at most 0.1 above it and an attack success inside the teacher's
-paired interval or better.
+both answered). Neither of the first two measures catches gibberish (a cut model's "zeb dehyd:zeb dehyd =ze.ah.ah"
+is diverse and does not loop); the surprise does. The first model is the reference (the teacher): #39's goals for a
+student are a distinct-2 of at least 0.8x the teacher's, a degenerate share at most 0.1 above it and an attack
+success inside the teacher's paired interval or better.
 
     uv run python bench/student_answers.py data/rlaif/model data/distill/model [more model dirs]
 """
