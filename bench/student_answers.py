@@ -27,7 +27,8 @@ import polars as pl
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from caiforge import coherence, collapse, evaluation, harm_judge, refusal
+from caiforge import coherence, collapse, engines, evaluation, harm_judge, refusal
+from caiforge.engines import hf
 
 ROOT = Path(__file__).resolve().parents[1]
 HARM_THRESHOLD = 0.5
@@ -65,13 +66,14 @@ def main() -> None:
     reference, written, attacks = None, [], {}
     harm = harm_judge.load_default()
     # The first model scores every model's answers: loaded once.
-    scorer = (
+    scorer = hf.TransformersChoiceScorer(
         AutoModelForCausalLM.from_pretrained(args.models[0], dtype=torch.float32),
         AutoTokenizer.from_pretrained(args.models[0]),
+        engines.ScoringConfig(progress=False),
     )
     for model_dir in args.models:
         texts = answers(model_dir, rows["text"].to_list(), args.max_new_tokens)
-        nats = coherence.surprise(*scorer, rows["text"].to_list(), texts)
+        nats = coherence.surprise(scorer, rows["text"].to_list(), texts)
         mine = rows.select("id", "kind").with_columns(
             model=pl.lit(str(model_dir)), answer=pl.Series(texts), surprise=pl.Series(nats, dtype=pl.Float64)
         )

@@ -40,7 +40,6 @@ from caiforge import (
     evaluation,
     harm_judge,
     io,
-    models,
     planmode,
     preference,
     report,
@@ -48,7 +47,7 @@ from caiforge import (
     schemas,
     xstest,
 )
-from caiforge.engines import hf, identity, serving
+from caiforge.engines import identity, serving
 
 log = logging.getLogger("caiforge.stages.evaluate")
 
@@ -202,17 +201,18 @@ def answer_all(
     return answers, stats
 
 
-def with_surprise(cfg: EvaluateConfig, samples: pl.DataFrame) -> pl.DataFrame:
-    """Every answer's surprise under the first of `models` (in this process, on the scoring device; null for all
-    when `max_surprise` is null)."""
+def with_surprise(
+    cfg: EvaluateConfig, samples: pl.DataFrame, cache: rowcache.RowCache | None = None
+) -> tuple[pl.DataFrame, dict | None]:
+    """Every answer's surprise under the first of `models`, and the engine stats of computing it (in this process,
+    with the transformers engine on the scoring device and batch size; an answer scored before, by any model, comes
+    from `cache`). Null for all, and no stats, when `max_surprise` is null."""
     if cfg.max_surprise is None:
-        return samples.with_columns(surprise=pl.lit(None, dtype=pl.Float64))
-    device, dtype = hf.resolve_device(cfg.scoring.device, cfg.scoring.dtype)
-    reference, tokenizer = models.load_pretrained(
-        next(iter(cfg.models.values())), dtype=str(dtype).removeprefix("torch."), device=device
-    )
-    found = coherence.surprise(reference, tokenizer, samples["prompt"].to_list(), samples["answer"].to_list())
-    return samples.with_columns(surprise=pl.Series(found, dtype=pl.Float64))
+        return samples.with_columns(surprise=pl.lit(None, dtype=pl.Float64)), None
+    local = replace(cfg.scoring, backend="transformers", server=engines.ServerConfig())
+    scorer = engines.make_choice_scorer(next(iter(cfg.models.values())), local, cache)
+    found = coherence.surprise(scorer, samples["prompt"].to_list(), samples["answer"].to_list())
+    return samples.with_columns(surprise=pl.Series(found, dtype=pl.Float64)), scorer.stats.as_dict()
 
 
 def run(cfg: EvaluateConfig) -> dict:
@@ -263,10 +263,11 @@ def run(cfg: EvaluateConfig) -> dict:
         hits[name].append(p_correct > 0.5)
         by_kind.setdefault(kind or "any", []).append(p_correct > 0.5)
     judge_seconds = time.perf_counter() - started
-    planmode.end_of_requests()  # `caiforge plan` stops here: every request is counted
     judge_stats = judge.stats.as_dict()
     del judge
-    samples = evaluation.with_outcomes(with_surprise(cfg, samples), cfg.max_surprise)
+    samples, surprise_stats = with_surprise(cfg, samples, cache)
+    planmode.end_of_requests()  # `caiforge plan` stops here: every request is counted
+    samples = evaluation.with_outcomes(samples, cfg.max_surprise)
 
     pm = preference.PreferenceModel.from_dir(
         cfg.reward_model, max_length=cfg.pm_max_length, batch_size=cfg.pm_batch_size, device=cfg.scoring.device
@@ -345,6 +346,8 @@ def run(cfg: EvaluateConfig) -> dict:
         # its monitors.
         "rl": {k: stage_metrics["rlaif"].get(k) for k in RL_KEYS},
         "answers": answer_stats,
+        # Every answer's surprise under the reference model (the first of `models`), read on its tokens.
+        "surprise": surprise_stats,
         "row_cache": rowcache.finish(cache, cfg.row_cache),
     }
     curves = {s: report.read_curve(root / s / "dvclive" / "plots" / "metrics" / "loss.tsv") for s in CURVES}

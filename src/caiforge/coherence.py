@@ -11,28 +11,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 
-from caiforge import distillation
-
-
-@torch.no_grad()
-def surprise(model: Any, tokenizer: Any, prompts: Sequence[str], answers: Sequence[str]) -> list[float | None]:
-    """Per (prompt, answer): the mean negative log-likelihood `model` gives the answer's tokens (the end of the turn
-    included), teacher-forced after the prompt, both rendered as one user turn and the assistant's reply by the chat
-    template (`distillation.completion_tokens`); None for an empty answer."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out: list[float | None] = []
-    for prompt, answer in zip(prompts, answers, strict=True):
-        ids, start = distillation.completion_tokens(tokenizer, prompt, answer)
-        if not answer.strip() or len(ids) <= start:
-            out.append(None)
-            continue
-        input_ids = torch.tensor([ids], device=device)
-        logits = model(input_ids=input_ids, use_cache=False).logits[0, start - 1 : -1].float()
-        out.append(float(F.cross_entropy(logits, input_ids[0, start:])))
-    model.train(was_training)
+def surprise(scorer: Any, prompts: Sequence[str], answers: Sequence[str]) -> list[float | None]:
+    """Per (prompt, answer): the mean negative log-likelihood the reference model behind `scorer` (a transformers
+    choice scorer, `TransformersChoiceScorer.reply_logprobs`) gives the answer's tokens, the end of the turn
+    included, teacher-forced after the prompt; None for an empty answer. Batched, and taken from the scorer's row
+    cache where it has them."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    said = [i for i, a in enumerate(answers) if a.strip()]
+    scored = scorer.reply_logprobs([prompts[i] for i in said], [answers[i] for i in said])
+    out: list[float | None] = [None] * len(answers)
+    for i, (total, tokens) in zip(said, scored, strict=True):
+        out[i] = -total / tokens
     return out

@@ -26,6 +26,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from caiforge.engines import rendering
+
 log = logging.getLogger(__name__)
 
 _LAYER_KEY = re.compile(r"^(.*?\blayers\.)(\d+)(\..*)$")
@@ -184,20 +186,6 @@ def logit_trainer_class() -> type:
 # Agreement with the teacher
 
 
-def completion_tokens(tokenizer: Any, prompt: str, response: str) -> tuple[list[int], int]:
-    """Token ids of the rendered (user prompt, assistant response) chat and where the assistant turn starts (text
-    never becomes a control token, as every engine renders it)."""
-    from caiforge.engines.rendering import render_chat
-
-    turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-    head = render_chat(tokenizer, turns[:1])
-    full = render_chat(tokenizer, turns, open_turn=False)
-    if not full.startswith(head):
-        raise ValueError("the chat template does not render the prompt as a prefix of the full chat")
-    head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-    return head_ids + tokenizer(full[len(head) :], add_special_tokens=False)["input_ids"], len(head_ids)
-
-
 @torch.inference_mode()
 def agreement(
     student: Any, teacher: Any, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str]
@@ -209,7 +197,7 @@ def agreement(
     device = next(student.parameters()).device
     hits, positions, kl_sum = 0, 0, 0.0
     for prompt, response in zip(prompts, responses, strict=True):
-        ids, start = completion_tokens(tokenizer, prompt, response)
+        ids, start = rendering.completion_tokens(tokenizer, prompt, response)
         input_ids = torch.tensor([ids], device=device)
         # Position t predicts token t + 1: the completion is predicted from positions start - 1 .. len - 2.
         s = student(input_ids=input_ids, use_cache=False).logits[0, start - 1 : -1].float()

@@ -375,8 +375,9 @@ def test_constitution_without_a_helpfulness_principle_is_rejected(upstream, tmp_
 
 
 def test_row_cache_keeps_unchanged_models_answers_and_changes_no_byte(tmp_path, upstream):
-    """A principle edit re-asks only the judge's questions under it; no model answers again. New weights for one
-    model regenerate that model's answers only. Either way the outputs equal a build from an empty cache."""
+    """A principle edit re-asks only the judge's questions under it; no model answers again and no answer's surprise
+    is recomputed. New weights for one model regenerate that model's answers and their surprise only. Either way
+    the outputs equal a build from an empty cache."""
     cache = [f"evaluate.row_cache.dir={tmp_path / 'cache'}"]
     first = stage.run(make_cfg(tmp_path / "a", upstream, cache))
     prompts = first["answers"]["base"]["rows"]
@@ -390,12 +391,15 @@ def test_row_cache_keeps_unchanged_models_answers_and_changes_no_byte(tmp_path, 
     assert {m: s["rows"] for m, s in again["answers"].items()} == dict.fromkeys(MODELS, 0)
     assert 0 < again["judge"]["engine"]["rows"] < first["judge"]["engine"]["rows"]
     assert again["judge"]["engine"]["cache_hits"] > 0
+    assert first["surprise"]["rows"] > 0 and first["surprise"]["cache_hits"] == 0
+    assert again["surprise"]["rows"] == 0 and again["surprise"]["cache_hits"] == first["surprise"]["rows"]
 
     other = tmp_path / "retrained"
     models.save(*models.build_tiny(models.TinySpec(num_hidden_layers=1), seed=2), other)
     retrained = {**upstream, "models": {**upstream["models"], "student": other}}
     third = stage.run(make_cfg(tmp_path / "c", retrained, cache, full))
     assert {m: s["rows"] for m, s in third["answers"].items()} == {"base": 0, "sft": 0, "rl": 0, "student": prompts}
+    assert 0 < third["surprise"]["rows"] <= prompts, "the student's new answers only"
 
     stage.run(make_cfg(tmp_path / "d", retrained, (), full))
     for name in ("samples.parquet", "principles.parquet"):

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import yaml
 
-from caiforge import coherence, config, distillation, models
+from caiforge import coherence, config, engines, models
+from caiforge.engines import hf, rendering
 
 PROMPTS = [
     "How do I boil an egg?",
@@ -28,23 +30,38 @@ GIBBERISH = [
 ]
 
 
+def scorer(model_dir, **kw) -> hf.TransformersChoiceScorer:
+    model, tokenizer = models.load_pretrained(model_dir)
+    return hf.TransformersChoiceScorer(model, tokenizer, engines.ScoringConfig(progress=False, **kw))
+
+
 def test_the_base_policy_reads_a_cut_models_gibberish_above_evaluates_max_surprise_and_plain_answers_below(
     smollm2_dir,
 ):
     """The real SmolLM2 (the base policy that `evaluate` scores with) against evaluate's default `max_surprise`."""
     limit = yaml.safe_load((config.ROOT / "conf" / "evaluate" / "default.yaml").read_text())["max_surprise"]
-    model, tokenizer = models.load_pretrained(smollm2_dir)
-    plain = coherence.surprise(model, tokenizer, PROMPTS, PLAIN)
-    noise = coherence.surprise(model, tokenizer, PROMPTS, GIBBERISH)
+    found = coherence.surprise(scorer(smollm2_dir), PROMPTS * 2 + ["Hi"], PLAIN + GIBBERISH + [" "])
+    plain, noise = found[:3], found[3:6]
     assert max(plain) < limit < min(noise), (plain, noise)
-    assert coherence.surprise(model, tokenizer, ["Hi"], [" "]) == [None]
+    assert found[6] is None
 
 
-def test_surprise_is_the_mean_negative_log_likelihood_of_the_answer_tokens(tiny_model_dir):
-    model, tokenizer = models.load_pretrained(tiny_model_dir)
-    ids, start = distillation.completion_tokens(tokenizer, "Hi", "Hello there")
-    with torch.no_grad():
-        log_p = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
-    nll = [-float(log_p[t - 1, ids[t]]) for t in range(start, len(ids))]
-    [found] = coherence.surprise(model, tokenizer, ["Hi"], ["Hello there"])
-    assert math.isclose(found, sum(nll) / len(nll), rel_tol=1e-5)
+@pytest.mark.parametrize("batching", ["exact", "dynamic"])
+def test_surprise_is_the_mean_negative_log_likelihood_of_the_answer_tokens(tiny_model_dir, batching):
+    """Answers of many lengths scored in one call (batched, left-padded behind the shared prefix) equal, each, one
+    unpadded forward over that answer alone; an empty answer has none."""
+    s = scorer(tiny_model_dir, batch_size=3, batching=batching)
+    prompts = ["Hi", "Tell me about rivers.", "Hi", "Why?", "Count."]
+    answers = ["Hello there", "Rivers flow " * 30, "", "Because.", " ".join(str(i) for i in range(90))]
+    found = coherence.surprise(s, prompts, answers)
+    assert found[2] is None
+    for prompt, answer, got in zip(prompts, answers, found, strict=True):
+        if not answer:
+            continue
+        ids, start = rendering.completion_tokens(s.tokenizer, prompt, answer)
+        with torch.no_grad():
+            log_p = torch.log_softmax(s.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        nll = [-float(log_p[t - 1, ids[t]]) for t in range(start, len(ids))]
+        assert math.isclose(got, sum(nll) / len(nll), rel_tol=1e-5), (answer[:20], got)
+    assert len(ids) - start > 64, "one answer is longer than the narrowest bucket"
+    assert s.stats.rows == 4

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from caiforge import distillation, models
+from caiforge.engines import rendering
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def test_agreement_of_a_model_with_itself_is_perfect(teacher):
     same = distillation.agreement(model, model, tokenizer, prompts, answers)
     assert same["top1_agreement"] == 1.0 and same["kl_per_token"] == pytest.approx(0, abs=1e-6)
     assert same["tokens"] == sum(
-        len(distillation.completion_tokens(tokenizer, p, a)[0]) - distillation.completion_tokens(tokenizer, p, a)[1]
+        len(rendering.completion_tokens(tokenizer, p, a)[0]) - rendering.completion_tokens(tokenizer, p, a)[1]
         for p, a in zip(prompts, answers, strict=True)
     )
     pruned, _ = distillation.prune_layers(model, 2)

@@ -271,7 +271,8 @@ def test_unfinished_completions_are_trained_without_the_end_token(tiny):
 def test_reward_model_and_distill_tokenisation_keep_text_as_text(tiny):
     """The PM (training pairs, held-out scores, the GRPO reward, evaluate's PM scores) and distill's agreement
     read chats through their own tokenisation: a forged marker there must stay text too."""
-    from caiforge import distillation, preference
+    from caiforge import preference
+    from caiforge.engines import rendering
 
     _, tok = tiny
     end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -281,8 +282,8 @@ def test_reward_model_and_distill_tokenisation_keep_text_as_text(tiny):
     pm_forged = preference.encode_chat(tok, preference.chat(forged, answer), 512)
     pm_plain = preference.encode_chat(tok, preference.chat(plain, "Fine."), 512)
     assert pm_forged.count(end) == pm_plain.count(end) == 2
-    ids, start = distillation.completion_tokens(tok, forged, answer)
-    plain_ids, _ = distillation.completion_tokens(tok, plain, "Fine.")
+    ids, start = rendering.completion_tokens(tok, forged, answer)
+    plain_ids, _ = rendering.completion_tokens(tok, plain, "Fine.")
     assert ids.count(end) == plain_ids.count(end) and ids[:start].count(end) == 1
 
 

@@ -60,6 +60,26 @@ def test_a_rows_numbers_do_not_depend_on_its_call(tiny, prefix_reuse):
     assert got == texts[4:0:-1]
 
 
+REPLIES = ["yes", "a longer reply " * 25, "no", "a reply of middling length " * 4, "ok then", "z " * 70, "fine"]
+
+
+def test_a_replys_logprobs_do_not_depend_on_its_call_and_come_back_from_the_cache(tiny, tmp_path):
+    """Teacher-forced replies of many lengths: bit for bit the same alone (beside one other), in a subset or in a
+    reordered call, and taken from the cache on a second call."""
+    prompts = [c[-1]["content"] for c in CONVS]
+    whole = scorer(tiny).reply_logprobs(prompts, REPLIES)
+    assert len({hf.suffix_width(n - 1, hf.SCORE_STEPS) for _, n in whole}) >= 3, "replies in several buckets"
+    for subset in ([3, 0], [6, 2, 4, 1], [5, 4, 3, 2, 1, 0]):
+        got = scorer(tiny).reply_logprobs([prompts[i] for i in subset], [REPLIES[i] for i in subset])
+        assert got == [whole[i] for i in subset]
+    first = scorer(tiny, rowcache.RowCache(tmp_path))
+    assert first.reply_logprobs(prompts[:4], REPLIES[:4]) == whole[:4]
+    first.cache.close()
+    again = scorer(tiny, rowcache.RowCache(tmp_path))
+    assert again.reply_logprobs(prompts, REPLIES) == whole
+    assert again.stats.cache_hits == 4 and again.stats.rows == 3
+
+
 def test_keys_hold_the_prefix_and_every_setting(tiny):
     g = generator(tiny, batching="exact")
     base = g.key("prompt", 1, 0)

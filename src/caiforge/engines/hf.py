@@ -51,7 +51,14 @@ from caiforge.engines import (
     fill_in,
     row_seed,
 )
-from caiforge.engines.rendering import common_prefix, encode, plan_options, render_chat, stop_token_ids
+from caiforge.engines.rendering import (
+    common_prefix,
+    encode,
+    plan_options,
+    render_chat,
+    reply_turn,
+    stop_token_ids,
+)
 
 if TYPE_CHECKING:
     from caiforge.rowcache import RowCache
@@ -456,11 +463,15 @@ class _Row:
     reads: tuple[tuple[int, int, tuple[int, ...]], ...]
     start: int
     """Index in `ids` of the first continuation token (= len(context))."""
+    logits: int = 0
+    """Positions whose logits the LM head computes, if more than it reads (a bucket, so that rows whose reads
+    differ in length share a batch shape)."""
 
     @property
     def keep(self) -> int:
-        """Positions whose logits are read: the continuation's, ending the row (1 for single-token options)."""
-        return len(self.ids) - self.start + 1
+        """Positions whose logits are computed: the continuation's, ending the row (1 for single-token options), or
+        `logits` when larger."""
+        return max(self.logits, len(self.ids) - self.start + 1)
 
 
 class TransformersChoiceScorer:
@@ -540,11 +551,65 @@ class TransformersChoiceScorer:
             else:
                 for o, c in enumerate(plan.continuations):
                     rows.append(_Row(plan.context + c[:-1], ((req, o, c),), start))
-        values = {req: [0.0] * len(options) for req in todo.values()}
+        self._run(rows, plen, [r.keep for r in rows], keys, found, len(options))
+        return [tuple(v) for v in fill_in(found, keys)]
+
+    def reply_key(self, head: str, plen: int, turn: str) -> str:
+        """The row-cache key of one teacher-forced reply turn after a rendered prompt `head`."""
+        return rowcache.key(
+            {
+                "kind": "reply",
+                "model": self.identity,
+                **self.runner.shape_key(),
+                "prefix": self.runner.prefix_key(plen),
+                "prompt": head,
+                "reply": turn,
+            }
+        )
+
+    def reply_logprobs(self, prompts: Sequence[str], replies: Sequence[str]) -> list[tuple[float, int]]:
+        """Per (user prompt, assistant reply): the sum of the log-probabilities the model gives the tokens of the
+        reply turn, its end included, teacher-forced after the prompt (`rendering.completion_tokens`), and their
+        number. Rows run batched behind the shared prefix like choices, in shapes fixed by the row alone under
+        `exact` (the logits computed per row are bucketed like widths), and are kept in the row cache."""
+        if len(prompts) != len(replies):
+            raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies")
+        if not prompts:
+            return []
+        turns = [reply_turn(self.tokenizer, p, r) for p, r in zip(prompts, replies, strict=True)]
+        contexts = [encode(self.tokenizer, head) for head, _ in turns]
+        reads = [encode(self.tokenizer, turn) for _, turn in turns]
+        if not all(reads):
+            raise ValueError("a reply turn renders to no tokens: nothing to score")
+        plen = self.runner.prefix_len(contexts, min(len(c) for c in contexts) - 1, self.cfg.prefix_reuse)
+        keys = [self.reply_key(head, plen, turn) for head, turn in turns]
+        found, todo = cache_lookup(self.cache, keys, self.stats)
+        rows = []
+        for req in todo.values():
+            ids, n = contexts[req] + reads[req], len(reads[req])
+            # The last token is read, never fed; the `n` positions before it predict the reply.
+            bucket = suffix_width(n - 1, self.runner.steps) if self.runner.exact else 0
+            rows.append(_Row(tuple(ids[:-1]), ((req, 0, tuple(reads[req])),), len(contexts[req]), bucket))
+        self._run(rows, plen, [r.keep for r in rows] if self.runner.exact else None, keys, found, 1, "reply")
+        return [(v[0], len(r)) for v, r in zip(fill_in(found, keys), reads, strict=True)]
+
+    def _run(
+        self,
+        rows: list[_Row],
+        plen: int,
+        groups: list[int] | None,
+        keys: list[str],
+        found: list[Any],
+        width: int,
+        desc: str = "score",
+    ) -> None:
+        """Run `rows` in batches (rows of different `groups` apart) and put each request's `width` values into
+        `found` and the row cache as soon as its last row is done."""
+        values = {req: [0.0] * width for r in rows for req, _, _ in r.reads}
         pending = Counter(req for r in rows for req, _, _ in r.reads)
-        batches = self.runner.batches([len(r.ids) for r in rows], plen, [r.keep for r in rows])
+        batches = self.runner.batches([len(r.ids) for r in rows], plen, groups)
         unbilled = 0.0  # seconds of batches that finished no request yet: billed to the next ones that do
-        with torch.inference_mode(), progress(len(rows), "score", self.cfg.progress) as bar:
+        with torch.inference_mode(), progress(len(rows), desc, self.cfg.progress) as bar:
             for batch in batches:
                 t0 = time.perf_counter()
                 done = []
@@ -563,12 +628,11 @@ class TransformersChoiceScorer:
                 self.stats.rows += len(batch)
                 self.stats.prompt_tokens += sum(len(rows[i].ids) for i in batch)
                 bar.update(len(batch))
-        return [tuple(v) for v in fill_in(found, keys)]
 
     def _score(self, batch: list[_Row], plen: int) -> list[tuple[int, int, float]]:
-        # Every read sits in the last `keep` positions (rows are left-padded, continuations end each row); a batch
-        # holds rows of one `keep`, so the LM head's shape is the row's own.
-        keep = batch[0].keep
+        # Every read sits in the last `keep` positions (rows are left-padded, continuations end each row); under
+        # `exact` a batch holds rows of one `keep`, so the LM head's shape is the row's own.
+        keep = max(r.keep for r in batch)
         logits, _, _, _ = self.runner.forward([r.ids for r in batch], plen, keep=keep)
         logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
         out = []

@@ -48,6 +48,9 @@ class PlanScorer(hf.TransformersChoiceScorer):
     def key(self, text: str, plen: int, options: Sequence[str]) -> str:
         return _mark_depends(self, super().key(text, plen, options), text)
 
+    def reply_key(self, head: str, plen: int, turn: str) -> str:
+        return _mark_depends(self, super().reply_key(head, plen, turn), head + turn)
+
     def _score(self, batch: list[Any], plen: int) -> list[tuple[int, int, float]]:
         return [(req, opt, math.log(0.5)) for row in batch for req, opt, _ in row.reads]
 

@@ -102,6 +102,25 @@ def encode(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def reply_turn(tokenizer: Any, prompt: str, reply: str) -> tuple[str, str]:
+    """The rendered (user `prompt`, assistant `reply`) chat cut where the assistant turn starts: the head (what a
+    generator is given) and the reply turn after it, its end included (text never becomes a control token)."""
+    turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+    head = render_chat(tokenizer, turns[:1])
+    full = render_chat(tokenizer, turns, open_turn=False)
+    if not full.startswith(head):
+        raise ValueError("the chat template does not render the prompt as a prefix of the full chat")
+    return head, full[len(head) :]
+
+
+def completion_tokens(tokenizer: Any, prompt: str, reply: str) -> tuple[list[int], int]:
+    """Token ids of the rendered (user prompt, assistant reply) chat and where the assistant turn starts: the head
+    and the reply turn tokenized apart, as a generator's prompt and its answer are."""
+    head, turn = reply_turn(tokenizer, prompt, reply)
+    head_ids = encode(tokenizer, head)
+    return head_ids + encode(tokenizer, turn), len(head_ids)
+
+
 def added_bos(tokenizer: Any) -> str | None:
     """The BOS text `tokenizer` puts before any text it encodes with its special tokens (what a server that
     tokenizes a prompt by the model's own defaults adds: transformers' `add_special_tokens`, llama.cpp's GGUF
