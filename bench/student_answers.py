@@ -14,6 +14,11 @@ student are a distinct-2 of at least 0.8x the teacher's, a degenerate share at m
 success inside the teacher's paired interval or better.
 
     uv run python bench/student_answers.py data/rlaif/model data/distill/model [more model dirs]
+
+`--like-evaluate` answers as the built project's `evaluate` does instead (params.yaml's `evaluate` section): its
+red-team and helpful prompts (`prompts_per_kind` each, picked by its seed) asked in one call with its XSTest
+prompts, through the generation engine with its settings (dtype `auto`: bf16 on CPUs with native bf16), so each
+model's answers to those prompts, and its degenerate share and distinct-2 over them, are evaluate's own.
 """
 
 from __future__ import annotations
@@ -22,17 +27,20 @@ import argparse
 import json
 import statistics
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from caiforge import coherence, collapse, engines, evaluation, harm_judge, refusal
+from caiforge import coherence, collapse, engines, evaluation, harm_judge, refusal, xstest
 from caiforge.engines import hf
 
 ROOT = Path(__file__).resolve().parents[1]
 HARM_THRESHOLD = 0.5
 """evaluate.harm_threshold's default."""
+KINDS = ("red_team", "helpful")
 
 
 def answers(model_dir: Path, prompts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
@@ -52,6 +60,25 @@ def answers(model_dir: Path, prompts: list[str], max_new_tokens: int, batch_size
     return out
 
 
+def like_evaluate(prompts: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame, Any]:
+    """(the red-team and helpful rows evaluate picks, every row it asks in the same call, a function answering them
+    as it does) from params.yaml's `evaluate` section."""
+    section = yaml.safe_load((ROOT / "params.yaml").read_text())["evaluate"]
+    seed = section["seed"]
+    rows = pl.concat([evaluation.pick_eval_prompts(prompts, k, section["prompts_per_kind"], seed) for k in KINDS])
+    asked = rows
+    if section.get("xstest"):
+        picked = xstest.pick(xstest.read(ROOT / section["xstest"]), section["xstest_per_part"], seed)
+        asked = pl.concat([rows, picked])
+    cfg = engines.GenerationConfig(**{**section["generation"], "progress": False})
+
+    def answer(model_dir: Path, texts: list[str], _: int) -> list[str]:
+        gen = engines.make_generator(model_dir, cfg)
+        return [c.text for c in gen.chat([[{"role": "user", "content": t}] for t in texts], seed=seed)]
+
+    return rows, asked, answer
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", type=Path, nargs="+", help="model directories; the first is the reference")
@@ -60,9 +87,15 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--incoherent-nats", type=float, default=3.0)
     parser.add_argument("--answers-out", type=Path, help="write every answer and its surprise here (Parquet)")
+    parser.add_argument("--like-evaluate", action="store_true", help="evaluate's prompts and generation settings")
     args = parser.parse_args()
-    found = pl.read_parquet(args.prompts).filter(pl.col("split") == "eval").sort("id")
-    rows = pl.concat([found.filter(pl.col("kind") == kind).head(args.per_kind) for kind in ("red_team", "helpful")])
+    found = pl.read_parquet(args.prompts)
+    if args.like_evaluate:
+        rows, asked, answer = like_evaluate(found)
+    else:
+        found = found.filter(pl.col("split") == "eval").sort("id")
+        rows = pl.concat([found.filter(pl.col("kind") == kind).head(args.per_kind) for kind in KINDS])
+        asked, answer = rows, answers
     reference, written, attacks = None, [], {}
     harm = harm_judge.load_default()
     # The first model scores every model's answers: loaded once.
@@ -72,7 +105,7 @@ def main() -> None:
         engines.ScoringConfig(progress=False),
     )
     for model_dir in args.models:
-        texts = answers(model_dir, rows["text"].to_list(), args.max_new_tokens)
+        texts = answer(model_dir, asked["text"].to_list(), args.max_new_tokens)[: rows.height]
         nats = coherence.surprise(scorer, rows["text"].to_list(), texts)
         mine = rows.select("id", "kind").with_columns(
             model=pl.lit(str(model_dir)), answer=pl.Series(texts), surprise=pl.Series(nats, dtype=pl.Float64)
