@@ -99,10 +99,8 @@ def main() -> None:
     reference, written, attacks = None, [], {}
     harm = harm_judge.load_default()
     # The first model scores every model's answers: loaded once.
-    scorer = hf.TransformersChoiceScorer(
-        AutoModelForCausalLM.from_pretrained(args.models[0], dtype=torch.float32),
-        AutoTokenizer.from_pretrained(args.models[0]),
-        engines.ScoringConfig(progress=False),
+    scorer = hf.TransformersChoiceScorer.from_dir(
+        args.models[0], engines.ScoringConfig(dtype="float32", progress=False)
     )
     for model_dir in args.models:
         texts = answer(model_dir, asked["text"].to_list(), args.max_new_tokens)[: rows.height]
