@@ -317,8 +317,14 @@ def make_trainer(
     )
 
 
-def answer(model_dir: str | Path, cfg: RlaifConfig, texts: list[str], desc: str) -> list[engines.Completion]:
-    gen = engines.make_generator(model_dir, cfg.generation)
+def generator(model_dir: str | Path, cfg: RlaifConfig) -> hf.TransformersGenerator:
+    """The held-out answers' engine on `model_dir`; its model also serves the KL estimate, loaded once. No row
+    cache here (the tuned model exists only in this run), so its weights are not fingerprinted."""
+    model, tokenizer, device = hf.load_for_inference(model_dir, cfg.generation.device, cfg.generation.dtype)
+    return hf.TransformersGenerator(model, tokenizer, cfg.generation, device)
+
+
+def answer(gen: hf.TransformersGenerator, cfg: RlaifConfig, texts: list[str], desc: str) -> list[engines.Completion]:
     return gen.chat([[{"role": "user", "content": t}] for t in texts], seed=cfg.seed, desc=desc)
 
 
@@ -402,11 +408,6 @@ def run(cfg: RlaifConfig) -> dict:
         dtype=cfg.generation.dtype,
     )
     texts = asked(cfg, heldout["text"].to_list())
-    # Under several processes every one trains (each samples and rewards its own prompts); the held-out answers,
-    # rewards and KL are rank 0's alone, on a capped set, as are every output.
-    main = training.is_main_process()
-    sft_answers = answer(cfg.policy, cfg, texts, "sft answers") if main else []
-    reward_before = pm.score(texts, [c.text for c in sft_answers]) if main else []
     ckpt = training.Checkpoints.for_stage(cfg, out, cfg.prompts, cfg.policy, cfg.reward_model, cfg.preferences)
     resume = ckpt.resume()
     with tempfile.TemporaryDirectory(prefix="caiforge-rlaif-") as scratch:
@@ -418,15 +419,17 @@ def run(cfg: RlaifConfig) -> dict:
     history = trainer.state.log_history
     batch = training.batch_metrics(cfg, trainer)
     del trainer
-    responses = answer(out / "model", cfg, texts, "rlaif answers")
+    # Under several processes every one trains (each samples and rewards its own prompts); the held-out answers,
+    # rewards and KL are rank 0's alone, on a capped set, as are every output.
+    sft, tuned = generator(cfg.policy, cfg), generator(out / "model", cfg)
+    sft_answers = answer(sft, cfg, texts, "sft answers")
+    reward_before = pm.score(texts, [c.text for c in sft_answers])
+    responses = answer(tuned, cfg, texts, "rlaif answers")
     reward_after = pm.score(texts, [c.text for c in responses])
-    device, dtype = hf.resolve_device(cfg.generation.device, cfg.generation.dtype)
-    tuned, tokenizer = models.load_pretrained(out / "model", dtype=str(dtype).removeprefix("torch."), device=device)
-    reference, _ = models.load_pretrained(cfg.policy, dtype=str(dtype).removeprefix("torch."), device=device)
     kl = preference.sampled_kl(
-        tuned,
-        reference,
-        tokenizer,
+        tuned.model,
+        sft.model,
+        tuned.tokenizer,
         texts,
         seed=cfg.seed,
         max_new_tokens=cfg.kl_max_new_tokens,

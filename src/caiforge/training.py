@@ -231,7 +231,9 @@ class Checkpoints:
 
     A checkpoint holds what the Trainer needs to continue exactly (weights, optimizer, scheduler, RNG states, the
     data position) and a copy of the dvclive curve so far. Checkpoints of other inputs (a params or data edit since
-    the kill) are deleted, never resumed.
+    the kill) are deleted, never resumed. None is written at the last step (transformers saves one there by
+    default): the stage saves its model next and deletes every checkpoint, so it would be weights and optimizer
+    state written to disk for nothing; a kill in between resumes from the last periodic one.
     """
 
     def __init__(self, every: int, out_dir: Path, fingerprint: str, live_dir: Path) -> None:
@@ -293,12 +295,17 @@ class Checkpoints:
         return str(last)
 
     def callback(self) -> Any:
-        """Completes each checkpoint: the dvclive curve so far, then the marker."""
+        """Completes each checkpoint (the dvclive curve so far, then the marker) and cancels the last step's."""
         from transformers import TrainerCallback
 
         outer = self
 
         class Complete(TrainerCallback):
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+                if state.global_step >= state.max_steps:
+                    control.should_save = False
+                return control
+
             def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
                 ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if not is_main_process() or not ckpt.is_dir():

@@ -128,3 +128,31 @@ def test_unsharded_rebuilds_the_model_around_gathered_weights_even_under_zero3(t
     rebuilt = training.unsharded(lora, lora.state_dict())
     assert isinstance(rebuilt, peft.PeftModel)
     assert rebuilt.state_dict().keys() == lora.state_dict().keys()
+
+
+@pytest.mark.parametrize(("max_steps", "written"), [(4, ["checkpoint-2"]), (5, ["checkpoint-2", "checkpoint-4"])])
+def test_checkpoints_are_written_every_n_steps_but_not_at_the_last(tiny_model_dir, tmp_path, max_steps, written):
+    """A real Trainer with the stage's checkpoint arguments and callback; the last step's checkpoint (weights and
+    optimizer state the stage would delete right after saving its model) is not written, also where it is a
+    periodic one."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    model, _ = models.load_pretrained(tiny_model_dir)
+    ckpt = training.Checkpoints(2, tmp_path, "f" * 64, tmp_path / "dvclive")
+    saved = []
+
+    class Seen(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            saved.append(state.global_step)
+
+    args = TrainingArguments(
+        **ckpt.args(tmp_path / "scratch"), max_steps=max_steps, per_device_train_batch_size=1, use_cpu=True,
+        report_to=[], logging_steps=1, disable_tqdm=True,
+    )  # fmt: skip
+    data = Dataset.from_dict({"input_ids": [[1, 2, 3, 4]] * 8, "labels": [[1, 2, 3, 4]] * 8})
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[ckpt.callback(), Seen()]).train()
+    assert sorted(p.name for p in ckpt.dir.iterdir()) == written
+    assert all((ckpt.dir / name / training.COMPLETE).is_file() for name in written)
+    assert saved == [int(name.split("-")[1]) for name in written]
+    assert ckpt.latest() == ckpt.dir / written[-1]
