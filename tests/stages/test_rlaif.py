@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from caiforge import config, formats
+from caiforge import config, formats, models
 from tests.conftest import load_stage, smoke_section, write_prompts
 from tests.stages.test_pm import make_cfg as make_pm_cfg
 
@@ -41,11 +41,16 @@ def make_cfg(tmp_path, policy_dir, pm_root, overrides=(), pm_signal=None, prefer
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo", "dpo"])
-def test_rlaif_trains_and_reports_reward_and_kl(tmp_path, tiny_model_dir, pm_dir, algorithm):
+def test_rlaif_trains_and_reports_reward_and_kl(tmp_path, tiny_model_dir, pm_dir, algorithm, monkeypatch):
     cfg = make_cfg(tmp_path, tiny_model_dir, pm_dir, [f"rlaif.algorithm={algorithm}"])
     assert cfg.beta > 0
+    loads, load = [], models.load_pretrained
+    monkeypatch.setattr(models, "load_pretrained", lambda path, **kw: loads.append(Path(path)) or load(path, **kw))
     metrics = stage.run(cfg)
     out = tmp_path / "rlaif"
+    assert loads == [tiny_model_dir, tiny_model_dir, out / "model"], (
+        "the policy to train, then the SFT and the tuned model once each for the held-out answers and the KL"
+    )
     assert {p.name for p in out.iterdir()} == {"model", "dvclive", "metrics.json"}
     model_dir = out / "model"
     assert {"config.json", "model.safetensors", "tokenizer.json", "caiforge_config.json"} <= {
