@@ -94,7 +94,9 @@ def test_an_allocation_runs_steps_side_by_side_cancels_each_alone_and_ends_with_
         assert replicas["replica-1"].poll() is None, "the other step runs on"
         assert slurm("scancel", allocation).returncode == 0
         wait_until(lambda: not steps(allocation))
-        assert replicas["replica-1"].wait(timeout=60) != 0
+        # The allocation's end ends the other step's srun too. Its exit status is not asserted: srun exits 143 when
+        # its task's SIGTERM reaches it first, 0 when the job's end does (CI, under load, saw 0).
+        replicas["replica-1"].wait(timeout=60)
     finally:
         for process in replicas.values():
             if process.poll() is None:
