@@ -22,7 +22,7 @@ Does   first the signal gate (caiforge.gate): when the labels' order consistency
        (`preference.sampled_kl`; `kl_max_new_tokens` caps them, `truncated` says how many hit the cap). Reward-
        hacking monitors (`monitors`): answer length against SFT, KL per token, the paired reward change with its
        interval, the truncated share of training samples, and warnings in words. Full fine-tune or LoRA (merged on
-       save), bf16 on GPU, fp32 on CPU, seeded.
+       save), bf16 on GPU, fp32 on CPU (GRPO and RLOO sample in bf16 where it is native: `sampling_dtype`), seeded.
 Writes data/rlaif/model/ (safetensors + tokenizer + the resolved stage config), data/rlaif/dvclive/ (curves, DVC
        plots) and data/rlaif/metrics.json (reward before/after, KL, monitors, steps).
 Run    uv run dvc repro rlaif
@@ -31,6 +31,7 @@ Run    uv run dvc repro rlaif
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -87,6 +88,10 @@ class RlaifConfig(training.TrainingSchedule):
     empty for none. DPO's pairs are fixed text and its held-out prompts stay as they are."""
     mask_truncated_completions: bool
     """grpo, rloo: a sampled answer cut off at the cap contributes no loss (its reward judged a half answer)."""
+    sampling_dtype: Literal["auto", "float32", "bfloat16"]
+    """grpo, rloo: the precision the policy samples its training answers in (bf16 by autocast); its log-probs, loss
+    and gradients stay in `precision`, as when a bf16 vLLM server samples for an fp32 trainer. auto: bf16 on CUDA
+    and on CPUs with native bf16 (as `generation.dtype: auto`), else float32."""
     temperature: float
     """Sampling temperature during training (grpo, rloo)."""
     top_p: float
@@ -250,6 +255,31 @@ def online_args(cfg: RlaifConfig) -> dict[str, Any]:
     }
 
 
+def sampling_precision(cfg: RlaifConfig) -> str | None:
+    """What grpo and rloo sample in (`sampling_dtype` resolved): bfloat16 or float32; None under dpo (no sampling)."""
+    if cfg.algorithm == "dpo":
+        return None
+    _, dtype = hf.resolve_device("auto", cfg.sampling_dtype)
+    return str(dtype).removeprefix("torch.")
+
+
+def sample_in(model: Any, cfg: RlaifConfig) -> None:
+    """Make `model.generate`, which GRPO and RLOO sample through, run under bf16 autocast on the model's device when
+    `sampling_precision` is bfloat16; the weights keep their dtype and every other forward pass its precision."""
+    if sampling_precision(cfg) != "bfloat16":
+        return
+    import torch
+
+    generate = model.generate
+
+    @functools.wraps(generate)
+    def in_bf16(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type=model.device.type, dtype=torch.bfloat16):
+            return generate(*args, **kwargs)
+
+    model.generate = in_bf16
+
+
 def make_trainer(
     cfg: RlaifConfig,
     train: pl.DataFrame,
@@ -304,17 +334,16 @@ def make_trainer(
             loss_type=cfg.grpo_loss_type,
             scale_rewards=cfg.scale_rewards,
         )
-        return GRPOTrainer(
-            reward_funcs=[preference.reward_function(pm)], args=args, train_dataset=data, **shared
-        ), len(data)
-    from trl import RLOOConfig, RLOOTrainer
+        trainer = GRPOTrainer(reward_funcs=[preference.reward_function(pm)], args=args, train_dataset=data, **shared)
+    else:
+        from trl import RLOOConfig, RLOOTrainer
 
-    args = RLOOConfig(
-        **common(cfg, scratch, ckpt), **online_args(cfg), normalize_advantages=cfg.rloo_normalize_advantages
-    )
-    return RLOOTrainer(reward_funcs=[preference.reward_function(pm)], args=args, train_dataset=data, **shared), len(
-        data
-    )
+        args = RLOOConfig(
+            **common(cfg, scratch, ckpt), **online_args(cfg), normalize_advantages=cfg.rloo_normalize_advantages
+        )
+        trainer = RLOOTrainer(reward_funcs=[preference.reward_function(pm)], args=args, train_dataset=data, **shared)
+    sample_in(model, cfg)
+    return trainer, len(data)
 
 
 def generator(model_dir: str | Path, cfg: RlaifConfig) -> hf.TransformersGenerator:
@@ -446,6 +475,7 @@ def run(cfg: RlaifConfig) -> dict:
         "preference_source": cfg.source,
         "signal_gate": verdict,
         "instruction": instruction(cfg),
+        "sampling_dtype": sampling_precision(cfg),
         "monitors": watch,
         "beta": cfg.beta,
         "train_rows": train_rows,

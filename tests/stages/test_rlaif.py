@@ -310,3 +310,35 @@ def test_dpo_on_revision_pairs_moves_the_margin_toward_the_revisions(tmp_path, t
     assert metrics["preference_source"] == "revisions" and metrics["train_rows"] == trained.height
     assert sum(after) / len(after) > sum(before) / len(before) + 0.1, (before, after)
     assert trained["chosen"].str.starts_with(REFUSAL).all() and trained["rejected"].str.starts_with(COMPLIANCE).all()
+
+
+@pytest.mark.parametrize("sampling_dtype", ["bfloat16", "float32"])
+def test_the_policy_samples_in_sampling_dtype_and_trains_in_fp32(
+    tmp_path, tiny_model_dir, pm_dir, monkeypatch, sampling_dtype
+):
+    """GRPO's samples come from the policy under bf16 autocast when sampling_dtype says bfloat16 (never otherwise),
+    while its weights, and so the saved model, stay float32."""
+    import transformers
+
+    loaded, load = [], models.load_pretrained
+    monkeypatch.setattr(models, "load_pretrained", lambda path, **kw: loaded.append(load(path, **kw)) or loaded[-1])
+    calls: list[tuple[object, bool, torch.dtype]] = []
+    generate = transformers.GenerationMixin.generate
+
+    def spy(self, *args, **kwargs):
+        calls.append((self, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.GenerationMixin, "generate", spy)
+    cfg = make_cfg(tmp_path, tiny_model_dir, pm_dir, [f"rlaif.sampling_dtype={sampling_dtype}"])
+    metrics = stage.run(cfg)
+    policy = loaded[0][0]
+    sampled = [(on, dtype) for model, on, dtype in calls if model is policy]
+    assert len(sampled) == cfg.max_steps, "one generate call per GRPO step, on the policy"
+    assert all(on == (sampling_dtype == "bfloat16") for on, _ in sampled)
+    assert all(dtype == torch.bfloat16 for on, dtype in sampled if on)
+    assert not any(on for model, on, _ in calls if model is not policy), "held-out answers and the KL sample as is"
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}
+    saved = load_file(str(tmp_path / "rlaif" / "model" / "model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    assert metrics["sampling_dtype"] == sampling_dtype
