@@ -74,6 +74,7 @@ def test_rlaif_trains_and_reports_reward_and_kl(tmp_path, tiny_model_dir, pm_dir
     kl = metrics["kl_heldout"]
     assert kl["decoding"].startswith("sampled from the policy, temperature 1") and 0 <= kl["truncated"] <= 1
     assert metrics["heldout_prompts"] <= kl["tokens"] <= metrics["heldout_prompts"] * kl["max_new_tokens"]
+    assert (metrics["sampling_dtype"] is None) == (algorithm == "dpo"), "dpo samples nothing"
     if algorithm == "dpo":
         assert metrics["dpo_reward_margin_mean"] is not None
         # The synthetic labels' confidence cycles through 0, 0.25, 0.5, 0.75, 1: the 0s stay out of training.
